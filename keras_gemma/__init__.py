@@ -1,0 +1,6 @@
+"""Gemma open language models for Keras 3."""
+
+from keras_gemma.config import GemmaConfig, layer_pattern
+from keras_gemma.presets import get_preset, list_presets
+
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""One frozen dataclass describes every Gemma model.
+
+Variants are data about mechanisms (soft-caps, post-norms, QK-norm, a per-layer
+tuple of attention types), never version checks. Everything a layer needs is
+worked out here once, at construction.
+"""
+
+import dataclasses
+import math
+from typing import Optional, Tuple
+
+GLOBAL = "global"
+LOCAL = "local"
+ATTENTION_TYPES = (GLOBAL, LOCAL)
+
+
+def layer_pattern(num_layers, pattern):
+    """Repeats `pattern` (a tuple of attention types) over `num_layers`.
+
+    Gemma 2 is `(LOCAL, GLOBAL)` (layer 0 local); Gemma 3 is five `LOCAL`
+    then one `GLOBAL` (layers 5, 11, 17, ... global).
+    """
+    return tuple(pattern[i % len(pattern)] for i in range(num_layers))
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmaConfig:
+    """The architecture of one Gemma model.
+
+    Args:
+        vocabulary_size: number of token ids.
+        num_layers: number of decoder blocks.
+        hidden_dim: width of the residual stream.
+        num_query_heads: attention query heads.
+        num_key_value_heads: key/value heads (1 = MQA, < query heads = GQA).
+        head_dim: width of one attention head.
+        intermediate_dim: width of each feed-forward gate (HF
+            `intermediate_size`; keras-hub's Gemma 1/2 number is twice this).
+        layer_types: per-layer attention type, `"global"` or `"local"`
+            (sliding window). Defaults to all global.
+        sliding_window_size: keys seen by a local layer, the query included.
+        query_pre_attn_scalar: queries are scaled by `scalar ** -0.5`.
+            Defaults to `head_dim`.
+        attention_logit_softcap: `cap * tanh(logits / cap)` on attention
+            logits, or None for off.
+        final_logit_softcap: the same on the output logits, or None.
+        use_post_norms: RMSNorm after attention and feed-forward (Gemma 2/3).
+        use_qk_norm: RMSNorm over head_dim on queries and keys (Gemma 3).
+        global_rope_base, local_rope_base: rotary bases per attention type.
+        global_rope_scaling, local_rope_scaling: linear position scaling.
+        layer_norm_epsilon: RMSNorm epsilon.
+        max_sequence_length: context length the model was trained for.
+        dropout: dropout on attention outputs and feed-forward during training.
+    """
+
+    vocabulary_size: int
+    num_layers: int
+    hidden_dim: int
+    num_query_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_dim: int
+    layer_types: Optional[Tuple[str, ...]] = None
+    sliding_window_size: Optional[int] = None
+    query_pre_attn_scalar: Optional[float] = None
+    attention_logit_softcap: Optional[float] = None
+    final_logit_softcap: Optional[float] = None
+    use_post_norms: bool = False
+    use_qk_norm: bool = False
+    global_rope_base: float = 10_000.0
+    local_rope_base: float = 10_000.0
+    global_rope_scaling: float = 1.0
+    local_rope_scaling: float = 1.0
+    layer_norm_epsilon: float = 1e-6
+    max_sequence_length: int = 8192
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if self.layer_types is None:
+            object.__setattr__(self, "layer_types", (GLOBAL,) * self.num_layers)
+        else:
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        if self.query_pre_attn_scalar is None:
+            object.__setattr__(self, "query_pre_attn_scalar", self.head_dim)
+        self.validate()
+
+    def validate(self):
+        for name in (
+            "vocabulary_size",
+            "num_layers",
+            "hidden_dim",
+            "num_query_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "intermediate_dim",
+            "max_sequence_length",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(
+                    f"`{name}` must be a positive integer, got {value!r}."
+                )
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"`num_query_heads` ({self.num_query_heads}) must be divisible "
+                f"by `num_key_value_heads` ({self.num_key_value_heads})."
+            )
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"`layer_types` has {len(self.layer_types)} entries but "
+                f"`num_layers` is {self.num_layers}."
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in ATTENTION_TYPES:
+                raise ValueError(
+                    f"Unknown attention type {kind!r} for layer {i}; expected "
+                    f"one of {ATTENTION_TYPES}."
+                )
+        if LOCAL in self.layer_types:
+            window = self.sliding_window_size
+            if not isinstance(window, int) or isinstance(window, bool) or window <= 0:
+                raise ValueError(
+                    "`sliding_window_size` must be a positive integer when any "
+                    f"layer is local, got {window!r}."
+                )
+        elif self.sliding_window_size is not None and self.sliding_window_size <= 0:
+            raise ValueError(
+                "`sliding_window_size` must be positive, got "
+                f"{self.sliding_window_size!r}."
+            )
+        for name in ("attention_logit_softcap", "final_logit_softcap"):
+            cap = getattr(self, name)
+            if cap is not None and not cap > 0:
+                raise ValueError(f"`{name}` must be positive or None, got {cap!r}.")
+        for name in (
+            "query_pre_attn_scalar",
+            "global_rope_base",
+            "local_rope_base",
+            "global_rope_scaling",
+            "local_rope_scaling",
+            "layer_norm_epsilon",
+        ):
+            if not getattr(self, name) > 0:
+                raise ValueError(
+                    f"`{name}` must be positive, got {getattr(self, name)!r}."
+                )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+
+    # Per-layer values, worked out once.
+    def window(self, layer_index):
+        """Sliding window of a layer, or None for a global layer."""
+        if self.layer_types[layer_index] == LOCAL:
+            return self.sliding_window_size
+        return None
+
+    def rope(self, layer_index):
+        """(base, linear scaling factor) of a layer."""
+        if self.layer_types[layer_index] == LOCAL:
+            return self.local_rope_base, self.local_rope_scaling
+        return self.global_rope_base, self.global_rope_scaling
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self):
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(d["layer_types"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - fields
+        if unknown:
+            raise ValueError(f"Unknown GemmaConfig fields: {sorted(unknown)}.")
+        return cls(**d)
+
+    def num_parameters(self):
+        """Parameter count computed from the config (tied embeddings)."""
+        d, h = self.hidden_dim, self.head_dim
+        attention = d * h * (2 * self.num_query_heads + 2 * self.num_key_value_heads)
+        feed_forward = 3 * d * self.intermediate_dim
+        norms = d * (4 if self.use_post_norms else 2)
+        norms += 2 * h if self.use_qk_norm else 0
+        per_layer = attention + feed_forward + norms
+        return self.vocabulary_size * d + self.num_layers * per_layer + d
+
+    @property
+    def embedding_scale(self):
+        return math.sqrt(self.hidden_dim)
