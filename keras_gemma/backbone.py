@@ -1,0 +1,211 @@
+"""`GemmaBackbone`: token ids and padding mask in, final hidden states out."""
+
+import dataclasses
+import math
+
+import keras
+from keras import ops
+
+from keras_gemma.config import GemmaConfig
+from keras_gemma.layers import DecoderBlock, RMSNorm, TiedEmbedding, rotary_tables
+
+CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GemmaConfig))
+
+
+def _as_config(config, kwargs):
+    """A `GemmaConfig` from a config, a dict, or keyword arguments."""
+    fields = {key: kwargs.pop(key) for key in list(kwargs) if key in CONFIG_FIELDS}
+    if config is None:
+        return GemmaConfig(**fields)
+    if isinstance(config, dict):
+        config = GemmaConfig.from_dict(config)
+    if fields:
+        config = config.replace(**fields)
+    return config
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaBackbone(keras.Model):
+    """The Gemma decoder stack, for every generation of Gemma.
+
+    The architecture is one `GemmaConfig`; pass it, a dict of its fields, or
+    the fields as keyword arguments.
+
+    Args:
+        config: a `GemmaConfig` (or dict), or None to build one from kwargs.
+        dtype: a Keras dtype or `DTypePolicy`, e.g. `"bfloat16"` or
+            `"mixed_bfloat16"`. Norms, softmax and soft-caps always compute in
+            float32.
+
+    Example:
+    ```python
+    backbone = keras_gemma.GemmaBackbone(
+        vocabulary_size=1000, num_layers=2, hidden_dim=64,
+        num_query_heads=4, num_key_value_heads=1, head_dim=16,
+        intermediate_dim=128,
+    )
+    hidden = backbone({
+        "token_ids": np.array([[2, 17, 9]]),
+        "padding_mask": np.array([[1, 1, 1]]),
+    })  # (1, 3, 64)
+    ```
+    """
+
+    def __init__(self, config=None, dtype=None, **kwargs):
+        config = _as_config(config, kwargs)
+        super().__init__(dtype=dtype, **kwargs)
+        self.config = config
+        policy = self.dtype_policy
+        self.token_embedding = TiedEmbedding(
+            config.vocabulary_size,
+            config.hidden_dim,
+            embeddings_initializer=keras.initializers.VarianceScaling(
+                scale=1.0, mode="fan_in", distribution="untruncated_normal"
+            ),
+            name="token_embedding",
+            dtype=policy,
+        )
+        self.blocks = [
+            DecoderBlock(config, i, name=f"decoder_block_{i}", dtype=policy)
+            for i in range(config.num_layers)
+        ]
+        self.final_norm = RMSNorm(config.layer_norm_epsilon, name="final_norm", dtype=policy)
+        # Distinct (base, scaling) pairs, so rotary tables are built once per call.
+        self.rope_settings = sorted({block.rope for block in self.blocks})
+        self.build()
+
+    def build(self, input_shape=None):
+        self.token_embedding.build((None, None))
+        for block in self.blocks:
+            block.build()
+        self.final_norm.build((None, None, self.config.hidden_dim))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        hidden, _ = self.hidden_states(inputs["token_ids"], inputs.get("padding_mask"), training=training)
+        return hidden
+
+    def hidden_states(self, token_ids, padding_mask=None, positions=None, cache=None, cache_index=None, training=None):
+        """The decoder stack, with an optional cache (see `Attention.call`).
+
+        Args:
+            token_ids: (b, t) int.
+            padding_mask: (b, t) bool/int, 1 for real tokens. Padding may sit
+                on either side; rotary positions count real tokens only.
+            positions: (b, t) rotary positions; by default
+                `cumsum(padding_mask) - 1`, so a left-padded row sees the
+                same positions as the unpadded one.
+            cache: None or the list from `init_cache`.
+            cache_index: the index of `token_ids` in the padded sequence
+                (decode steps).
+
+        Returns:
+            `(hidden (b, t, d), updated cache or None)`.
+        """
+        token_ids = ops.convert_to_tensor(token_ids)
+        if padding_mask is None:
+            padding_mask = ops.ones(ops.shape(token_ids), "bool")
+        padding_mask = ops.cast(padding_mask, "bool")
+        if positions is None:
+            positions = ops.maximum(ops.cumsum(ops.cast(padding_mask, "int32"), axis=1) - 1, 0)
+        positions = ops.cast(positions, "int32")
+        key_positions = ops.where(padding_mask, positions, -1)  # (b, t)
+
+        x = self.token_embedding(token_ids)  # (b, t, d)
+        x = x * ops.cast(math.sqrt(self.config.hidden_dim), x.dtype)
+        rotary = {
+            rope: rotary_tables(positions, self.config.head_dim, *rope)
+            for rope in self.rope_settings
+        }
+        new_cache = [] if cache is not None else None
+        for i, block in enumerate(self.blocks):
+            x, layer_cache = block(
+                x,
+                rotary[block.rope],
+                positions,
+                key_positions,
+                cache=None if cache is None else cache[i],
+                cache_index=cache_index,
+                training=training,
+            )
+            if cache is not None:
+                new_cache.append(layer_cache)
+        return self.final_norm(x), new_cache
+
+    def init_cache(self, batch_size, max_length, dtype=None):
+        """An empty cache: per layer `(keys, values, key_positions)`.
+
+        Global layers hold `max_length` slots, sliding-window layers a ring of
+        `min(window, max_length)` slots. Empty slots have position -1.
+        """
+        dtype = dtype or self.compute_dtype
+        shape = (batch_size, None, self.config.num_key_value_heads, self.config.head_dim)
+        cache = []
+        for block in self.blocks:
+            slots = block.attention.cache_length(max_length)
+            kv_shape = (shape[0], slots, shape[2], shape[3])
+            cache.append(
+                (
+                    ops.zeros(kv_shape, dtype),
+                    ops.zeros(kv_shape, dtype),
+                    ops.full((batch_size, slots), -1, "int32"),
+                )
+            )
+        return cache
+
+    def weight_map(self):
+        """Every weight under a canonical, checkpoint-neutral name.
+
+        Names and shapes (n query heads, k kv heads, h head_dim, d hidden,
+        f feed-forward width, v vocabulary):
+            token_embedding (v, d); final_norm (d,);
+            blocks.{i}.{pre_attention_norm,post_attention_norm,pre_ffw_norm,
+            post_ffw_norm} (d,); blocks.{i}.attention.query (n, d, h),
+            .key (k, d, h), .value (k, d, h), .output (n, h, d),
+            .query_norm (h,), .key_norm (h,); blocks.{i}.feed_forward.gate
+            (d, f), .up (d, f), .down (f, d).
+        Norm scales are zero-centred (the model multiplies by 1 + scale).
+        """
+        weights = {"token_embedding": _variable(self.token_embedding, "embeddings")}
+        for i, block in enumerate(self.blocks):
+            prefix = f"blocks.{i}"
+            for norm_name in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+                norm = getattr(block, norm_name)
+                if norm is not None:
+                    weights[f"{prefix}.{norm_name}"] = norm.scale
+            attention = block.attention
+            for name, dense in (
+                ("query", attention.query_dense),
+                ("key", attention.key_dense),
+                ("value", attention.value_dense),
+                ("output", attention.output_dense),
+            ):
+                weights[f"{prefix}.attention.{name}"] = _variable(dense, "kernel")
+            if attention.query_norm is not None:
+                weights[f"{prefix}.attention.query_norm"] = attention.query_norm.scale
+                weights[f"{prefix}.attention.key_norm"] = attention.key_norm.scale
+            for name in ("gate", "up", "down"):
+                weights[f"{prefix}.feed_forward.{name}"] = _variable(getattr(block.feed_forward, name), "kernel")
+        weights["final_norm"] = self.final_norm.scale
+        return weights
+
+    def get_config(self):
+        return {
+            "config": self.config.to_dict(),
+            "name": self.name,
+            "trainable": self.trainable,
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("dtype"), dict):
+            config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
+        return cls(**config)
+
+
+def _variable(layer, name):
+    """The variable behind `layer.<name>`, past LoRA/quantization wrappers."""
+    variable = getattr(layer, "_" + name, None)
+    return variable if variable is not None else getattr(layer, name)

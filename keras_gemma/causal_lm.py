@@ -1,0 +1,61 @@
+"""`GemmaCausalLM`: the backbone plus the tied output head."""
+
+import keras
+from keras import ops
+
+from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.layers import soft_cap
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaCausalLM(keras.Model):
+    """A Gemma language model: logits over the vocabulary for every position.
+
+    Args:
+        backbone: a `GemmaBackbone`.
+        preprocessor: an optional `GemmaCausalLMPreprocessor`, used by `fit`
+            on raw text and by `generate`.
+
+    Example:
+    ```python
+    lm = keras_gemma.GemmaCausalLM(backbone)
+    logits = lm({"token_ids": ids, "padding_mask": mask})  # (b, t, vocab)
+    ```
+    """
+
+    def __init__(self, backbone, preprocessor=None, **kwargs):
+        super().__init__(**kwargs)
+        self.backbone = backbone
+        self.preprocessor = preprocessor
+        self.built = True
+
+    @property
+    def config(self):
+        return self.backbone.config
+
+    def call(self, inputs, training=None):
+        hidden = self.backbone(inputs, training=training)
+        return self.logits(hidden)
+
+    def logits(self, hidden):
+        """Output logits (b, t, vocab) in float32 from hidden states (b, t, d)."""
+        logits = self.backbone.token_embedding.reverse(hidden)
+        return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
+
+    def get_config(self):
+        config = {
+            "backbone": keras.saving.serialize_keras_object(self.backbone),
+            "name": self.name,
+            "trainable": self.trainable,
+        }
+        if self.preprocessor is not None:
+            config["preprocessor"] = keras.saving.serialize_keras_object(self.preprocessor)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        config["backbone"] = keras.saving.deserialize_keras_object(config["backbone"])
+        if config.get("preprocessor") is not None:
+            config["preprocessor"] = keras.saving.deserialize_keras_object(config["preprocessor"])
+        return cls(**config)

@@ -1,0 +1,1 @@
+"""Reading and writing Gemma checkpoints in every format users have."""

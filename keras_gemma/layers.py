@@ -1,0 +1,296 @@
+"""The Gemma math, built only from `keras.ops` and Keras layers.
+
+Einsum axis legend, used in every equation below:
+    b: batch            t: query positions       s: key positions
+    d: hidden_dim       n: query heads           k: key/value heads
+    g: query heads per key/value head (n = k * g)
+    h: head_dim         f: feed-forward (per-gate) width
+
+One forward path serves training, prefill and decode: the attention layer
+takes an optional fixed-shape cache (see `Attention.call`).
+"""
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from keras_gemma.config import LOCAL
+
+# Added to masked attention logits. A finite value, so that a query with no
+# visible key (a left-padding position) gets a uniform softmax, never NaN.
+MASK_VALUE = -1e9
+
+
+def soft_cap(x, cap):
+    """`cap * tanh(x / cap)`, the Gemma 2 logit soft-cap (None: off)."""
+    if cap is None:
+        return x
+    return ops.tanh(x / cap) * cap
+
+
+class RMSNorm(keras.layers.Layer):
+    """RMS normalisation with a zero-centred scale: `x * rsqrt(ms + eps) * (1 + scale)`.
+
+    Computed in float32 whatever the compute dtype, as in HF's Gemma
+    (https://github.com/huggingface/transformers/pull/29402): casting only
+    after the `(1 + scale)` product matters in bfloat16.
+    """
+
+    def __init__(self, epsilon=1e-6, **kwargs):
+        super().__init__(**kwargs)
+        self.epsilon = epsilon
+
+    def build(self, input_shape):
+        self.scale = self.add_weight(
+            name="scale", shape=(input_shape[-1],), initializer="zeros"
+        )
+        self.built = True
+
+    def call(self, x):
+        x32 = ops.cast(x, "float32")
+        mean_square = ops.mean(ops.square(x32), axis=-1, keepdims=True)
+        normed = x32 * ops.rsqrt(mean_square + self.epsilon)
+        return ops.cast(normed * (1.0 + ops.cast(self.scale, "float32")), x.dtype)
+
+    def get_config(self):
+        return {**super().get_config(), "epsilon": self.epsilon}
+
+
+def rotary_tables(positions, head_dim, base, scaling):
+    """cos and sin tables for rotary embedding, each (b, t, 1, h/2), float32.
+
+    `inv_freq_i = base^(-2i/h) / scaling` (linear position scaling), computed
+    in float32 as HF does so that angles at long positions agree.
+    """
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / np.float32(base) ** exponent) / np.float32(scaling)
+    angles = ops.cast(positions, "float32")[:, :, None] * ops.convert_to_tensor(
+        inv_freq.astype(np.float32)
+    )  # (b, t, h/2)
+    angles = angles[:, :, None, :]  # (b, t, 1, h/2)
+    return ops.cos(angles), ops.sin(angles)
+
+
+def apply_rotary(x, rotary):
+    """Rotate-half (NeoX / HF) rotary embedding of x: (b, t, heads, h)."""
+    cos, sin = rotary
+    cos, sin = ops.cast(cos, x.dtype), ops.cast(sin, x.dtype)
+    x1, x2 = ops.split(x, 2, axis=-1)  # each (b, t, heads, h/2)
+    return ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+
+def attention_mask(query_positions, key_positions, window):
+    """Which keys each query may see: (b, t, s) bool.
+
+    A key is visible iff it is real (position >= 0; padding and empty cache
+    slots carry -1), not in the future, and, for a sliding-window layer,
+    `query - key < window` (the window counts the query itself).
+    """
+    q = query_positions[:, :, None]  # (b, t, 1)
+    k = key_positions[:, None, :]  # (b, 1, s)
+    visible = ops.logical_and(k >= 0, k <= q)
+    if window is not None:
+        visible = ops.logical_and(visible, (q - k) < window)
+    return visible
+
+
+class Attention(keras.layers.Layer):
+    """Multi-head attention with GQA/MQA, rotary, optional QK-norm,
+    query scaling by `query_pre_attn_scalar ** -0.5`, soft-cap and a sliding
+    window, and an optional fixed-shape KV cache.
+
+    Args:
+        config: the `GemmaConfig`.
+        layer_index: which block this is; picks the window.
+    """
+
+    def __init__(self, config, layer_index, **kwargs):
+        super().__init__(**kwargs)
+        self.num_query_heads = config.num_query_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.hidden_dim = config.hidden_dim
+        self.window = config.window(layer_index)
+        self.query_scale = float(config.query_pre_attn_scalar) ** -0.5
+        self.logit_softcap = config.attention_logit_softcap
+        n, k, h, d = self.num_query_heads, self.num_key_value_heads, self.head_dim, self.hidden_dim
+        dense = dict(dtype=self.dtype_policy, kernel_initializer="glorot_uniform")
+        self.query_dense = keras.layers.EinsumDense("btd,ndh->btnh", (None, n, h), name="query", **dense)
+        self.key_dense = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="key", **dense)
+        self.value_dense = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="value", **dense)
+        self.output_dense = keras.layers.EinsumDense("btnh,nhd->btd", (None, d), name="output", **dense)
+        self.query_norm = self.key_norm = None
+        if config.use_qk_norm:
+            eps = config.layer_norm_epsilon
+            self.query_norm = RMSNorm(eps, name="query_norm", dtype=self.dtype_policy)
+            self.key_norm = RMSNorm(eps, name="key_norm", dtype=self.dtype_policy)
+
+    def build(self, input_shape=None):
+        x_shape = (None, None, self.hidden_dim)
+        for dense in (self.query_dense, self.key_dense, self.value_dense):
+            dense.build(x_shape)
+        self.output_dense.build((None, None, self.num_query_heads, self.head_dim))
+        if self.query_norm is not None:
+            self.query_norm.build((self.head_dim,))
+            self.key_norm.build((self.head_dim,))
+        self.built = True
+
+    def cache_length(self, max_length):
+        """Cache slots this layer needs: a window-sized ring for local layers."""
+        return max_length if self.window is None else min(self.window, max_length)
+
+    def call(self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None):
+        """Attends x (b, t, d) to itself, or to the cache.
+
+        Args:
+            x: (b, t, d) normalised hidden states.
+            rotary: (cos, sin) tables for these positions.
+            query_positions: (b, t) int rotary positions of x.
+            key_positions: (b, t) the same, -1 where x is padding.
+            cache: None, or `(keys, values, positions)` of shapes
+                (b, c, k, h), (b, c, k, h), (b, c) for c cache slots. With
+                t > 1 the cache must be empty (prefill): x attends to itself
+                and its keys are written to slots 0.. (the last c of them, in
+                ring order, for a window-sized cache). With t == 1 (a decode
+                step) the key is written at slot `cache_index % c` and x
+                attends to the whole cache.
+            cache_index: scalar int, the index of x in the padded sequence.
+
+        Returns:
+            `(output (b, t, d), updated cache or None)`.
+        """
+        q = self.query_dense(x)  # (b, t, n, h)
+        k = self.key_dense(x)  # (b, t, k, h)
+        v = self.value_dense(x)  # (b, t, k, h)
+        if self.query_norm is not None:
+            q = self.query_norm(q)
+            k = self.key_norm(k)
+        q = apply_rotary(q, rotary)
+        k = apply_rotary(k, rotary)
+        q = q * ops.cast(self.query_scale, q.dtype)
+
+        if cache is None:
+            keys, values, positions = k, v, key_positions
+        elif x.shape[1] == 1:
+            cache = self._write_step(cache, k, v, key_positions, cache_index)
+            keys, values, positions = cache
+        else:
+            keys, values, positions = k, v, key_positions
+            cache = self._write_prefill(cache, k, v, key_positions)
+
+        out = self._attend(q, keys, values, query_positions, positions)  # (b, t, n, h)
+        return self.output_dense(out), cache
+
+    def _attend(self, q, keys, values, query_positions, key_positions):
+        b, t = ops.shape(q)[0], ops.shape(q)[1]
+        groups = self.num_query_heads // self.num_key_value_heads
+        q = ops.reshape(q, (b, t, self.num_key_value_heads, groups, self.head_dim))  # (b, t, k, g, h)
+        logits = ops.einsum("btkgh,bskh->bkgts", q, keys)
+        logits = soft_cap(ops.cast(logits, "float32"), self.logit_softcap)
+        visible = attention_mask(query_positions, key_positions, self.window)  # (b, t, s)
+        logits = ops.where(visible[:, None, None, :, :], logits, MASK_VALUE)
+        probs = ops.cast(ops.softmax(logits, axis=-1), values.dtype)  # (b, k, g, t, s)
+        out = ops.einsum("bkgts,bskh->btkgh", probs, values)
+        return ops.reshape(out, (b, t, self.num_query_heads, self.head_dim))  # (b, t, n, h)
+
+    def _write_prefill(self, cache, k, v, key_positions):
+        cache_keys, cache_values, cache_positions = cache
+        slots, t = cache_keys.shape[1], k.shape[1]
+        if t > slots:
+            # Only the last `slots` keys stay visible; index i lives at slot i % slots.
+            shift = t % slots
+            k, v = (ops.roll(a[:, t - slots:], shift, axis=1) for a in (k, v))
+            key_positions = ops.roll(key_positions[:, t - slots:], shift, axis=1)
+        cache_keys = ops.slice_update(cache_keys, (0, 0, 0, 0), ops.cast(k, cache_keys.dtype))
+        cache_values = ops.slice_update(cache_values, (0, 0, 0, 0), ops.cast(v, cache_values.dtype))
+        cache_positions = ops.slice_update(cache_positions, (0, 0), ops.cast(key_positions, cache_positions.dtype))
+        return cache_keys, cache_values, cache_positions
+
+    def _write_step(self, cache, k, v, key_positions, cache_index):
+        cache_keys, cache_values, cache_positions = cache
+        slot = ops.cast(cache_index, "int32") % cache_keys.shape[1]
+        zero = ops.zeros((), "int32")
+        cache_keys = ops.slice_update(cache_keys, (zero, slot, zero, zero), ops.cast(k, cache_keys.dtype))
+        cache_values = ops.slice_update(cache_values, (zero, slot, zero, zero), ops.cast(v, cache_values.dtype))
+        cache_positions = ops.slice_update(cache_positions, (zero, slot), ops.cast(key_positions, cache_positions.dtype))
+        return cache_keys, cache_values, cache_positions
+
+
+class FeedForward(keras.layers.Layer):
+    """Gated feed-forward: `down(gelu_tanh(gate(x)) * up(x))`."""
+
+    def __init__(self, hidden_dim, intermediate_dim, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = hidden_dim
+        dense = dict(dtype=self.dtype_policy, kernel_initializer="glorot_uniform")
+        self.gate = keras.layers.EinsumDense("btd,df->btf", (None, intermediate_dim), name="gate", **dense)
+        self.up = keras.layers.EinsumDense("btd,df->btf", (None, intermediate_dim), name="up", **dense)
+        self.down = keras.layers.EinsumDense("btf,fd->btd", (None, hidden_dim), name="down", **dense)
+        self.intermediate_dim = intermediate_dim
+
+    def build(self, input_shape=None):
+        self.gate.build((None, None, self.hidden_dim))
+        self.up.build((None, None, self.hidden_dim))
+        self.down.build((None, None, self.intermediate_dim))
+        self.built = True
+
+    def call(self, x):
+        gate = keras.activations.gelu(self.gate(x), approximate=True)  # (b, t, f)
+        return self.down(gate * self.up(x))  # (b, t, d)
+
+
+class DecoderBlock(keras.layers.Layer):
+    """One Gemma block: pre-norms always, post-norms when the config has them.
+
+    `x += post_attention_norm(attention(pre_attention_norm(x)))`, then the
+    same with the feed-forward.
+    """
+
+    def __init__(self, config, layer_index, **kwargs):
+        super().__init__(**kwargs)
+        eps, policy = config.layer_norm_epsilon, self.dtype_policy
+        self.hidden_dim = config.hidden_dim
+        self.rope = config.rope(layer_index)
+        self.pre_attention_norm = RMSNorm(eps, name="pre_attention_norm", dtype=policy)
+        self.attention = Attention(config, layer_index, name="attention", dtype=policy)
+        self.pre_ffw_norm = RMSNorm(eps, name="pre_ffw_norm", dtype=policy)
+        self.feed_forward = FeedForward(config.hidden_dim, config.intermediate_dim, name="feed_forward", dtype=policy)
+        self.post_attention_norm = self.post_ffw_norm = None
+        if config.use_post_norms:
+            self.post_attention_norm = RMSNorm(eps, name="post_attention_norm", dtype=policy)
+            self.post_ffw_norm = RMSNorm(eps, name="post_ffw_norm", dtype=policy)
+        self.dropout = keras.layers.Dropout(config.dropout, dtype=policy) if config.dropout else None
+
+    def build(self, input_shape=None):
+        shape = (None, None, self.hidden_dim)
+        for layer in (self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.feed_forward, self.post_attention_norm, self.post_ffw_norm):
+            if layer is not None:
+                layer.build(shape)
+        self.built = True
+
+    def _residual_branch(self, h, post_norm, training):
+        if post_norm is not None:
+            h = post_norm(h)
+        if self.dropout is not None:
+            h = self.dropout(h, training=training)
+        return h
+
+    def call(self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None):
+        h, cache = self.attention(
+            self.pre_attention_norm(x), rotary, query_positions, key_positions,
+            cache=cache, cache_index=cache_index, training=training,
+        )
+        x = x + self._residual_branch(h, self.post_attention_norm, training)
+        h = self.feed_forward(self.pre_ffw_norm(x))
+        x = x + self._residual_branch(h, self.post_ffw_norm, training)
+        return x, cache
+
+
+class TiedEmbedding(keras.layers.Embedding):
+    """Token embedding whose transpose is also the output head."""
+
+    def reverse(self, x):
+        """Logits (b, t, vocab) from hidden states (b, t, d)."""
+        kernel = ops.cast(self.embeddings, x.dtype)
+        return ops.einsum("btd,vd->btv", x, kernel)
