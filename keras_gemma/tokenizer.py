@@ -15,8 +15,6 @@ import sentencepiece
 
 VOCABULARY_FILENAME = "vocabulary.spm"  # keras-hub's name, under assets/tokenizer/
 
-_PieceType = sentencepiece.sentencepiece_model_pb2.ModelProto.SentencePiece
-
 
 def _as_text(value):
     """A Python str from str, bytes or a numpy string scalar."""
@@ -104,6 +102,7 @@ class GemmaTokenizer(keras.layers.Layer):
             if processor.IsControl(i) or processor.IsUnknown(i)
         }
         self._special_pattern = _special_token_pattern(self._special_ids)
+        self._special_id_set = frozenset(self._special_ids.values())
 
         def lookup(piece):
             return self._piece_ids.get(piece)
@@ -259,7 +258,7 @@ class GemmaTokenizer(keras.layers.Layer):
         text = []
         run = []
         for token_id in ids:
-            if self._processor.IsControl(token_id):
+            if token_id in self._special_id_set:
                 if run:
                     text.append(self._processor.Decode(run))
                     run = []
