@@ -33,6 +33,7 @@ def _is_batch(inputs):
     )
 
 
+@keras.saving.register_keras_serializable(package="keras_gemma")
 class GemmaTokenizer(keras.layers.Layer):
     """Gemma's SentencePiece tokenizer.
 

@@ -1,0 +1,498 @@
+"""Turns text, prompt/response pairs and conversations into training batches.
+
+Pure Python and NumPy, run on the host: the same code serves JAX, TensorFlow
+and PyTorch, and TensorFlow is imported only to map over a `tf.data.Dataset`
+that the caller already made.
+"""
+
+import warnings
+
+import keras
+import numpy as np
+
+from keras_gemma import chat_template
+from keras_gemma.tokenizer import _as_text, _is_batch
+
+
+class DroppedSampleWarning(UserWarning):
+    """A sample lost all its trained tokens to truncation and was dropped."""
+
+
+@keras.saving.register_keras_serializable(package="keras_gemma")
+class GemmaCausalLMPreprocessor(keras.layers.Layer):
+    """Packs text into `(x, y, sample_weight)` for causal language modelling.
+
+    Accepts, for training (`preprocessor(inputs)`):
+
+    - a string or a list of strings: `<bos> text <eos>`, loss on every token;
+    - `{"prompts": [...], "responses": [...]}`: `<bos> prompt response <eos>`,
+      loss on the response and its `<eos>` only;
+    - a conversation (list of `{"role", "content"}` dicts) or a list of them:
+      rendered with Gemma's chat template (no generation prompt, no `<eos>`),
+      loss on the text of each model turn and its `<end_of_turn>` only.
+
+    Output: `x = {"token_ids": int32 (B, L), "padding_mask": bool (B, L)}`,
+    `y` int32 (B, L) holding the next token id of each position, and
+    `sample_weight` float32 (B, L), 1 where `y` is a trained token. A single
+    string or conversation gives unbatched `(L,)` arrays.
+
+    Truncation keeps the start: each sample is cut to `sequence_length + 1`
+    tokens (so an `<eos>` that does not fit is lost). A prompt/response pair or
+    conversation left with no trained token is dropped from the batch, with a
+    warning naming its index; `dropped_samples` holds the indices dropped by
+    the last call and `num_dropped_samples` the running count. A batch with
+    nothing left raises `ValueError`.
+
+    Args:
+        tokenizer: a `GemmaTokenizer`.
+        sequence_length: the padded length `L` of model inputs.
+        add_start_token: prepend `<bos>` (Gemma needs it: leave it on).
+        add_end_token: append `<eos>` to plain text and to responses.
+
+    Example:
+
+    ```python
+    preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=128)
+    x, y, sample_weight = preprocessor(["The quick brown fox."])
+    x, y, sample_weight = preprocessor(
+        {"prompts": ["2 + 2 ="], "responses": [" 4"]}
+    )
+    x, y, sample_weight = preprocessor([
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello. How can I help?"},
+    ])
+    prompt = preprocessor.generate_preprocess(["The quick"], sequence_length=32)
+    ```
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        sequence_length=512,
+        add_start_token=True,
+        add_end_token=True,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self._convert_input_args = False
+        self._allow_non_tensor_positional_args = True
+        self.built = True
+        self.tokenizer = tokenizer
+        self.sequence_length = sequence_length
+        self.add_start_token = add_start_token
+        self.add_end_token = add_end_token
+        self.dropped_samples = []
+        self.num_dropped_samples = 0
+
+    # -- chat -----------------------------------------------------------------
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
+        """Gemma chat text of a conversation (see `chat_template.apply_chat_template`)."""
+        return chat_template.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **kwargs
+        )
+
+    # -- training -------------------------------------------------------------
+
+    def call(self, x, y=None, sample_weight=None, sequence_length=None):
+        if sample_weight is not None:
+            raise ValueError(
+                "GemmaCausalLMPreprocessor makes its own `sample_weight`; "
+                "do not pass one."
+            )
+        sequence_length = sequence_length or self.sequence_length
+        samples, batched = self._training_segments(x, y)
+        token_ids, padding_mask, labels, weights = _pack(
+            samples, sequence_length, self.tokenizer.pad_token_id
+        )
+        kept = np.flatnonzero(weights.sum(axis=1) > 0)
+        self.dropped_samples = [
+            int(i) for i in np.setdiff1d(np.arange(len(samples)), kept)
+        ]
+        if self.dropped_samples:
+            self.num_dropped_samples += len(self.dropped_samples)
+            if kept.size == 0:
+                raise ValueError(
+                    f"No sample has a trained token left within "
+                    f"sequence_length={sequence_length} (samples "
+                    f"{self.dropped_samples}). Raise `sequence_length` or "
+                    "shorten the prompts."
+                )
+            warnings.warn(
+                f"Dropped {len(self.dropped_samples)} sample(s) with no response "
+                f"token left within sequence_length={sequence_length} (the "
+                f"prompt fills it): indices {self.dropped_samples}.",
+                DroppedSampleWarning,
+                stacklevel=2,
+            )
+            token_ids, padding_mask = token_ids[kept], padding_mask[kept]
+            labels, weights = labels[kept], weights[kept]
+        x = {"token_ids": token_ids, "padding_mask": padding_mask}
+        if not batched:
+            x = {key: value[0] for key, value in x.items()}
+            labels, weights = labels[0], weights[0]
+        return keras.utils.pack_x_y_sample_weight(x, labels, weights)
+
+    def _training_segments(self, x, y):
+        """Per sample, a list of `(token_ids, trained)` segments."""
+        kind, batched, data = _classify(x, y)
+        bos = [self.tokenizer.bos_token_id] if self.add_start_token else []
+        eos = [self.tokenizer.eos_token_id] if self.add_end_token else []
+        if kind == "text":
+            return [
+                [(bos, False), (ids + eos, True)]
+                for ids in self.tokenizer.tokenize(data)
+            ], batched
+        if kind == "pairs":
+            prompts, responses = data
+            prompt_ids = self.tokenizer.tokenize(prompts)
+            response_ids = self.tokenizer.tokenize(responses)
+            return [
+                [(bos + p, False), (r + eos, True)]
+                for p, r in zip(prompt_ids, response_ids)
+            ], batched
+        return [self._conversation_segments(c, bos, i) for i, c in enumerate(data)], batched
+
+    def _conversation_segments(self, conversation, bos, index):
+        try:
+            turns = chat_template.chat_turns(conversation)
+        except ValueError as error:
+            raise ValueError(f"Conversation {index}: {error}") from None
+        # Text between trained parts, and the trained parts themselves. Cuts
+        # fall next to control tokens or Gemma's atomic "\n" piece, so the
+        # ids equal those of the whole rendered text (tested).
+        texts, trained = [], []
+        for role, text in turns:
+            if role == "user":
+                texts.append(chat_template.format_turn(role, text))
+                trained.append(False)
+            else:
+                texts += [
+                    f"{chat_template.START_OF_TURN}model\n",
+                    text + chat_template.END_OF_TURN,
+                    "\n",
+                ]
+                trained += [False, True, False]
+        ids = self.tokenizer.tokenize(texts)
+        return [(bos, False)] + list(zip(ids, trained))
+
+    # -- generation -----------------------------------------------------------
+
+    def generate_preprocess(self, x, sequence_length=None):
+        """Token ids and padding mask of prompts, for generation.
+
+        `<bos>` + prompt, no `<eos>`; a conversation is rendered with the chat
+        template and its generation prompt (`<start_of_turn>model\\n`). A dict
+        may give `{"prompts": [...]}`. Ids are padded on the right to
+        `sequence_length` (default: the layer's); a longer prompt raises
+        `ValueError` rather than being cut.
+
+        Returns:
+            `{"token_ids": int32 (B, L), "padding_mask": bool (B, L)}`, or
+            `(L,)` arrays for a single prompt.
+        """
+        sequence_length = sequence_length or self.sequence_length
+        if isinstance(x, dict):
+            if "prompts" not in x:
+                raise ValueError("generate_preprocess takes a dict with 'prompts'.")
+            x = x["prompts"]
+        kind, batched, data = _classify(x, None)
+        bos = "<bos>" if self.add_start_token else ""
+        if kind == "conversations":
+            texts = []
+            for index, conversation in enumerate(data):
+                try:
+                    texts.append(
+                        chat_template.apply_chat_template(conversation, bos_token=bos)
+                    )
+                except ValueError as error:
+                    raise ValueError(f"Conversation {index}: {error}") from None
+            sequences = self.tokenizer.tokenize(texts)
+        else:
+            start = [self.tokenizer.bos_token_id] if self.add_start_token else []
+            sequences = [start + ids for ids in self.tokenizer.tokenize(data)]
+        for index, ids in enumerate(sequences):
+            if len(ids) > sequence_length:
+                raise ValueError(
+                    f"Prompt {index} has {len(ids)} tokens, more than "
+                    f"sequence_length={sequence_length}."
+                )
+        samples = [[(ids, False)] for ids in sequences]
+        token_ids, padding_mask, _, _ = _pack(
+            samples, sequence_length, self.tokenizer.pad_token_id, shift=False
+        )
+        if not batched:
+            return {"token_ids": token_ids[0], "padding_mask": padding_mask[0]}
+        return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+    def generate_postprocess(self, x):
+        """Text of generated token ids, without pad/bos/eos/end_of_turn.
+
+        Args:
+            x: `{"token_ids", "padding_mask"}` (positions outside the mask are
+                dropped too) or a token id array, `(B, L)` or `(L,)`.
+
+        Returns:
+            A list of strings, or one string for a `(L,)` input.
+        """
+        if isinstance(x, dict):
+            token_ids = keras.ops.convert_to_numpy(x["token_ids"])
+            mask = x.get("padding_mask")
+            mask = None if mask is None else keras.ops.convert_to_numpy(mask)
+        else:
+            token_ids, mask = keras.ops.convert_to_numpy(x), None
+        batched = token_ids.ndim == 2
+        token_ids = np.atleast_2d(token_ids)
+        keep = ~np.isin(token_ids, self.tokenizer.special_token_ids)
+        if mask is not None:
+            keep &= np.atleast_2d(mask).astype(bool)
+        texts = self.tokenizer.detokenize(
+            [row[row_keep].tolist() for row, row_keep in zip(token_ids, keep)]
+        )
+        return texts if batched else texts[0]
+
+    # -- config ---------------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            {
+                "tokenizer": keras.saving.serialize_keras_object(self.tokenizer),
+                "sequence_length": self.sequence_length,
+                "add_start_token": self.add_start_token,
+                "add_end_token": self.add_end_token,
+            }
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        if isinstance(config.get("tokenizer"), dict):
+            config["tokenizer"] = keras.saving.deserialize_keras_object(
+                config["tokenizer"]
+            )
+        return cls(**config)
+
+
+
+def _classify(x, y):
+    """`(kind, batched, data)` for the accepted input forms.
+
+    kind is "text" (data: list of str), "pairs" (data: (prompts, responses))
+    or "conversations" (data: list of conversations).
+    """
+    if y is not None:
+        return _pairs(x, y)
+    if isinstance(x, dict):
+        missing = {"prompts", "responses"} - set(x)
+        if missing:
+            raise ValueError(
+                "A dict input needs 'prompts' and 'responses'; missing "
+                f"{sorted(missing)}."
+            )
+        return _pairs(x["prompts"], x["responses"])
+    if chat_template.is_conversation(x):
+        return "conversations", False, [x]
+    if chat_template.is_conversation_batch(x):
+        return "conversations", True, list(x)
+    if not _is_batch(x):
+        return "text", False, [_as_text(x)]
+    texts = [_as_text(item) for item in _flatten_strings(x)]
+    if not texts:
+        raise ValueError("Got an empty batch.")
+    return "text", True, texts
+
+
+def _pairs(prompts, responses):
+    batched = _is_batch(prompts)
+    if batched != _is_batch(responses):
+        raise ValueError("'prompts' and 'responses' must both be strings or both lists.")
+    if not batched:
+        return "pairs", False, ([_as_text(prompts)], [_as_text(responses)])
+    prompts = [_as_text(p) for p in _flatten_strings(prompts)]
+    responses = [_as_text(r) for r in _flatten_strings(responses)]
+    if len(prompts) != len(responses):
+        raise ValueError(
+            f"Got {len(prompts)} prompts but {len(responses)} responses."
+        )
+    if not prompts:
+        raise ValueError("Got an empty batch.")
+    return "pairs", True, (prompts, responses)
+
+
+def _flatten_strings(x):
+    """A (B,) or (B, 1) numpy array or list of strings as a flat list."""
+    if isinstance(x, np.ndarray):
+        return x.reshape(-1).tolist()
+    return list(x)
+
+
+def _pack(samples, sequence_length, pad_id, shift=True):
+    """Concatenates each sample's segments, cuts the end, pads on the right.
+
+    With `shift`, each sample is cut to `sequence_length + 1` tokens: inputs
+    are tokens `[0, L)` and labels tokens `[1, L + 1)`, weighted by whether
+    the label token is trained.
+    """
+    batch = len(samples)
+    width = sequence_length + 1 if shift else sequence_length
+    ids = np.full((batch, width), pad_id, dtype=np.int32)
+    trained = np.zeros((batch, width), dtype=bool)
+    lengths = np.zeros(batch, dtype=np.int64)
+    for row, segments in enumerate(samples):
+        position = 0
+        for segment, is_trained in segments:
+            segment = segment[: width - position]
+            ids[row, position : position + len(segment)] = segment
+            trained[row, position : position + len(segment)] = is_trained
+            position += len(segment)
+        lengths[row] = position
+    real = np.arange(width)[None, :] < lengths[:, None]
+    if not shift:
+        return ids, real, None, None
+    token_ids, padding_mask = ids[:, :-1], real[:, :-1]
+    labels = ids[:, 1:]
+    weights = (trained[:, 1:] & real[:, 1:]).astype(np.float32)
+    return token_ids, padding_mask, labels, weights
+
+
+# -- feeding keras.Model.fit ---------------------------------------------------
+
+
+class PreprocessedPyDataset(keras.utils.PyDataset):
+    """A `keras.utils.PyDataset` that preprocesses each batch of another.
+
+    Each batch of `source` may be what `GemmaCausalLMPreprocessor` accepts
+    (strings, `{"prompts", "responses"}`, conversations), or a tuple
+    `(prompts, responses)`.
+
+    Args:
+        preprocessor: a `GemmaCausalLMPreprocessor`.
+        source: a `keras.utils.PyDataset` yielding raw batches.
+    """
+
+    def __init__(self, preprocessor, source):
+        super().__init__(
+            workers=getattr(source, "workers", 1),
+            use_multiprocessing=getattr(source, "use_multiprocessing", False),
+            max_queue_size=getattr(source, "max_queue_size", 10),
+        )
+        self.preprocessor = preprocessor
+        self.source = source
+
+    def __len__(self):
+        return len(self.source)
+
+    @property
+    def num_batches(self):
+        return getattr(self.source, "num_batches", len(self.source))
+
+    def __getitem__(self, index):
+        batch = self.source[index]
+        if isinstance(batch, tuple):
+            if len(batch) == 1:
+                return self.preprocessor(batch[0])
+            if len(batch) == 2:
+                return self.preprocessor(batch[0], batch[1])
+            raise ValueError(
+                "A batch tuple must be (inputs,) or (prompts, responses), got "
+                f"{len(batch)} elements."
+            )
+        return self.preprocessor(batch)
+
+    def on_epoch_end(self):
+        self.source.on_epoch_end()
+
+
+def _is_tf_dataset(value):
+    # Looks at the class names only, so that TensorFlow is never imported for
+    # anything that is not already a tf.data.Dataset.
+    return any(
+        cls.__module__.startswith("tensorflow") and cls.__name__ == "DatasetV2"
+        for cls in type(value).__mro__
+    )
+
+
+def to_fit_data(preprocessor, x, y=None, batch_size=None):
+    """Turns raw training data into keyword arguments for `keras.Model.fit`.
+
+    Args:
+        preprocessor: a `GemmaCausalLMPreprocessor`.
+        x: one of
+            - strings: a list or numpy array (with `y`: the prompts);
+            - `{"prompts": [...], "responses": [...]}`;
+            - a list of conversations;
+            - a `keras.utils.PyDataset` yielding such raw batches;
+            - a `tf.data.Dataset` of strings, of `{"prompts", "responses"}`
+              or of `(prompts, responses)` (batched, or batched here by
+              `batch_size`).
+        y: responses for the prompts in `x`, or None.
+        batch_size: for in-memory data, passed on to `fit`; for an unbatched
+            `tf.data.Dataset`, its batch size.
+
+    Returns:
+        A dict `{"x", "y", "sample_weight"[, "batch_size"]}`: preprocessed
+        numpy arrays for in-memory data (preprocessed once, up front), or a
+        dataset that preprocesses each batch as it comes, with `y` and
+        `sample_weight` None.
+
+    Example:
+
+    ```python
+    model.fit(**to_fit_data(preprocessor, ["text one", "text two"], batch_size=2))
+    ```
+    """
+    if isinstance(x, keras.utils.PyDataset):
+        if y is not None:
+            raise ValueError("With a PyDataset, labels come from the dataset: y must be None.")
+        return {"x": PreprocessedPyDataset(preprocessor, x), "y": None, "sample_weight": None}
+    if _is_tf_dataset(x):
+        if y is not None:
+            raise ValueError("With a tf.data.Dataset, y must be None.")
+        return {
+            "x": _map_tf_dataset(preprocessor, x, batch_size),
+            "y": None,
+            "sample_weight": None,
+        }
+    inputs, labels, weights = preprocessor(x, y)
+    if labels.ndim == 1:  # one sample
+        inputs = {key: value[None] for key, value in inputs.items()}
+        labels, weights = labels[None], weights[None]
+    return {"x": inputs, "y": labels, "sample_weight": weights, "batch_size": batch_size}
+
+
+def _map_tf_dataset(preprocessor, dataset, batch_size):
+    """Maps the preprocessor over a tf.data.Dataset through `tf.py_function`."""
+    import tensorflow as tf  # Only here: the caller already uses TensorFlow.
+
+    spec = dataset.element_spec
+    if isinstance(spec, dict):
+        dataset = dataset.map(lambda d: (d["prompts"], d["responses"]))
+        spec = dataset.element_spec
+    first = spec[0] if isinstance(spec, tuple) else spec
+    if first.shape.rank == 0:
+        if batch_size is None:
+            raise ValueError("An unbatched tf.data.Dataset needs `batch_size`.")
+        dataset = dataset.batch(batch_size)
+
+    def to_text(tensor):
+        return [item.decode("utf-8") for item in tensor.numpy().reshape(-1)]
+
+    def run(*tensors):
+        texts = [to_text(t) for t in tensors]
+        x, y, w = preprocessor(*texts)
+        return x["token_ids"], x["padding_mask"], y, w
+
+    length = preprocessor.sequence_length
+
+    def apply(*tensors):
+        token_ids, padding_mask, labels, weights = tf.py_function(
+            run, list(tensors), Tout=[tf.int32, tf.bool, tf.int32, tf.float32]
+        )
+        for tensor in (token_ids, padding_mask, labels, weights):
+            tensor.set_shape([None, length])
+        x = {"token_ids": token_ids, "padding_mask": padding_mask}
+        return x, labels, weights
+
+    return dataset.map(apply, num_parallel_calls=1)
