@@ -6,6 +6,9 @@ import math
 import keras
 from keras import ops
 
+from keras_gemma import distribution as distribution_lib
+from keras_gemma import lora as lora_lib
+from keras_gemma import quantization as quantization_lib
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import DecoderBlock, RMSNorm, TiedEmbedding, rotary_tables
 
@@ -36,6 +39,9 @@ class GemmaBackbone(keras.Model):
         dtype: a Keras dtype or `DTypePolicy`, e.g. `"bfloat16"` or
             `"mixed_bfloat16"`. Norms, softmax and soft-caps always compute in
             float32.
+        quantization: set by `get_config` on a quantized backbone (`{"mode":
+            "int8" or "int4", "config": ...}`): builds int8/int4 variables
+            directly, ready for `load_weights`. Use `quantize()` otherwise.
 
     Example:
     ```python
@@ -51,7 +57,7 @@ class GemmaBackbone(keras.Model):
     ```
     """
 
-    def __init__(self, config=None, dtype=None, **kwargs):
+    def __init__(self, config=None, dtype=None, quantization=None, **kwargs):
         config = _as_config(config, kwargs)
         super().__init__(dtype=dtype, **kwargs)
         self.config = config
@@ -72,6 +78,10 @@ class GemmaBackbone(keras.Model):
         self.final_norm = RMSNorm(config.layer_norm_epsilon, name="final_norm", dtype=policy)
         # Distinct (base, scaling) pairs, so rotary tables are built once per call.
         self.rope_settings = sorted({block.rope for block in self.blocks})
+        self.lora = None  # a `lora.LoraState` while LoRA is enabled
+        self.quantization = None  # a `quantization.QuantizationRecord` once quantized
+        if quantization is not None:
+            self.quantization = quantization_lib.prepare_quantized_build(self, quantization)
         self.build()
 
     def build(self, input_shape=None):
@@ -165,6 +175,9 @@ class GemmaBackbone(keras.Model):
             .query_norm (h,), .key_norm (h,); blocks.{i}.feed_forward.gate
             (d, f), .up (d, f), .down (f, d).
         Norm scales are zero-centred (the model multiplies by 1 + scale).
+        On a quantized backbone the projections and the embedding are the raw
+        int8 (int4: packed) storage, without their scales: load float
+        checkpoints into a float backbone, then `quantize`.
         """
         weights = {"token_embedding": _variable(self.token_embedding, "embeddings")}
         for i, block in enumerate(self.blocks):
@@ -189,13 +202,69 @@ class GemmaBackbone(keras.Model):
         weights["final_norm"] = self.final_norm.scale
         return weights
 
+    # -- LoRA, quantization, sharding (keras_gemma/lora.py, quantization.py, distribution.py)
+
+    def enable_lora(self, rank, alpha=None, target_layers=lora_lib.DEFAULT_TARGETS):
+        """Adds LoRA adapters to the chosen projections and freezes everything else.
+
+        Args:
+            rank: the adapters' rank.
+            alpha: the update is scaled by `alpha / rank` (default: `rank`).
+            target_layers: `"all"` or names among `query`, `key`, `value`,
+                `output`, `gate`, `up`, `down`.
+
+        Example:
+        ```python
+        backbone.enable_lora(4, target_layers=("query", "value"))
+        ```
+        """
+        lora_lib.enable_lora(self, rank, alpha=alpha, target_layers=target_layers)
+
+    def save_lora_weights(self, path):
+        """Writes only the adapters (a `.npz` file with rank, alpha, targets and the config)."""
+        lora_lib.save_lora_weights(self, path)
+
+    def load_lora_weights(self, path):
+        """Restores adapters from `save_lora_weights` (enabling LoRA if needed);
+        refuses a file for another model, rank, alpha or targets."""
+        lora_lib.load_lora_weights(self, path)
+
+    def merge_lora_weights(self):
+        """Folds the adapters into the base kernels (re-quantizing a quantized base)
+        and removes them, leaving a plain model for export."""
+        lora_lib.merge_lora_weights(self)
+
+    def quantize(self, mode=None, config=None, **kwargs):
+        """Weight-only `"int8"` or `"int4"` quantization of every projection and
+        of the tied embedding / output head (norms stay float).
+
+        Args:
+            mode: `"int8"` or `"int4"`.
+            config: optionally a `keras.quantizers.Int8QuantizationConfig` /
+                `Int4QuantizationConfig` (default: weight-only; int4 in
+                groups of 128).
+        """
+        kwargs.pop("type_check", None)
+        if kwargs.pop("filters", None) is not None or kwargs:
+            raise ValueError(f"GemmaBackbone.quantize takes only `mode` and `config`, got {sorted(kwargs) or ['filters']}.")
+        quantization_lib.quantize_backbone(self, mode, config)
+
+    @staticmethod
+    def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch", config=None):
+        """A `keras.distribution.LayoutMap` sharding the weights over `device_mesh`;
+        see `keras_gemma.distribution.get_layout_map`."""
+        return distribution_lib.get_layout_map(device_mesh, model_parallel_dim_name, data_parallel_dim_name, config=config)
+
     def get_config(self):
-        return {
+        config = {
             "config": self.config.to_dict(),
             "name": self.name,
             "trainable": self.trainable,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
+        if self.quantization is not None:
+            config["quantization"] = self.quantization.to_dict()
+        return config
 
     @classmethod
     def from_config(cls, config):

@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma import quantization
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.layers import soft_cap
 
@@ -41,6 +42,11 @@ class GemmaCausalLM(keras.Model):
         """Output logits (b, t, vocab) in float32 from hidden states (b, t, d)."""
         logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
+
+    def quantize(self, mode=None, config=None, **kwargs):
+        """Weight-only int8/int4 quantization of the backbone; see `GemmaBackbone.quantize`."""
+        self.backbone.quantize(mode, config=config, **kwargs)
+        quantization.refresh(self)
 
     def get_config(self):
         config = {

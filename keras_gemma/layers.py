@@ -16,6 +16,7 @@ import keras
 from keras import ops
 
 from keras_gemma.config import LOCAL
+from keras_gemma.quantization import dequantized_embeddings
 
 # Added to masked attention logits. A finite value, so that a query with no
 # visible key (a left-padding position) gets a uniform softmax, never NaN.
@@ -288,9 +289,22 @@ class DecoderBlock(keras.layers.Layer):
 
 
 class TiedEmbedding(keras.layers.Embedding):
-    """Token embedding whose transpose is also the output head."""
+    """Token embedding whose transpose is also the output head.
+
+    Quantizes with Keras' own `Embedding.quantize` (int8/int4 table plus
+    scales); `reverse` then reads the dequantized table, so the head stays
+    weight-only quantized (see `keras_gemma/quantization.py`).
+    """
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        # Keras refuses to quantize Embedding subclasses (their extra methods
+        # might not know the quantized layout); `reverse` below does.
+        super().quantize(mode, type_check=False, config=config)
 
     def reverse(self, x):
         """Logits (b, t, vocab) from hidden states (b, t, d)."""
-        kernel = ops.cast(self.embeddings, x.dtype)
+        if self.quantization_mode is None:
+            kernel = ops.cast(self.embeddings, x.dtype)
+        else:
+            kernel = dequantized_embeddings(self, x.dtype)
         return ops.einsum("btd,vd->btv", x, kernel)

@@ -1,0 +1,244 @@
+"""LoRA on Keras' own `EinsumDense.enable_lora`: adapters, their files, merging.
+
+Keras adds two float32 matrices per targeted projection, `lora_kernel_a`
+(kernel shape without its last axis, plus `rank`) and `lora_kernel_b`
+(`rank`, last kernel axis), and computes
+`kernel + (alpha / rank) * lora_kernel_a @ lora_kernel_b`; `lora_kernel_b`
+starts at zero, so enabling LoRA leaves the outputs unchanged. On an
+int8/int4 base (`quantize` first) the adapters stay float: QLoRA-style.
+
+Everything else (embedding, norms, base kernels) is frozen.
+
+Example:
+```python
+backbone.enable_lora(4, alpha=8, target_layers=("query", "value"))
+lm.compile(...); lm.fit(...)
+backbone.save_lora_weights("task.lora.npz")  # the adapter only
+backbone.merge_lora_weights()  # fold into the base kernels for export
+```
+"""
+
+import dataclasses
+import hashlib
+import json
+
+import keras
+import numpy as np
+from keras import ops
+
+from keras_gemma.quantization import refresh
+
+FORMAT = "keras_gemma.lora"
+FORMAT_VERSION = 1
+
+# Target name -> (sub-layer of a decoder block, attribute of its EinsumDense).
+TARGETS = {
+    "query": ("attention", "query_dense"),
+    "key": ("attention", "key_dense"),
+    "value": ("attention", "value_dense"),
+    "output": ("attention", "output_dense"),
+    "gate": ("feed_forward", "gate"),
+    "up": ("feed_forward", "up"),
+    "down": ("feed_forward", "down"),
+}
+DEFAULT_TARGETS = ("query", "value")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraState:
+    """What `enable_lora` did, so that merging can undo it."""
+
+    rank: int
+    alpha: float
+    targets: tuple
+    frozen_layers: tuple = dataclasses.field(default=(), repr=False, compare=False)
+
+
+def resolve_targets(target_layers):
+    """Target names in canonical order, from a name, a list, or `"all"`."""
+    if target_layers == "all":
+        return tuple(TARGETS)
+    if isinstance(target_layers, str):
+        target_layers = (target_layers,)
+    names = list(target_layers)
+    unknown = [name for name in names if name not in TARGETS]
+    if unknown or not names:
+        raise ValueError(
+            f"Unknown LoRA target(s) {unknown or names}: `target_layers` must be "
+            f'"all" or a non-empty list among {list(TARGETS)}.'
+        )
+    return tuple(name for name in TARGETS if name in names)
+
+
+def targeted_layers(backbone, targets):
+    """(canonical name, EinsumDense) for every targeted projection."""
+    for i, block in enumerate(backbone.blocks):
+        for name in targets:
+            parent, attribute = TARGETS[name]
+            yield f"blocks.{i}.{parent}.{name}", getattr(getattr(block, parent), attribute)
+
+
+def lora_parameter_count(config, rank, target_layers=DEFAULT_TARGETS):
+    """Trainable parameters `enable_lora(rank, target_layers=...)` adds.
+
+    Per projection with kernel shape (a..., z): `prod(a...) * rank + rank * z`.
+    """
+    n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
+    d, f = config.hidden_dim, config.intermediate_dim
+    kernels = {
+        "query": ((n, d), h), "key": ((k, d), h), "value": ((k, d), h),
+        "output": ((n, h), d), "gate": ((d,), f), "up": ((d,), f), "down": ((f,), d),
+    }
+    per_layer = sum(
+        int(np.prod(kernels[name][0])) * rank + rank * kernels[name][1]
+        for name in resolve_targets(target_layers)
+    )
+    return config.num_layers * per_layer
+
+
+def enable_lora(backbone, rank, alpha=None, target_layers=DEFAULT_TARGETS):
+    """See `GemmaBackbone.enable_lora`."""
+    if backbone.lora is not None:
+        raise ValueError(
+            f"LoRA is already enabled on this backbone ({_describe(backbone.lora)}). "
+            "Call `merge_lora_weights()` first, or start from a fresh model."
+        )
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+        raise ValueError(f"LoRA `rank` must be a positive integer, got {rank!r}.")
+    if alpha is None:
+        alpha = rank
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not alpha > 0:
+        raise ValueError(f"LoRA `alpha` must be a positive number, got {alpha!r}.")
+    targets = resolve_targets(target_layers)
+    selected = dict(targeted_layers(backbone, targets))
+    for name, layer in selected.items():
+        if layer.lora_enabled:
+            raise ValueError(f"LoRA is already enabled on `{name}`.")
+
+    # Freeze every leaf layer that is not a target; Keras' `enable_lora`
+    # freezes the target's own kernel.
+    selected_ids = {id(layer) for layer in selected.values()}
+    frozen = []
+    for layer in backbone._flatten_layers(include_self=False):
+        is_leaf = not list(layer._flatten_layers(include_self=False))
+        if is_leaf and id(layer) not in selected_ids and layer.trainable:
+            layer.trainable = False
+            frozen.append(layer)
+    for layer in selected.values():
+        layer.enable_lora(rank, lora_alpha=alpha)
+    backbone.lora = LoraState(rank, alpha, targets, tuple(frozen))
+    refresh(backbone)
+
+
+def merge_lora_weights(backbone):
+    """See `GemmaBackbone.merge_lora_weights`."""
+    state = _require(backbone)
+    for _, layer in targeted_layers(backbone, state.targets):
+        if layer.quantization_mode is None:
+            delta = (state.alpha / state.rank) * ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+            merged = ops.cast(layer._kernel, "float32") + delta
+            layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
+        else:
+            # Keras dequantizes, adds the delta and re-quantizes (what it
+            # also does when saving a LoRA layer).
+            kernel, scale, zero = layer._get_kernel_with_merged_lora()
+            layer._kernel.assign(kernel)
+            layer.kernel_scale.assign(scale)
+            if zero is not None:
+                layer.kernel_zero.assign(zero)
+        _disable_lora(layer)
+    for layer in state.frozen_layers:
+        layer.trainable = True
+    backbone.lora = None
+    refresh(backbone)
+
+
+def _disable_lora(layer):
+    """Removes a layer's adapter variables (Keras has no `disable_lora`)."""
+    del layer.lora_kernel_a
+    del layer.lora_kernel_b
+    layer.lora_enabled = False
+    layer.lora_rank = None
+    layer.lora_alpha = None
+    if layer.quantization_mode is None:
+        layer._kernel.trainable = True
+
+
+def config_fingerprint(config):
+    """A hash of everything in a config that shapes the weights or the math."""
+    fields = config.to_dict()
+    fields.pop("dropout", None)
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def save_lora_weights(backbone, path):
+    """See `GemmaBackbone.save_lora_weights`."""
+    state = _require(backbone)
+    arrays = {}
+    for name, layer in targeted_layers(backbone, state.targets):
+        arrays[f"{name}.lora_a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
+        arrays[f"{name}.lora_b"] = keras.ops.convert_to_numpy(layer.lora_kernel_b)
+    metadata = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "rank": state.rank,
+        "alpha": state.alpha,
+        "targets": list(state.targets),
+        "config_fingerprint": config_fingerprint(backbone.config),
+        "config": backbone.config.to_dict(),
+        "base_quantization": backbone.quantization.mode if backbone.quantization else None,
+    }
+    # A file object, so that numpy does not append ".npz" to the name.
+    with open(path, "wb") as f:
+        np.savez(f, __metadata__=np.array(json.dumps(metadata)), **arrays)
+
+
+def load_lora_weights(backbone, path):
+    """See `GemmaBackbone.load_lora_weights`."""
+    with np.load(path, allow_pickle=False) as data:
+        if "__metadata__" not in data.files:
+            raise ValueError(f"{path} is not a keras_gemma LoRA adapter file (no metadata).")
+        metadata = json.loads(str(data["__metadata__"]))
+        arrays = {key: data[key] for key in data.files if key != "__metadata__"}
+    if metadata.get("format") != FORMAT or metadata.get("version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} is not a keras_gemma LoRA adapter file of version {FORMAT_VERSION} "
+            f"(format {metadata.get('format')!r}, version {metadata.get('version')!r})."
+        )
+    if metadata["config_fingerprint"] != config_fingerprint(backbone.config):
+        theirs, ours = metadata["config"], backbone.config.to_dict()
+        differences = {key: (theirs.get(key), ours[key]) for key in ours if theirs.get(key) != ours[key] and key != "dropout"}
+        raise ValueError(
+            f"The LoRA adapter in {path} was trained for a different model; "
+            f"config fields that differ (adapter, this model): {differences}."
+        )
+    rank, alpha, targets = metadata["rank"], metadata["alpha"], tuple(metadata["targets"])
+    if backbone.lora is None:
+        enable_lora(backbone, rank, alpha=alpha, target_layers=targets)
+    elif (backbone.lora.rank, backbone.lora.alpha, backbone.lora.targets) != (rank, alpha, targets):
+        raise ValueError(
+            f"The LoRA adapter in {path} has rank {rank}, alpha {alpha}, targets "
+            f"{list(targets)}, but this model's LoRA is {_describe(backbone.lora)}."
+        )
+    for name, layer in targeted_layers(backbone, targets):
+        for suffix, variable in (("lora_a", layer.lora_kernel_a), ("lora_b", layer.lora_kernel_b)):
+            value = arrays.get(f"{name}.{suffix}")
+            if value is None or tuple(value.shape) != tuple(variable.shape):
+                raise ValueError(
+                    f"The LoRA adapter in {path} has no matching `{name}.{suffix}` "
+                    f"of shape {tuple(variable.shape)} (found "
+                    f"{None if value is None else tuple(value.shape)})."
+                )
+            variable.assign(value)
+
+
+def _require(backbone):
+    if backbone.lora is None:
+        raise ValueError("LoRA is not enabled on this backbone; call `enable_lora(rank)` first.")
+    return backbone.lora
+
+
+def _describe(state):
+    return f"rank {state.rank}, alpha {state.alpha}, targets {list(state.targets)}"
+
+

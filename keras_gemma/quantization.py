@@ -1,0 +1,158 @@
+"""Weight-only int8 / int4 quantization, on Keras' own `quantize`.
+
+Every projection (`EinsumDense`) and the tied embedding / output head
+(`TiedEmbedding`, a `keras.layers.Embedding`) are quantized by Keras itself;
+the norms stay in float. Activations are left in float: Keras' int8 default
+also quantizes each projection's inputs on the fly, which costs accuracy and
+saves no memory, so `quantize` here switches that off.
+
+A quantized backbone remembers `{"mode": ..., "config": ...}` in its config.
+A backbone constructed with that record builds its int8/int4 variables
+directly (no float copy first), so `model.save()` / `keras.saving.load_model`
+and `save_weights` / `load_weights` round-trip.
+
+Example:
+```python
+lm = keras_gemma.GemmaCausalLM(backbone)
+lm.quantize("int8")  # or "int4" (groups of 128 along each input dimension)
+lm.save("gemma_int8.keras")
+```
+"""
+
+import dataclasses
+
+import keras
+import numpy as np
+from keras import ops
+
+MODES = ("int8", "int4")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizationRecord:
+    """How a backbone was quantized: the mode and the serialized Keras config."""
+
+    mode: str
+    config: dict
+
+    def to_dict(self):
+        return {"mode": self.mode, "config": self.config}
+
+    @classmethod
+    def from_dict(cls, record):
+        if isinstance(record, cls):
+            return record
+        return cls(mode=record["mode"], config=record["config"])
+
+    def keras_config(self):
+        return keras.saving.deserialize_keras_object(self.config)
+
+
+def default_config(mode):
+    """Keras' config for `mode`, weight-only."""
+    if mode == "int8":
+        return keras.quantizers.Int8QuantizationConfig(activation_quantizer=None)
+    if mode == "int4":
+        # Keras' int4 default: asymmetric groups of 128 along the input dim,
+        # no activation quantization.
+        return keras.quantizers.Int4QuantizationConfig(block_size=128)
+    raise ValueError(f"Unsupported quantization mode {mode!r}; expected one of {MODES}.")
+
+
+def resolve(mode=None, config=None):
+    """(mode, Keras QuantizationConfig) from a mode, a config, or both."""
+    if config is not None:
+        if mode is not None and mode != config.mode:
+            raise ValueError(f"`mode={mode!r}` disagrees with the config's mode {config.mode!r}.")
+        mode = config.mode
+    if mode not in MODES:
+        raise ValueError(f"Unsupported quantization mode {mode!r}; expected one of {MODES}.")
+    return mode, config if config is not None else default_config(mode)
+
+
+def quantized_layers(backbone):
+    """The layers quantization converts: the embedding and every projection."""
+    return [
+        layer
+        for layer in backbone._flatten_layers(include_self=False)
+        if isinstance(layer, (keras.layers.EinsumDense, keras.layers.Embedding))
+    ]
+
+
+def policy_name(mode, config, source_policy):
+    """The dtype policy name Keras gives a layer quantized from `source_policy`."""
+    if mode == "int4":
+        block_size = getattr(config, "block_size", None)
+        mode = f"int4/{-1 if block_size is None else block_size}"
+    return f"{mode}_from_{source_policy.name}"
+
+
+def quantize_backbone(backbone, mode=None, config=None):
+    """Quantizes `backbone` in place; see `GemmaBackbone.quantize`."""
+    if backbone.quantization is not None:
+        raise ValueError(
+            f"This backbone is already quantized ({backbone.quantization.mode}). "
+            "Quantize a float model instead."
+        )
+    if getattr(backbone, "lora", None) is not None:
+        raise ValueError(
+            "Quantize before enabling LoRA (an int8 base with float adapters), "
+            "or call `merge_lora_weights()` first."
+        )
+    mode, config = resolve(mode, config)
+    for layer in quantized_layers(backbone):
+        layer.quantize(mode, type_check=False, config=config)
+    backbone.quantization = QuantizationRecord(mode, keras.saving.serialize_keras_object(config))
+    refresh(backbone)
+
+
+def prepare_quantized_build(backbone, record):
+    """Before `build`: give every quantized layer its quantized policy, so
+    `build` creates int8/int4 variables straight away (used when loading)."""
+    record = QuantizationRecord.from_dict(record)
+    config = record.keras_config()
+    for layer in quantized_layers(backbone):
+        layer.quantization_config = config
+        layer.dtype_policy = policy_name(record.mode, config, layer.dtype_policy)
+    return record
+
+
+def refresh(model):
+    """Drops compiled functions and, on PyTorch, re-tracks parameters after
+    variables were added or removed (quantize, enable/merge LoRA)."""
+    model.train_function = model.test_function = model.predict_function = None
+    if keras.config.backend() == "torch":
+        for layer in model._flatten_layers():
+            layer._track_variables()
+
+
+def dequantized_embeddings(layer, dtype):
+    """The float (vocab, d) table of an int8/int4-quantized `Embedding`,
+    mirroring Keras' `Embedding._int8_call` / `_int4_call` lookups."""
+    table = layer._embeddings
+    if layer.quantization_mode == "int4":
+        table = keras.quantizers.unpack_int4(table, layer.output_dim, axis=-1)
+    elif layer.quantization_mode != "int8":
+        raise ValueError(f"Cannot dequantize an embedding in mode {layer.quantization_mode!r}.")
+    table = ops.cast(table, "float32")  # (v, d)
+    scale = ops.cast(layer.embeddings_scale, "float32")
+    block_size = getattr(layer, "_int4_block_size", None)
+    if layer.quantization_mode == "int4" and block_size not in (None, -1):
+        # Groups of `block_size` along d, asymmetric: (q - zero) * scale.
+        groups = ops.cast(layer.g_idx, "int32")  # (d,)
+        scale = ops.take(scale, groups, axis=1)  # (v, d)
+        zero = ops.take(ops.cast(layer.embeddings_zero, "float32"), groups, axis=1)
+        table = (table - zero) * scale
+    else:
+        table = table / scale[:, None]
+    return ops.cast(table, dtype)
+
+
+def parameter_bytes(model):
+    """Bytes held by the model's variables (its parameter memory)."""
+    total = 0
+    for variable in model.weights:
+        dtype = keras.backend.standardize_dtype(variable.dtype)
+        itemsize = 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
+        total += int(np.prod(variable.shape)) * itemsize
+    return total
