@@ -62,15 +62,15 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         heads % model_size == 0 for heads in (config.num_query_heads, config.num_key_value_heads)
     )
     layout_map = keras.distribution.LayoutMap(device_mesh)
-    layout_map[r"token_embedding/embeddings$"] = (model, batch)
+    layout_map[r".*token_embedding/embeddings$"] = (model, batch)
     if by_head:
-        layout_map[r"attention/(query|key|value)/kernel$"] = (model, batch, None)
-        layout_map[r"attention/output/kernel$"] = (model, None, batch)
+        layout_map[r".*attention/(query|key|value)/kernel$"] = (model, batch, None)
+        layout_map[r".*attention/output/kernel$"] = (model, None, batch)
     else:
-        layout_map[r"attention/(query|key|value)/kernel$"] = (None, model, batch)
-        layout_map[r"attention/output/kernel$"] = (None, batch, model)
-    layout_map[r"feed_forward/(gate|up)/kernel$"] = (batch, model)
-    layout_map[r"feed_forward/down/kernel$"] = (model, batch)
+        layout_map[r".*attention/(query|key|value)/kernel$"] = (None, model, batch)
+        layout_map[r".*attention/output/kernel$"] = (None, batch, model)
+    layout_map[r".*feed_forward/(gate|up)/kernel$"] = (batch, model)
+    layout_map[r".*feed_forward/down/kernel$"] = (model, batch)
     if config is not None:
         problems = layout_problems(layout_map, config)
         if problems:
