@@ -73,6 +73,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         add_end_token=True,
         **kwargs,
     ):
+        kwargs.pop("config_file", None)  # in keras-hub's preprocessor.json
         super().__init__(**kwargs)
         self._convert_input_args = False
         self._allow_non_tensor_positional_args = True

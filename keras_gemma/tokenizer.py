@@ -11,6 +11,7 @@ import os
 import re
 
 import keras
+import numpy as np
 import sentencepiece
 
 VOCABULARY_FILENAME = "vocabulary.spm"  # keras-hub's name, under assets/tokenizer/
@@ -62,7 +63,7 @@ class GemmaTokenizer(keras.layers.Layer):
 
     def __init__(self, proto=None, **kwargs):
         # keras-hub configs carry these; they do not apply here.
-        for key in ("sequence_length", "add_bos", "add_eos"):
+        for key in ("sequence_length", "add_bos", "add_eos", "config_file"):
             kwargs.pop(key, None)
         kwargs.setdefault("dtype", "int32")
         super().__init__(**kwargs)
@@ -243,9 +244,9 @@ class GemmaTokenizer(keras.layers.Layer):
         self._check_vocabulary()
         if hasattr(inputs, "tolist"):
             inputs = inputs.tolist()
-        if isinstance(inputs, int):
+        if isinstance(inputs, (int, np.integer)):
             inputs = [inputs]
-        if inputs and not isinstance(inputs[0], int):
+        if len(inputs) and not isinstance(inputs[0], (int, np.integer)):
             return [self._detokenize_one(ids, skip_special_tokens) for ids in inputs]
         return self._detokenize_one(inputs, skip_special_tokens)
 
@@ -253,6 +254,7 @@ class GemmaTokenizer(keras.layers.Layer):
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         size = len(self._pieces)
+        ids = [int(token_id) for token_id in ids]
         for token_id in ids:
             if not 0 <= token_id < size:
                 raise ValueError(f"Token id {token_id} is outside [0, {size}).")

@@ -103,6 +103,8 @@ def test_input_types(tiny_tokenizer):
     assert tiny_tokenizer(b"ab") == expected[0]
     assert tiny_tokenizer(np.str_("ab")) == expected[0]
     assert tiny_tokenizer.detokenize(np.array(expected[0])) == "ab"
+    assert tiny_tokenizer.detokenize(list(np.array(expected[0]))) == "ab"
+    assert tiny_tokenizer.detokenize([np.array(ids) for ids in expected]) == ["ab", "cd"]
     assert tiny_tokenizer.detokenize([]) == ""
     with pytest.raises(TypeError):
         tiny_tokenizer([1, 2])
@@ -140,6 +142,10 @@ def test_assets_and_config_round_trip(tiny_tokenizer, tmp_path):
     restored.load_assets(str(tmp_path))
     assert restored(CORPUS) == tiny_tokenizer(CORPUS)
     assert GemmaTokenizer(tiny_tokenizer.proto)(CORPUS) == tiny_tokenizer(CORPUS)
+    # keras-hub's tokenizer.json config loads too.
+    hub_config = dict(config["config"], proto=None, sequence_length=None,
+                      add_bos=False, add_eos=False, config_file="tokenizer.json")
+    assert GemmaTokenizer.from_config(hub_config).proto is None
 
 
 def test_keras_hub_preset_interchange(tiny_tokenizer, tmp_path):
