@@ -202,6 +202,40 @@ class GemmaBackbone(keras.Model):
         weights["final_norm"] = self.final_norm.scale
         return weights
 
+    # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
+
+    @classmethod
+    def from_preset(cls, handle, dtype=None, load_weights=True):
+        """A backbone from a preset name, `kaggle://` or `hf://` handle,
+        keras-hub or Hugging Face directory, or `.gguf` file.
+
+        Args:
+            handle: e.g. `"gemma3_270m"`, `"kaggle://keras/gemma3/keras/gemma3_1b/3"`,
+                `"hf://google/gemma-3-1b-pt"`, `"./my_preset"`, `"model.gguf"`.
+            dtype: the dtype policy, e.g. `"bfloat16"` (default: Keras' default).
+            load_weights: False builds the architecture with random weights.
+
+        Example:
+        ```python
+        backbone = keras_gemma.GemmaBackbone.from_preset("gemma3_270m", dtype="bfloat16")
+        ```
+        """
+        from keras_gemma.checkpoints import preset
+
+        return preset.load_backbone(handle, dtype=dtype, load_weights=load_weights, cls=cls)
+
+    def save_to_preset(self, directory):
+        """Writes a keras-hub preset (config.json, model.weights.h5, metadata.json)."""
+        from keras_gemma.checkpoints import preset
+
+        preset.save_backbone(self, directory)
+
+    def export_to_transformers(self, directory, tokenizer=None):
+        """Writes a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.model)."""
+        from keras_gemma.checkpoints import preset
+
+        preset.export_to_transformers(self, directory, tokenizer=tokenizer)
+
     # -- LoRA, quantization, sharding (keras_gemma/lora.py, quantization.py, distribution.py)
 
     def enable_lora(self, rank, alpha=None, target_layers=lora_lib.DEFAULT_TARGETS):

@@ -43,6 +43,34 @@ class GemmaCausalLM(keras.Model):
         logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
 
+    # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
+
+    @classmethod
+    def from_preset(cls, handle, dtype=None, load_weights=True):
+        """A model (with a preprocessor when the preset has a tokenizer) from a
+        preset name, `kaggle://` or `hf://` handle, keras-hub or Hugging Face
+        directory, or `.gguf` file. See `GemmaBackbone.from_preset`.
+
+        Example:
+        ```python
+        lm = keras_gemma.GemmaCausalLM.from_preset("gemma-3-270m-q4_k_m.gguf")
+        ```
+        """
+        from keras_gemma.checkpoints import preset
+
+        return preset.load_causal_lm(handle, dtype=dtype, load_weights=load_weights, cls=cls)
+
+    def save_to_preset(self, directory):
+        """Writes a keras-hub task preset; `keras_hub.models.GemmaCausalLM.from_preset` loads it."""
+        from keras_gemma.checkpoints import preset
+
+        preset.save_causal_lm(self, directory)
+
+    def export_to_transformers(self, directory):
+        """Writes a Hugging Face checkpoint that `transformers` loads."""
+        tokenizer = self.preprocessor.tokenizer if self.preprocessor is not None else None
+        self.backbone.export_to_transformers(directory, tokenizer=tokenizer)
+
     def quantize(self, mode=None, config=None, **kwargs):
         """Weight-only int8/int4 quantization of the backbone; see `GemmaBackbone.quantize`."""
         self.backbone.quantize(mode, config=config, **kwargs)

@@ -267,6 +267,20 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         return config
 
     @classmethod
+    def from_preset(cls, handle, dtype=None, load_weights=True, **kwargs):
+        """The preprocessor of a preset (name, `kaggle://`, `hf://`, directory or
+        `.gguf`); `sequence_length` comes from its preprocessor.json unless given."""
+        from keras_gemma.checkpoints import preset
+
+        return preset.load_preprocessor(handle, cls=cls, **kwargs)
+
+    def save_to_preset(self, directory):
+        """Writes preprocessor.json, tokenizer.json and the vocabulary (keras-hub layout)."""
+        from keras_gemma.checkpoints import preset
+
+        preset.save_preprocessor(self, directory)
+
+    @classmethod
     def from_config(cls, config):
         config = dict(config)
         if isinstance(config.get("tokenizer"), dict):

@@ -288,6 +288,19 @@ class GemmaTokenizer(keras.layers.Layer):
         """Reads `dir_path/vocabulary.spm` (keras-hub's preset layout)."""
         self.set_proto(os.path.join(dir_path, VOCABULARY_FILENAME))
 
+    @classmethod
+    def from_preset(cls, handle, dtype=None, load_weights=True):
+        """The tokenizer of a preset (name, `kaggle://`, `hf://`, directory or `.gguf`)."""
+        from keras_gemma.checkpoints import preset
+
+        return preset.load_tokenizer(handle, cls=cls)
+
+    def save_to_preset(self, directory):
+        """Writes tokenizer.json and assets/tokenizer/vocabulary.spm (keras-hub layout)."""
+        from keras_gemma.checkpoints import preset
+
+        preset.save_tokenizer(self, directory)
+
     def get_config(self):
         config = super().get_config()
         # The vocabulary travels as an asset (vocabulary.spm), as in keras-hub.
