@@ -429,6 +429,26 @@ def _is_tf_dataset(value):
     )
 
 
+def is_raw_text(x):
+    """Whether `x` is raw training data for `to_fit_data` (text, pairs,
+    conversations, or a dataset of them), not already token ids."""
+    if isinstance(x, PreprocessedPyDataset):
+        return False
+    if isinstance(x, (str, keras.utils.PyDataset)):
+        return True
+    if isinstance(x, dict):
+        return "token_ids" not in x
+    if isinstance(x, np.ndarray):
+        return x.dtype.kind in "USO"
+    if isinstance(x, (list, tuple)):
+        return len(x) > 0 and isinstance(x[0], (str, dict, list))
+    if _is_tf_dataset(x):
+        specs = x.element_spec
+        specs = specs.values() if isinstance(specs, dict) else specs if isinstance(specs, tuple) else [specs]
+        return any(getattr(spec, "dtype", None) is not None and spec.dtype.name == "string" for spec in specs)
+    return False
+
+
 def to_fit_data(preprocessor, x, y=None, batch_size=None):
     """Turns raw training data into keyword arguments for `keras.Model.fit`.
 
