@@ -6,17 +6,13 @@ keras-hub's GemmaTokenizer on the same rebuilt `vocabulary.spm`, and
 transformers' fast tokenizer built from the GGUF. Each is timed on one batched
 call (best of `--repeats`), after a warm-up call.
 
-    KERAS_BACKEND=jax python benchmarks/tokenize.py
+    KERAS_BACKEND=jax python benchmarks/tokenizer_speed.py
 """
 
 import os
 import sys
 
-# This file is named like the standard library's `tokenize`: take its folder
-# off the import path before anything imports that module; put the repo on it.
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-sys.path.insert(0, os.path.dirname(_HERE))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import argparse  # noqa: E402
 import tempfile  # noqa: E402
