@@ -268,20 +268,21 @@ class GemmaBackbone(keras.Model):
         and removes them, leaving a plain model for export."""
         lora_lib.merge_lora_weights(self)
 
-    def quantize(self, mode=None, config=None, **kwargs):
+    def quantize(self, mode=None, config=None, weight_only=True, **kwargs):
         """Weight-only `"int8"` or `"int4"` quantization of every projection and
         of the tied embedding / output head (norms stay float).
 
         Args:
             mode: `"int8"` or `"int4"`.
             config: optionally a `keras.quantizers.Int8QuantizationConfig` /
-                `Int4QuantizationConfig` (default: weight-only; int4 in
-                groups of 128).
+                `Int4QuantizationConfig` (int4 default: groups of 128).
+            weight_only: drop the config's activation quantizer (Keras' int8
+                default quantizes each projection's inputs too).
         """
         kwargs.pop("type_check", None)
         if kwargs.pop("filters", None) is not None or kwargs:
-            raise ValueError(f"GemmaBackbone.quantize takes only `mode` and `config`, got {sorted(kwargs) or ['filters']}.")
-        quantization_lib.quantize_backbone(self, mode, config)
+            raise ValueError(f"GemmaBackbone.quantize takes only `mode`, `config` and `weight_only`, got {sorted(kwargs) or ['filters']}.")
+        quantization_lib.quantize_backbone(self, mode, config, weight_only)
 
     @staticmethod
     def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_dim_name="batch", config=None):

@@ -71,9 +71,9 @@ class GemmaCausalLM(keras.Model):
         tokenizer = self.preprocessor.tokenizer if self.preprocessor is not None else None
         self.backbone.export_to_transformers(directory, tokenizer=tokenizer)
 
-    def quantize(self, mode=None, config=None, **kwargs):
+    def quantize(self, mode=None, config=None, weight_only=True, **kwargs):
         """Weight-only int8/int4 quantization of the backbone; see `GemmaBackbone.quantize`."""
-        self.backbone.quantize(mode, config=config, **kwargs)
+        self.backbone.quantize(mode, config=config, weight_only=weight_only, **kwargs)
         quantization.refresh(self)
 
     def get_config(self):

@@ -457,6 +457,7 @@ def exact_config(directory, config):
     # Fields keras-hub's config states must agree; otherwise config.json was
     # rewritten by someone else and wins.
     loose = dict(max_sequence_length=config.max_sequence_length)
-    if config.query_pre_attn_scalar != config.head_dim:  # `query_head_dim_normalize: false`
-        loose["query_pre_attn_scalar"] = config.query_pre_attn_scalar
+    with open(os.path.join(directory, CONFIG_FILE)) as f:
+        if not json.load(f)["config"].get("query_head_dim_normalize", True):
+            loose["query_pre_attn_scalar"] = config.query_pre_attn_scalar  # "not head_dim": ours says what
     return saved if saved.replace(**loose) == config else config
