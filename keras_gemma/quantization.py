@@ -59,15 +59,24 @@ def default_config(mode):
     raise ValueError(f"Unsupported quantization mode {mode!r}; expected one of {MODES}.")
 
 
-def resolve(mode=None, config=None):
-    """(mode, Keras QuantizationConfig) from a mode, a config, or both."""
+def resolve(mode=None, config=None, weight_only=True):
+    """(mode, Keras QuantizationConfig) from a mode, a config, or both.
+
+    Keras' `Layer.quantize` wrapper already turns a bare mode into Keras'
+    default config (which, for int8, quantizes activations too), so weight-only
+    is applied here, to whatever config arrives.
+    """
     if config is not None:
         if mode is not None and mode != config.mode:
             raise ValueError(f"`mode={mode!r}` disagrees with the config's mode {config.mode!r}.")
         mode = config.mode
     if mode not in MODES:
         raise ValueError(f"Unsupported quantization mode {mode!r}; expected one of {MODES}.")
-    return mode, config if config is not None else default_config(mode)
+    if config is None:
+        config = default_config(mode)
+    if weight_only and config.activation_quantizer is not None:
+        config = type(config).from_config({**config.get_config(), "activation_quantizer": None})
+    return mode, config
 
 
 def quantized_layers(backbone):
@@ -87,7 +96,7 @@ def policy_name(mode, config, source_policy):
     return f"{mode}_from_{source_policy.name}"
 
 
-def quantize_backbone(backbone, mode=None, config=None):
+def quantize_backbone(backbone, mode=None, config=None, weight_only=True):
     """Quantizes `backbone` in place; see `GemmaBackbone.quantize`."""
     if backbone.quantization is not None:
         raise ValueError(
@@ -99,7 +108,7 @@ def quantize_backbone(backbone, mode=None, config=None):
             "Quantize before enabling LoRA (an int8 base with float adapters), "
             "or call `merge_lora_weights()` first."
         )
-    mode, config = resolve(mode, config)
+    mode, config = resolve(mode, config, weight_only)
     for layer in quantized_layers(backbone):
         layer.quantize(mode, type_check=False, config=config)
     backbone.quantization = QuantizationRecord(mode, keras.saving.serialize_keras_object(config))
