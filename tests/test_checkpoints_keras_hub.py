@@ -199,3 +199,52 @@ def test_exact_config_survives_what_keras_hub_cannot_say(tmp_path):
     np.testing.assert_allclose(
         logits_of(loaded, ids, mask)[mask], hf_logits(hf, ids, mask)[mask], atol=TOLERANCE, rtol=TOLERANCE
     )
+
+
+def test_preprocessor_and_tokenizer_presets(spm_path, tmp_path):
+    theirs = keras_hub_task("gemma", spm_path)
+    theirs.save_to_preset(str(tmp_path / "task"))
+    preprocessor = GemmaCausalLMPreprocessor.from_preset(str(tmp_path / "task"))
+    assert preprocessor.sequence_length == 24  # from preprocessor.json
+    assert GemmaCausalLMPreprocessor.from_preset(str(tmp_path / "task"), sequence_length=8).sequence_length == 8
+    preprocessor.sequence_length = 40
+    preprocessor.save_to_preset(str(tmp_path / "task"))  # into the existing preset
+    loaded = keras_hub.models.GemmaCausalLMPreprocessor.from_preset(str(tmp_path / "task"))
+    assert loaded.sequence_length == 40
+    assert to_numpy(loaded.tokenizer("Hello world")).tolist() == preprocessor.tokenizer("Hello world")
+    # A directory with only a tokenizer loads here (keras-hub wants a config.json).
+    preprocessor.tokenizer.save_to_preset(str(tmp_path / "tok"))
+    assert sorted(os.listdir(tmp_path / "tok")) == ["assets", "tokenizer.json"]
+    assert GemmaTokenizer.from_preset(str(tmp_path / "tok"))("Hello world") == preprocessor.tokenizer("Hello world")
+
+
+def test_bfloat16_and_keras_nlp_presets(tmp_path):
+    """bf16 weights are stored as keras does (|V2 plus a dtype attribute); keras-nlp names load too."""
+    import h5py
+
+    config = keras_gemma.GemmaConfig(
+        vocabulary_size=VOCAB, num_layers=2, hidden_dim=32, num_query_heads=2, num_key_value_heads=1,
+        head_dim=16, intermediate_dim=48,
+    )
+    ours = keras_gemma.GemmaBackbone(config, dtype="bfloat16")
+    directory = str(tmp_path / "bf16")
+    ours.save_to_preset(directory)
+    with h5py.File(os.path.join(directory, "model.weights.h5")) as f:
+        assert f["layers/reversible_embedding/vars/0"].attrs["dtype"] == "bfloat16"
+    theirs = keras_hub.models.Backbone.from_preset(directory, dtype="bfloat16")
+    np.testing.assert_array_equal(
+        to_numpy(theirs.token_embedding.embeddings).astype("float32"),
+        to_numpy(ours.token_embedding.embeddings).astype("float32"),
+    )
+    path = os.path.join(directory, "config.json")
+    with open(path) as f:
+        config_json = json.load(f)
+    config_json["registered_name"] = "keras_nlp>GemmaBackbone"
+    config_json["module"] = "keras_nlp.src.models.gemma.gemma_backbone"
+    with open(path, "w") as f:
+        json.dump(config_json, f)
+    again = keras_gemma.GemmaBackbone.from_preset(directory, dtype="bfloat16")
+    np.testing.assert_array_equal(
+        to_numpy(again.token_embedding.embeddings).astype("float32"),
+        to_numpy(ours.token_embedding.embeddings).astype("float32"),
+    )

@@ -97,6 +97,8 @@ def _local_source(path, handle):
             return Source(GGUF, path, handle)
         raise CheckpointError(f"{path} is a file but not a GGUF file; pass a preset directory instead.")
     config_path = os.path.join(path, kh.CONFIG_FILE)
+    if not os.path.exists(config_path) and os.path.exists(os.path.join(path, kh.TOKENIZER_FILE)):
+        return Source(KERAS_HUB, path, handle)  # a tokenizer (or preprocessor) on its own
     if not os.path.exists(config_path):
         ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
         if len(ggufs) == 1:
@@ -128,6 +130,8 @@ def load_config(source):
     """The `GemmaConfig` of a resolved source."""
     if source.kind == KERAS_HUB:
         path = source.file(kh.CONFIG_FILE)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{source.path} holds a tokenizer but no model: {path} is missing.")
         config = kh.config_from_keras_hub(_read_json(path), path)
         return kh.exact_config(source.path, config)
     if source.kind == HUGGING_FACE:
