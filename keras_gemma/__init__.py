@@ -3,6 +3,7 @@
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.causal_lm import GemmaCausalLM
 from keras_gemma.config import GLOBAL, LOCAL, GemmaConfig, layer_pattern
+from keras_gemma.generation import samplers
 from keras_gemma.presets import get_preset, list_presets
 
 __version__ = "0.1.0"

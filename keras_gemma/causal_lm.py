@@ -5,11 +5,12 @@ from keras import ops
 
 from keras_gemma import quantization
 from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.generation import GenerationMixin
 from keras_gemma.layers import soft_cap
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
-class GemmaCausalLM(keras.Model):
+class GemmaCausalLM(GenerationMixin, keras.Model):
     """A Gemma language model: logits over the vocabulary for every position.
 
     Args:
@@ -21,6 +22,9 @@ class GemmaCausalLM(keras.Model):
     ```python
     lm = keras_gemma.GemmaCausalLM(backbone)
     logits = lm({"token_ids": ids, "padding_mask": mask})  # (b, t, vocab)
+    # With a preprocessor: generate, chat, stream and score (generation/api.py).
+    lm.generate(["Hello", "The sky is"], max_new_tokens=16)
+    lm.chat([{"role": "user", "content": "Hi!"}])
     ```
     """
 

@@ -1,0 +1,287 @@
+"""`compile(sampler=...)`, `generate`, `chat`, streaming and `score` for
+`GemmaCausalLM` (a mixin, so the model file stays about the model)."""
+
+import numpy as np
+
+import keras
+from keras import ops
+
+from keras_gemma.generation import engine
+from keras_gemma.generation import samplers as samplers_lib
+from keras_gemma.generation.compile import GenerateFunctions
+
+SCORE_CHUNK = 256  # positions per logits chunk in `score` (vocab is 256k wide)
+
+
+class GenerationMixin:
+    """Generation methods of `GemmaCausalLM`; see each method's docstring."""
+
+    def compile(self, optimizer="auto", loss="auto", *, weighted_metrics="auto", sampler="greedy", **kwargs):
+        """Configures training and generation.
+
+        As keras-hub's `CausalLM.compile`: `"auto"` gives Adam(2e-5), a
+        `SparseCategoricalCrossentropy(from_logits=True)` loss and a
+        `SparseCategoricalAccuracy` weighted metric (pass the padding mask as
+        `sample_weight`), so `fit` works out of the box.
+
+        Args:
+            sampler: how `generate` picks tokens: `"greedy"`, `"random"`,
+                `"top_k"`, `"top_p"`, a `keras_gemma.samplers.Sampler`
+                (e.g. `TopKSampler(k=40, temperature=0.8, seed=1)`), or a
+                keras-hub sampler of one of those kinds.
+            **kwargs: anything else `keras.Model.compile` takes.
+
+        Example:
+        ```python
+        lm.compile(sampler=keras_gemma.samplers.TopPSampler(p=0.9, seed=0))
+        lm.generate("The sky is", max_new_tokens=20)
+        ```
+        """
+        if optimizer == "auto":
+            optimizer = keras.optimizers.Adam(2e-5)
+        if loss == "auto":
+            loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        if weighted_metrics == "auto":
+            weighted_metrics = [keras.metrics.SparseCategoricalAccuracy()]
+        super().compile(optimizer=optimizer, loss=loss, weighted_metrics=weighted_metrics, **kwargs)
+        self._generation = _GenerationState(samplers_lib.get(sampler))
+
+    @property
+    def sampler(self):
+        """The `Sampler` that `generate` uses (greedy until `compile` says otherwise)."""
+        return self._generation_state().sampler
+
+    def _generation_state(self):
+        state = getattr(self, "_generation", None)
+        if state is None:
+            state = self._generation = _GenerationState(samplers_lib.GreedySampler())
+        return state
+
+    def _functions(self):
+        state = self._generation_state()
+        if state.functions is None or not state.functions.matches(self, state.sampler):
+            state.functions = GenerateFunctions(self, state.sampler)
+        return state.functions
+
+    # -- generate --------------------------------------------------------------
+
+    def _prepare(self, inputs, max_length, max_new_tokens, stop_token_ids):
+        prompts = engine.normalize_inputs(self, inputs)
+        limits = engine.new_token_limits(self, prompts, max_length, max_new_tokens)
+        stop_ids = engine.resolve_stop_ids(self, stop_token_ids)
+        return prompts, limits, stop_ids
+
+    def _start(self, prompts, limits, stop_ids):
+        functions = self._functions()
+        batch = engine.Batch(prompts, limits, stop_ids, functions.sampler.next_seed())
+        cache = self.backbone.init_cache(len(prompts.ids), batch.cache_length)
+        out = ops.zeros((len(prompts.ids), batch.new), "int32")
+        constants = tuple(ops.convert_to_tensor(c) for c in batch.constants)
+        state = functions.prefill(
+            ops.convert_to_tensor(batch.token_ids), ops.convert_to_tensor(batch.padding_mask), cache, out, constants
+        )
+        return functions, batch, state, constants
+
+    def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
+        """Continues prompts with the sampler from `compile` (greedy by default).
+
+        Args:
+            inputs: a string, a list of strings (any lengths), a
+                conversation (a list of `{"role", "content"}` dicts; the chat
+                template is applied), a list of conversations, or
+                pre-tokenized `{"token_ids": (b, t), "padding_mask": (b, t)}`
+                (either padding side; works without a preprocessor).
+            max_length: the most tokens a row may hold, prompt included
+                (keras-hub's meaning). Defaults to the preprocessor's
+                `sequence_length`, else 1024, when `max_new_tokens` is not
+                given either.
+            max_new_tokens: the most tokens each row may add.
+            stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`), None
+                (never stop early), or a list of ids. Each row stops on its
+                own; the stop token ends the row.
+            strip_prompt: return only the new text/tokens.
+
+        Returns:
+            Text in, text out (a string, or a list for a batch); token ids in,
+            `{"token_ids", "padding_mask"}` out, right-padded, each row the
+            prompt's real tokens then the new ones (stop token included).
+
+        Raises:
+            ValueError: an empty prompt, a prompt longer than `max_length`, a
+                negative `max_new_tokens`, text without a tokenizer.
+
+        Example:
+        ```python
+        lm.generate(["The capital of France is", "1, 2, 3,"], max_new_tokens=16)
+        lm.generate([{"role": "user", "content": "Hi!"}], strip_prompt=True)
+        lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=8)
+        ```
+        """
+        prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids)
+        if limits.max() == 0:
+            rows = [[] for _ in prompts.ids]
+        else:
+            functions, batch, state, constants = self._start(prompts, limits, stop_ids)
+            state = functions.loop(state, constants)
+            out = ops.convert_to_numpy(state[4])
+            rows = engine.finish_rows(out, limits, stop_ids)
+        return engine.format_outputs(self, prompts, rows, strip_prompt)
+
+    def stream_token_ids(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto"):
+        """Yields each step's new token ids: `(b,)` int arrays, -1 for rows
+        already finished. Takes what `generate` takes."""
+        prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids)
+        if limits.max() == 0:
+            return
+        functions, batch, state, constants = self._start(prompts, limits, stop_ids)
+        finished = limits <= 0
+        max_steps = int(limits.max())
+        for step in range(max_steps):
+            if step:
+                state = functions.step(state, constants)
+            token = ops.convert_to_numpy(state[1]).astype(np.int64)
+            done = np.array(ops.convert_to_numpy(state[3]))  # copies: `step` donates state
+            yield np.where(finished, -1, token)
+            finished = finished | done
+            if finished.all():
+                return
+
+    def stream_generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto"):
+        """Yields the new text piece by piece as it is decoded.
+
+        For one prompt (a string or a conversation) each item is a string;
+        for a batch, a list of strings (empty for rows with nothing new).
+        The pieces of a row join to `generate(..., strip_prompt=True)`.
+
+        Example:
+        ```python
+        for piece in lm.stream_generate("Once upon a time", max_new_tokens=64):
+            print(piece, end="", flush=True)
+        ```
+        """
+        prompts = engine.normalize_inputs(self, inputs)
+        if prompts.form != "text":
+            raise ValueError("`stream_generate` streams text; use `stream_token_ids` for token ids.")
+        streams = [engine.TextStream(self) for _ in prompts.ids]
+        for tokens in self.stream_token_ids(inputs, max_length, max_new_tokens, stop_token_ids):
+            pieces = [stream.push(t) if t >= 0 else "" for stream, t in zip(streams, tokens)]
+            if any(pieces):
+                yield pieces[0] if prompts.scalar else pieces
+        pieces = [stream.finish() for stream in streams]
+        if any(pieces):
+            yield pieces[0] if prompts.scalar else pieces
+
+    # -- chat ------------------------------------------------------------------
+
+    def chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto", stream=False):
+        """The model's reply to a conversation, as text.
+
+        Args:
+            messages: a list of `{"role": "user"|"assistant"|"system",
+                "content": str}` dicts, or one user message as a string.
+            max_new_tokens, max_length, stop_token_ids: as in `generate`.
+            stream: return a generator of text pieces instead (see
+                `stream_chat`).
+
+        Returns:
+            The reply text, without turn markers.
+
+        Example:
+        ```python
+        history = [{"role": "user", "content": "Name a colour."}]
+        reply = lm.chat(history, max_new_tokens=32)
+        history += [{"role": "assistant", "content": reply},
+                    {"role": "user", "content": "Another?"}]
+        for piece in lm.chat(history, stream=True):
+            print(piece, end="")
+        ```
+        """
+        messages = _as_conversation(messages)
+        if stream:
+            return self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids)
+        return self.generate(
+            messages, max_length=max_length, max_new_tokens=max_new_tokens,
+            stop_token_ids=stop_token_ids, strip_prompt=True,
+        )
+
+    def stream_chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto"):
+        """Yields the reply to a conversation piece by piece; the pieces join
+        to what `chat` returns."""
+        yield from self.stream_generate(_as_conversation(messages), max_length, max_new_tokens, stop_token_ids)
+
+    # -- score -----------------------------------------------------------------
+
+    def score(self, inputs, padding_mask=None):
+        """Log-probability of every token given the tokens before it.
+
+        Args:
+            inputs: text (a string or list of strings; `<bos>` is added), or
+                token ids `(b, t)` / `{"token_ids", "padding_mask"}` with
+                either padding side.
+            padding_mask: with token ids as an array, 1 for real tokens.
+
+        Returns:
+            For token ids: float32 `(b, t)`, entry `[i, j]` the natural-log
+            probability of `token_ids[i, j]` after the real tokens before it;
+            0 for padding and for each row's first token (nothing predicts
+            it). For text: `{"token_ids", "padding_mask", "log_probs"}`
+            (right-padded). A single prompt drops the batch axis.
+
+        Example:
+        ```python
+        out = lm.score(["The sky is blue.", "The sky is cheese."])
+        total = out["log_probs"].sum(axis=-1)  # higher: more likely
+        ```
+        """
+        if isinstance(inputs, dict) or hasattr(inputs, "shape"):
+            if not isinstance(inputs, dict):
+                inputs = {"token_ids": inputs, "padding_mask": padding_mask}
+            token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+            mask = inputs.get("padding_mask")
+            mask = np.ones(token_ids.shape, bool) if mask is None else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+            scalar = token_ids.ndim == 1
+            if scalar:
+                token_ids, mask = token_ids[None], mask[None]
+            log_probs = self._score(token_ids, mask)
+            return log_probs[0] if scalar else log_probs
+        prompts = engine.normalize_inputs(self, inputs)
+        if prompts.form != "text":
+            raise ValueError("`score` takes text or token ids.")
+        width = max(len(row) for row in prompts.ids)
+        token_ids = np.zeros((len(prompts.ids), width), np.int32)
+        mask = np.zeros((len(prompts.ids), width), bool)
+        for i, row in enumerate(prompts.ids):
+            token_ids[i, : len(row)], mask[i, : len(row)] = row, True
+        log_probs = self._score(token_ids, mask)
+        result = {"token_ids": token_ids, "padding_mask": mask, "log_probs": log_probs}
+        return {k: v[0] for k, v in result.items()} if prompts.scalar else result
+
+    def _score(self, token_ids, mask):
+        hidden, _ = self.backbone.hidden_states(token_ids.astype(np.int32), mask)
+        targets = ops.convert_to_tensor(token_ids[:, 1:].astype(np.int32))
+        chunks = []
+        for start in range(0, token_ids.shape[1] - 1, SCORE_CHUNK):
+            end = min(start + SCORE_CHUNK, token_ids.shape[1] - 1)
+            logits = self.logits(hidden[:, start:end])  # (b, chunk, vocab), float32
+            log_probs = ops.log_softmax(logits, axis=-1)
+            picked = ops.take_along_axis(log_probs, targets[:, start:end, None], axis=-1)[..., 0]
+            chunks.append(ops.convert_to_numpy(picked))
+        scores = np.zeros(token_ids.shape, np.float32)
+        if chunks:
+            scores[:, 1:] = np.concatenate(chunks, axis=1)
+        scores[:, 1:] *= mask[:, 1:] & mask[:, :-1]
+        return scores
+
+
+class _GenerationState:
+    """The sampler and its compiled functions (a plain object Keras leaves alone)."""
+
+    def __init__(self, sampler):
+        self.sampler = sampler
+        self.functions = None
+
+
+def _as_conversation(messages):
+    if isinstance(messages, str):
+        return [{"role": "user", "content": messages}]
+    return messages

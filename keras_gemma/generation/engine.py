@@ -1,0 +1,378 @@
+"""Generation as small functions over a fixed-shape cache (gpt-fast style).
+
+The math lives in three `keras.ops` functions that `compile.py` compiles per
+backend: `prefill` (the whole left-padded prompt through
+`backbone.hidden_states` with an empty cache, logits at the last position
+only, the first token sampled), `decode_step` (one token per row through the
+same `hidden_states`, written at cache slot `index % slots`), and
+`decode_loop` (`decode_step` in `ops.while_loop` until every row is done).
+
+Ragged batches are LEFT padded: every row's prompt ends at the same index,
+so one cache index serves the whole batch, and rotary positions count real
+tokens only, so a padded row decodes exactly as it would alone.
+
+Shapes are bucketed to multiples of `BUCKET` (prompt width and new-token
+buffer), so repeated calls of similar sizes reuse the compiled functions.
+
+Everything else here is host-side: turning strings, conversations and token
+arrays into prompts, per-row budgets and stop tokens, and turning the output
+buffer back into text.
+"""
+
+import numpy as np
+
+from keras import ops
+
+from keras_gemma import chat_template
+
+PAD_ID = 0
+EOS_ID = 1
+BUCKET = 64
+STOP_SLOTS = 4  # stop-id vector padded to a multiple of this (fewer shapes)
+DEFAULT_MAX_LENGTH = 1024
+# <end_of_turn> where there is no tokenizer to ask, known from the vocabulary
+# size (../../shared/REFERENCE.md section 4).
+END_OF_TURN_BY_VOCABULARY = {256_000: 107, 262_144: 106}
+
+
+def bucket(n, multiple=BUCKET):
+    """`n` rounded up to a multiple of `multiple` (at least one multiple)."""
+    return max(multiple, -(-n // multiple) * multiple)
+
+
+# -- The math: compiled by compile.py ----------------------------------------
+
+
+def _is_stop(token, stop_ids):
+    return ops.any(token[:, None] == stop_ids[None, :], axis=-1)  # (b,)
+
+
+def prefill(lm, sampler, token_ids, padding_mask, cache, out, constants):
+    """The left-padded prompts through the model; samples the first new token.
+
+    Args:
+        token_ids, padding_mask: (b, p) left-padded prompts.
+        cache: an empty cache for `p + n` positions (`init_cache`).
+        out: (b, n) int32 zeros, the buffer for new tokens.
+        constants: see `decode_step`.
+
+    Returns:
+        The decode state `(cache, token, step, done, out)`.
+    """
+    _, limits, stop_ids, seed, _ = constants
+    hidden, cache = lm.backbone.hidden_states(token_ids, padding_mask, cache=cache)
+    # Left padding: the last column is every row's last prompt token, so
+    # only it needs logits (not every position over a 256k vocabulary).
+    logits = lm.logits(hidden[:, -1:, :])[:, 0, :]  # (b, vocab) float32
+    step = ops.zeros((), "int32")
+    token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
+    token = ops.where(limits > 0, token, PAD_ID)
+    out = ops.slice_update(out, (0, 0), token[:, None])
+    done = ops.logical_or(limits <= 1, _is_stop(token, stop_ids))
+    return cache, token, step + 1, done, out
+
+
+def decode_step(lm, sampler, cache, token, step, done, out, constants):
+    """Feeds the last token of each row, samples the next into `out[:, step]`.
+
+    Args:
+        cache: the cache after `prefill` and `step - 1` decode steps.
+        token: (b,) the token sampled last, at index `p + step - 1`.
+        step: scalar int32, how many tokens each row has sampled.
+        done: (b,) bool, rows that hit a stop token or their budget.
+        out: (b, n) sampled tokens so far (PAD_ID once a row is done).
+        constants: `(prompt_lengths (b,), limits (b,), stop_ids (s,),
+            seed (), prefill_width ())`, all int32; `limits` is each row's
+            budget of new tokens, `stop_ids` is padded with -1.
+    """
+    prompt_lengths, limits, stop_ids, seed, prefill_width = constants
+    positions = (prompt_lengths + step - 1)[:, None]  # (b, 1) real tokens before
+    hidden, cache = lm.backbone.hidden_states(
+        token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
+    )
+    logits = lm.logits(hidden)[:, 0, :]  # (b, vocab)
+    token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
+    token = ops.where(done, PAD_ID, token)
+    out = ops.slice_update(out, (ops.zeros((), "int32"), step), token[:, None])
+    done = ops.logical_or(done, ops.logical_or(_is_stop(token, stop_ids), step + 1 >= limits))
+    return cache, token, step + 1, done, out
+
+
+def decode_loop(lm, sampler, cache, token, step, done, out, constants):
+    """`decode_step` until every row is done (or `out` is full)."""
+    limits = constants[1]
+    max_steps = ops.minimum(ops.max(limits), out.shape[1])
+
+    def cond(cache, token, step, done, out):
+        return ops.logical_and(step < max_steps, ops.logical_not(ops.all(done)))
+
+    def body(cache, token, step, done, out):
+        return decode_step(lm, sampler, cache, token, step, done, out, constants)
+
+    return ops.while_loop(cond, body, (cache, token, step, done, out))
+
+
+# -- Host side -----------------------------------------------------------------
+
+
+def tokenizer_of(lm):
+    """The tokenizer behind `lm.preprocessor` (or a tokenizer set there), or None."""
+    preprocessor = getattr(lm, "preprocessor", None)
+    if preprocessor is None:
+        return None
+    return getattr(preprocessor, "tokenizer", preprocessor)
+
+
+def _need_tokenizer(lm, what):
+    tokenizer = tokenizer_of(lm)
+    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
+        raise ValueError(
+            f"{what} needs a tokenizer: build the model with "
+            "`preprocessor=GemmaCausalLMPreprocessor(tokenizer)`, or pass "
+            "pre-tokenized `{'token_ids': ..., 'padding_mask': ...}`."
+        )
+    return tokenizer
+
+
+def _allow_system(lm):
+    preprocessor = getattr(lm, "preprocessor", None)
+    return getattr(preprocessor, "allow_system", True)
+
+
+def render_chat(lm, messages):
+    """A conversation as prompt text, `<bos>` left to `encode_text`."""
+    return chat_template.apply_chat_template(
+        messages, add_generation_prompt=True, bos_token="", allow_system=_allow_system(lm)
+    )
+
+
+def encode_text(lm, texts):
+    """Token ids of each text with `<bos>` first (not doubled if present)."""
+    tokenizer = _need_tokenizer(lm, "Text input")
+    bos = tokenizer.bos_token_id
+    ids = [list(row) for row in tokenizer.tokenize(list(texts))]
+    if not getattr(lm.preprocessor, "add_start_token", True):
+        return ids
+    return [row if row[:1] == [bos] else [bos] + row for row in ids]
+
+
+class Prompts:
+    """Prompts as host lists, and how to give results back.
+
+    Attributes:
+        ids: list of token-id lists (real tokens only).
+        texts: the prompt texts (text input) or None.
+        form: "text" or "tokens".
+        scalar: the input was one prompt, not a batch.
+    """
+
+    def __init__(self, ids, texts, form, scalar):
+        self.ids, self.texts, self.form, self.scalar = ids, texts, form, scalar
+
+
+def normalize_inputs(lm, inputs):
+    """Strings, conversations, or `{"token_ids", "padding_mask"}` as `Prompts`."""
+    if isinstance(inputs, (str, bytes)):
+        inputs, scalar = [inputs], True
+    elif chat_template.is_conversation(inputs):
+        inputs, scalar = [inputs], True
+    elif isinstance(inputs, dict):
+        return _token_prompts(inputs)
+    elif hasattr(inputs, "shape") and not isinstance(inputs, (list, tuple)):
+        return _token_prompts({"token_ids": inputs})
+    elif isinstance(inputs, (list, tuple)) and inputs and all(
+        isinstance(x, (str, bytes)) or chat_template.is_conversation(x) for x in inputs
+    ):
+        inputs, scalar = list(inputs), False
+    else:
+        raise ValueError(
+            "`inputs` must be a string, a list of strings, a conversation "
+            "(list of {'role', 'content'} dicts), a list of conversations, or "
+            f"a dict of 'token_ids' and 'padding_mask'; got {inputs!r:.200}."
+        )
+    texts = []
+    for i, item in enumerate(inputs):
+        if isinstance(item, bytes):
+            item = item.decode("utf-8")
+        if isinstance(item, str):
+            if not item:
+                raise ValueError(f"Prompt {i} is an empty string: give the model some text to continue.")
+            texts.append(item)
+        else:
+            texts.append(render_chat(lm, item))
+    return Prompts(encode_text(lm, texts), texts, "text", scalar)
+
+
+def _token_prompts(inputs):
+    if "token_ids" not in inputs:
+        raise ValueError(f"A dict input needs 'token_ids' (and optionally 'padding_mask'); got keys {sorted(inputs)}.")
+    token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
+    mask = inputs.get("padding_mask")
+    mask = np.ones(token_ids.shape, bool) if mask is None else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
+    scalar = token_ids.ndim == 1
+    if scalar:
+        token_ids, mask = token_ids[None], mask[None]
+    if token_ids.ndim != 2 or mask.shape != token_ids.shape:
+        raise ValueError(
+            "'token_ids' must be (batch, length) or (length,), with a "
+            f"'padding_mask' of the same shape; got {token_ids.shape} and {mask.shape}."
+        )
+    if not np.issubdtype(token_ids.dtype, np.integer):
+        raise ValueError(f"'token_ids' must be integers, got {token_ids.dtype}.")
+    ids = [row[keep].astype(int).tolist() for row, keep in zip(token_ids, mask)]
+    return Prompts(ids, None, "tokens", scalar)
+
+
+def resolve_stop_ids(lm, stop_token_ids):
+    """"auto": `<eos>` and `<end_of_turn>`; None: never stop; or the given ids."""
+    if stop_token_ids is None:
+        return ()
+    if isinstance(stop_token_ids, str):
+        if stop_token_ids != "auto":
+            raise ValueError(f'`stop_token_ids` must be "auto", None or a list of ids, got {stop_token_ids!r}.')
+        tokenizer = tokenizer_of(lm)
+        if tokenizer is not None and hasattr(tokenizer, "eos_token_id"):
+            ids = (tokenizer.eos_token_id, getattr(tokenizer, "end_of_turn_id", None))
+        else:
+            ids = (EOS_ID, END_OF_TURN_BY_VOCABULARY.get(lm.config.vocabulary_size))
+        return tuple(sorted({i for i in ids if i is not None}))
+    if isinstance(stop_token_ids, (int, np.integer)):
+        stop_token_ids = [stop_token_ids]
+    return tuple(sorted({int(i) for i in stop_token_ids}))
+
+
+def new_token_limits(lm, prompts, max_length, max_new_tokens):
+    """How many tokens each row may add (a row stops early on a stop token)."""
+    lengths = np.array([len(row) for row in prompts.ids])
+    for i, row in enumerate(prompts.ids):
+        if not row:
+            raise ValueError(f"Prompt {i} is empty: it has no real (unpadded) tokens.")
+    for name, value in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
+        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
+            raise ValueError(f"`{name}` must be an integer or None, got {value!r}.")
+    if max_new_tokens is not None and max_new_tokens < 0:
+        raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"`max_length` must be positive, got {max_length}.")
+    if max_length is None and max_new_tokens is None:
+        max_length = getattr(getattr(lm, "preprocessor", None), "sequence_length", None) or DEFAULT_MAX_LENGTH
+        max_length = min(max_length, lm.config.max_sequence_length)
+        if lengths.max() >= max_length:
+            raise ValueError(
+                f"The longest prompt has {lengths.max()} tokens, which leaves no room "
+                f"under the default max_length={max_length}: pass `max_new_tokens` or a larger `max_length`."
+            )
+    limits = np.full(len(lengths), np.iinfo(np.int32).max, np.int64)
+    if max_length is not None:
+        too_long = np.flatnonzero(lengths > max_length)
+        if too_long.size:
+            i = int(too_long[0])
+            raise ValueError(
+                f"Prompt {i} has {lengths[i]} tokens, more than max_length={max_length} "
+                "(prompt and generated tokens together)."
+            )
+        limits = np.minimum(limits, max_length - lengths)
+    if max_new_tokens is not None:
+        limits = np.minimum(limits, max_new_tokens)
+    needed = int((lengths + limits).max())
+    if needed > lm.config.max_sequence_length:
+        raise ValueError(
+            f"Prompt and new tokens need {needed} positions, more than the "
+            f"model's max_sequence_length={lm.config.max_sequence_length}."
+        )
+    return limits.astype(np.int32)
+
+
+class Batch:
+    """Left-padded prompts and the buffers one compiled call needs."""
+
+    def __init__(self, prompts, limits, stop_ids, seed):
+        lengths = np.array([len(row) for row in prompts.ids], np.int32)
+        self.width = bucket(int(lengths.max()))  # p
+        self.new = bucket(max(int(limits.max()), 1))  # n
+        batch = len(lengths)
+        self.token_ids = np.full((batch, self.width), PAD_ID, np.int32)
+        self.padding_mask = np.zeros((batch, self.width), bool)
+        for i, row in enumerate(prompts.ids):
+            self.token_ids[i, self.width - len(row):] = row
+            self.padding_mask[i, self.width - len(row):] = True
+        stop = list(stop_ids) + [-1] * (bucket(len(stop_ids), STOP_SLOTS) - len(stop_ids))
+        self.constants = (
+            lengths,
+            limits.astype(np.int32),
+            np.array(stop, np.int32),
+            np.array(seed, np.int32),
+            np.array(self.width, np.int32),
+        )
+        self.limits = limits
+        self.stop_ids = stop_ids
+
+    @property
+    def cache_length(self):
+        return self.width + self.new
+
+
+def finish_rows(out, limits, stop_ids):
+    """Host: each row's new tokens, cut after its first stop token (kept)."""
+    rows = []
+    for tokens, limit in zip(np.asarray(out), limits):
+        tokens = tokens[: int(limit)].tolist()
+        for j, token in enumerate(tokens):
+            if token in stop_ids:
+                tokens = tokens[: j + 1]
+                break
+        rows.append(tokens)
+    return rows
+
+
+def detokenize(lm, ids):
+    """Text of new tokens: control tokens (stop tokens, turn markers) dropped."""
+    tokenizer = _need_tokenizer(lm, "Text output")
+    return tokenizer.detokenize(list(ids), skip_special_tokens=True)
+
+
+def format_outputs(lm, prompts, rows, strip_prompt):
+    """Text in, text out; tokens in, `{"token_ids", "padding_mask"}` out."""
+    if prompts.form == "text":
+        texts = [detokenize(lm, row) for row in rows]
+        if not strip_prompt:
+            texts = [prompt + text for prompt, text in zip(prompts.texts, texts)]
+        return texts[0] if prompts.scalar else texts
+    sequences = rows if strip_prompt else [p + r for p, r in zip(prompts.ids, rows)]
+    width = max(1, max(len(s) for s in sequences))
+    token_ids = np.full((len(sequences), width), PAD_ID, np.int32)
+    padding_mask = np.zeros((len(sequences), width), bool)
+    for i, sequence in enumerate(sequences):
+        token_ids[i, : len(sequence)] = sequence
+        padding_mask[i, : len(sequence)] = True
+    if prompts.scalar:
+        token_ids, padding_mask = token_ids[0], padding_mask[0]
+    return {"token_ids": token_ids, "padding_mask": padding_mask}
+
+
+class TextStream:
+    """Turns token ids into text pieces as they come.
+
+    Decodes the whole reply so far each time and hands out what is new, but
+    holds text back while it ends in an incomplete UTF-8 byte sequence (a
+    byte-fallback character split over tokens) or while a later token
+    rewrote it, so the pieces always join to the final text.
+    """
+
+    def __init__(self, lm):
+        self.lm = lm
+        self.ids = []
+        self.sent = ""
+
+    def push(self, token_id):
+        self.ids.append(int(token_id))
+        text = detokenize(self.lm, self.ids)
+        if text.endswith("\ufffd") or not text.startswith(self.sent):
+            return ""
+        piece, self.sent = text[len(self.sent):], text
+        return piece
+
+    def finish(self):
+        text = detokenize(self.lm, self.ids)
+        piece, self.sent = text[len(self.sent):], text
+        return piece
