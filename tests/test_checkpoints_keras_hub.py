@@ -248,3 +248,20 @@ def test_bfloat16_and_keras_nlp_presets(tmp_path):
         to_numpy(again.token_embedding.embeddings).astype("float32"),
         to_numpy(ours.token_embedding.embeddings).astype("float32"),
     )
+
+
+def test_multimodal_keras_hub_preset_loads_text_part(tmp_path):
+    from keras_hub.src.models.gemma3.gemma3_vision_encoder import Gemma3VisionEncoder
+
+    vision = Gemma3VisionEncoder(
+        image_size=16, patch_size=8, num_heads=2, hidden_dim=16, num_layers=1, intermediate_dim=16,
+        output_dim=32, pool_size=2,
+    )
+    kwargs = {**KERAS_HUB_CONFIGS["gemma3"], "image_size": 16, "vision_encoder": vision}
+    kwargs.pop("cls")
+    theirs = keras_hub.models.Gemma3Backbone(**kwargs)
+    randomize(theirs.weights, seed=3)
+    theirs.save_to_preset(str(tmp_path))
+    ours = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+    assert ours.config.num_layers == 7
+    np.testing.assert_array_equal(to_numpy(ours.token_embedding.embeddings), to_numpy(theirs.token_embedding.embeddings))

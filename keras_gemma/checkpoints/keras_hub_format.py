@@ -60,7 +60,6 @@ GEMMA_CLASSES = ("GemmaBackbone", "Gemma3Backbone")
 GEMMA2_PATTERN = (LOCAL, GLOBAL)  # keras-hub: `i % 2 == 0` is local
 GEMMA3_PATTERN = (LOCAL,) * 5 + (GLOBAL,)  # keras-hub: `i % 6 < 5` is local
 GEMMA3_LOCAL_BASE, GEMMA3_GLOBAL_BASE = 10_000.0, 1_000_000.0
-VISION_PREFIXES = ("layers/vision_encoder", "layers/interleave_embeddings")
 # The tokens keras-hub's Gemma3Tokenizer requires unless `has_vision_tokens=False`.
 VISION_TOKENS = ("<img>", "<start_of_image>", "<end_of_image>")
 
@@ -322,6 +321,12 @@ def _read_dataset(path, dataset):
     return np.asarray(array, dtype=np.float32)
 
 
+def _is_vision(dataset):
+    """A multimodal Gemma 3's image tower (`layers/gemma3_vision_encoder/...`): not ours to load."""
+    parts = dataset.split("/")
+    return len(parts) > 1 and parts[0] == "layers" and "vision" in parts[1]
+
+
 def read_weights(directory, config, class_name):
     """Canonical name -> `LazyTensor` for a keras-hub preset's weights.
 
@@ -337,7 +342,7 @@ def read_weights(directory, config, class_name):
         if dataset in datasets:
             file, shape = datasets.pop(dataset)
             out[name] = LazyTensor(shape, lambda f=file, d=dataset: _read_dataset(f, d))
-    leftover = sorted(d for d in datasets if not d.startswith(VISION_PREFIXES))
+    leftover = sorted(d for d in datasets if not _is_vision(d))
     for dataset in leftover:
         out[f"h5:{dataset}"] = LazyTensor(datasets[dataset][1], None)
     return out
