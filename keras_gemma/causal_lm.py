@@ -47,6 +47,31 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
 
+    def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None, **kwargs):
+        """`keras.Model.fit`, also on raw text when the model has a preprocessor.
+
+        `x` may be strings, `{"prompts": [...], "responses": [...]}` (or
+        prompts in `x` and responses in `y`), conversations, a
+        `keras.utils.PyDataset` of those, or (TensorFlow backend) a
+        `tf.data.Dataset` of strings; the preprocessor turns them into token
+        ids, labels and loss weights on response tokens only. Token-id inputs
+        pass straight through.
+        """
+        from keras_gemma.preprocessor import is_raw_text, to_fit_data
+
+        if self.preprocessor is not None and is_raw_text(x):
+            if sample_weight is not None:
+                raise ValueError("With raw text, loss weights come from the preprocessor: pass no `sample_weight`.")
+            data = to_fit_data(self.preprocessor, x, y, batch_size=batch_size)
+            x, y, sample_weight = data["x"], data["y"], data["sample_weight"]
+            batch_size = data.get("batch_size")
+            if validation_data is not None and is_raw_text(validation_data):
+                val = to_fit_data(self.preprocessor, validation_data)
+                validation_data = val["x"] if val["y"] is None else (val["x"], val["y"], val["sample_weight"])
+        return super().fit(
+            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, validation_data=validation_data, **kwargs
+        )
+
     # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
 
     @classmethod
