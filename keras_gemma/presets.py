@@ -15,48 +15,40 @@ GEMMA2_PATTERN = (LOCAL, GLOBAL)
 GEMMA3_PATTERN = (LOCAL,) * 5 + (GLOBAL,)
 
 
-def gemma1(num_layers, hidden_dim, num_query_heads, num_key_value_heads, intermediate_dim, head_dim=256):
-    return GemmaConfig(
-        vocabulary_size=GEMMA_VOCAB,
+def dims(num_layers, hidden_dim, num_query_heads, num_key_value_heads, intermediate_dim, head_dim=256):
+    """The sizes of one model, as `GemmaConfig` keyword arguments."""
+    return dict(
         num_layers=num_layers,
         hidden_dim=hidden_dim,
         num_query_heads=num_query_heads,
         num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
         intermediate_dim=intermediate_dim,
-        max_sequence_length=8192,
+        head_dim=head_dim,
     )
 
 
-def gemma2(num_layers, hidden_dim, num_query_heads, num_key_value_heads, intermediate_dim, head_dim=256, query_pre_attn_scalar=None):
+def gemma1(sizes):
+    return GemmaConfig(vocabulary_size=GEMMA_VOCAB, max_sequence_length=8192, **sizes)
+
+
+def gemma2(sizes, query_pre_attn_scalar=None):
     return GemmaConfig(
         vocabulary_size=GEMMA_VOCAB,
-        num_layers=num_layers,
-        hidden_dim=hidden_dim,
-        num_query_heads=num_query_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        intermediate_dim=intermediate_dim,
-        layer_types=layer_pattern(num_layers, GEMMA2_PATTERN),
+        layer_types=layer_pattern(sizes["num_layers"], GEMMA2_PATTERN),
         sliding_window_size=4096,
         query_pre_attn_scalar=query_pre_attn_scalar,
         attention_logit_softcap=50.0,
         final_logit_softcap=30.0,
         use_post_norms=True,
         max_sequence_length=8192,
+        **sizes,
     )
 
 
-def gemma3(num_layers, hidden_dim, num_query_heads, num_key_value_heads, intermediate_dim, sliding_window_size, head_dim=256, query_pre_attn_scalar=None, global_rope_scaling=1.0, max_sequence_length=131_072):
+def gemma3(sizes, sliding_window_size, query_pre_attn_scalar=None, global_rope_scaling=1.0, max_sequence_length=131_072):
     return GemmaConfig(
         vocabulary_size=GEMMA3_VOCAB,
-        num_layers=num_layers,
-        hidden_dim=hidden_dim,
-        num_query_heads=num_query_heads,
-        num_key_value_heads=num_key_value_heads,
-        head_dim=head_dim,
-        intermediate_dim=intermediate_dim,
-        layer_types=layer_pattern(num_layers, GEMMA3_PATTERN),
+        layer_types=layer_pattern(sizes["num_layers"], GEMMA3_PATTERN),
         sliding_window_size=sliding_window_size,
         query_pre_attn_scalar=query_pre_attn_scalar,
         use_post_norms=True,
@@ -65,20 +57,23 @@ def gemma3(num_layers, hidden_dim, num_query_heads, num_key_value_heads, interme
         local_rope_base=10_000.0,
         global_rope_scaling=global_rope_scaling,
         max_sequence_length=max_sequence_length,
+        **sizes,
     )
 
 
 ARCHITECTURES = {
-    "gemma_2b": gemma1(18, 2048, 8, 1, 16384),
-    "gemma_7b": gemma1(28, 3072, 16, 16, 24576),
-    "gemma2_2b": gemma2(26, 2304, 8, 4, 9216),
-    "gemma2_9b": gemma2(42, 3584, 16, 8, 14336),
-    "gemma2_27b": gemma2(46, 4608, 32, 16, 36864, head_dim=128, query_pre_attn_scalar=144),
-    "gemma3_270m": gemma3(18, 640, 4, 1, 2048, 512, max_sequence_length=32_768),
-    "gemma3_1b": gemma3(26, 1152, 4, 1, 6912, 512, max_sequence_length=32_768),
-    "gemma3_4b": gemma3(34, 2560, 8, 4, 10240, 1024, global_rope_scaling=8.0),
-    "gemma3_12b": gemma3(48, 3840, 16, 8, 15360, 1024, global_rope_scaling=8.0),
-    "gemma3_27b": gemma3(62, 5376, 32, 16, 21504, 1024, head_dim=128, query_pre_attn_scalar=168, global_rope_scaling=8.0),
+    "gemma_2b": gemma1(dims(18, 2048, 8, 1, 16384)),
+    "gemma_7b": gemma1(dims(28, 3072, 16, 16, 24576)),
+    "gemma2_2b": gemma2(dims(26, 2304, 8, 4, 9216)),
+    "gemma2_9b": gemma2(dims(42, 3584, 16, 8, 14336)),
+    "gemma2_27b": gemma2(dims(46, 4608, 32, 16, 36864, head_dim=128), query_pre_attn_scalar=144),
+    "gemma3_270m": gemma3(dims(18, 640, 4, 1, 2048), 512, max_sequence_length=32_768),
+    "gemma3_1b": gemma3(dims(26, 1152, 4, 1, 6912), 512, max_sequence_length=32_768),
+    "gemma3_4b": gemma3(dims(34, 2560, 8, 4, 10240), 1024, global_rope_scaling=8.0),
+    "gemma3_12b": gemma3(dims(48, 3840, 16, 8, 15360), 1024, global_rope_scaling=8.0),
+    "gemma3_27b": gemma3(
+        dims(62, 5376, 32, 16, 21504, head_dim=128), 1024, query_pre_attn_scalar=168, global_rope_scaling=8.0
+    ),
 }
 
 # Published parameter counts (text-only), ../shared/REFERENCE.md section 2.
