@@ -111,6 +111,7 @@ def quantize_backbone(backbone, mode=None, config=None, weight_only=True):
     mode, config = resolve(mode, config, weight_only)
     for layer in quantized_layers(backbone):
         layer.quantize(mode, type_check=False, config=config)
+        _fix_torch_int8_gradient(layer)
     backbone.quantization = QuantizationRecord(mode, keras.saving.serialize_keras_object(config))
     refresh(backbone)
 
@@ -123,7 +124,38 @@ def prepare_quantized_build(backbone, record):
     for layer in quantized_layers(backbone):
         layer.quantization_config = config
         layer.dtype_policy = policy_name(record.mode, config, layer.dtype_policy)
+        _fix_torch_int8_gradient(layer)
     return record
+
+
+def _fix_torch_int8_gradient(layer):
+    """Works around a Keras (3.15) bug in weight-only int8 `EinsumDense` on
+    PyTorch: its forward rebinds `kernel_scale` to the dequantization layout
+    before the custom gradient reads it, so the backward pass re-adjusts it
+    and fails for kernels stored transposed (query/key/value, "btd,ndh").
+    On PyTorch Keras' weight-only forward is exactly "dequantize, then float
+    einsum"; this runs the same and lets autograd give the input gradient.
+    """
+    if keras.config.backend() != "torch" or not isinstance(layer, keras.layers.EinsumDense):
+        return
+    original = type(layer)._int8_call
+
+    def int8_call(inputs, training=None):
+        if layer.inputs_quantizer is not None:
+            return original(layer, inputs, training=training)
+        scale = layer._adjust_scale_for_dequant(ops.convert_to_tensor(layer.kernel_scale))
+        kernel = ops.divide(ops.cast(ops.convert_to_tensor(layer._kernel), layer.compute_dtype), scale)
+        x = ops.einsum(layer.equation, inputs, kernel)
+        if layer.lora_enabled:
+            lora_x = ops.matmul(ops.einsum(layer.equation, inputs, layer.lora_kernel_a), layer.lora_kernel_b)
+            x = ops.cast(ops.add(x, (layer.lora_alpha / layer.lora_rank) * lora_x), layer.compute_dtype)
+        if layer.bias is not None:
+            x = ops.add(x, layer.bias)
+        if layer.activation is not None:
+            x = layer.activation(x)
+        return x
+
+    layer._int8_call = int8_call
 
 
 def refresh(model):
