@@ -289,7 +289,6 @@ def test_compile_sampler_and_fit_defaults(text_lm):
     text_lm.compile(sampler="greedy")  # leave it as the other tests expect
 
 
-@pytest.mark.skipif(backend() == "torch", reason="PyTorch runs eagerly: nothing to recompile")
 def test_no_recompile_for_same_bucket(gemma3_lm, monkeypatch):
     traces = []
     original = engine.decode_step
@@ -300,13 +299,15 @@ def test_no_recompile_for_same_bucket(gemma3_lm, monkeypatch):
 
     monkeypatch.setattr(engine, "decode_step", counting)
     gemma3_lm.compile(sampler="greedy")  # fresh compiled functions
-    gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((5,))[0])}, max_new_tokens=6, stop_token_ids=None)
+    gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((40,))[0])}, max_new_tokens=6, stop_token_ids=None)
     first = len(traces)
     assert first > 0
-    for lengths, new in (((9,), 10), ((17,), 3), ((30,), 20)):
+    for lengths, new in (((50,), 10), ((33,), 3), ((64,), 16)):
         prompt = _ragged_prompts(lengths, seed=sum(lengths))[0]
         gemma3_lm.generate({"token_ids": np.array(prompt)}, max_new_tokens=new, stop_token_ids=None)
-    assert len(traces) == first  # same (prompt, new-token) buckets: no new trace
+    assert len(traces) == first  # same (prompt, new-token) buckets: no new trace/jit
+    gemma3_lm.generate({"token_ids": np.arange(4, 74) % hf_reference.VOCAB}, max_new_tokens=3, stop_token_ids=None)
+    assert len(traces) > first  # a longer prompt bucket (128) does compile anew
 
 
 def test_bad_inputs(gemma3_lm, text_lm):
@@ -334,4 +335,4 @@ def test_bad_inputs(gemma3_lm, text_lm):
 
 
 def test_bucket():
-    assert [engine.bucket(n) for n in (1, 64, 65, 200)] == [64, 64, 128, 256]
+    assert [engine.bucket(n) for n in (1, 16, 17, 33, 64, 65, 200)] == [16, 16, 32, 64, 64, 128, 256]

@@ -11,8 +11,9 @@ Ragged batches are LEFT padded: every row's prompt ends at the same index,
 so one cache index serves the whole batch, and rotary positions count real
 tokens only, so a padded row decodes exactly as it would alone.
 
-Shapes are bucketed to multiples of `BUCKET` (prompt width and new-token
-buffer), so repeated calls of similar sizes reuse the compiled functions.
+Shapes are bucketed (prompt width and new-token buffer: 16, 32, 64, then
+multiples of 64), so repeated calls of similar sizes reuse the compiled
+functions.
 
 Everything else here is host-side: turning strings, conversations and token
 arrays into prompts, per-row budgets and stop tokens, and turning the output
@@ -36,8 +37,14 @@ END_OF_TURN_BY_VOCABULARY = {256_000: 107, 262_144: 106}
 
 
 def bucket(n, multiple=BUCKET):
-    """`n` rounded up to a multiple of `multiple` (at least one multiple)."""
-    return max(multiple, -(-n // multiple) * multiple)
+    """A static size for `n`: 16, 32 or 64, then a multiple of `multiple`.
+
+    Few enough sizes that compiled functions get reused, fine enough that
+    padding wastes little (a 16-token prompt is not run as 64).
+    """
+    if n <= multiple:
+        return max(16, 1 << (max(n, 1) - 1).bit_length())
+    return -(-n // multiple) * multiple
 
 
 # -- The math: compiled by compile.py ----------------------------------------
@@ -296,7 +303,8 @@ class Batch:
         for i, row in enumerate(prompts.ids):
             self.token_ids[i, self.width - len(row):] = row
             self.padding_mask[i, self.width - len(row):] = True
-        stop = list(stop_ids) + [-1] * (bucket(len(stop_ids), STOP_SLOTS) - len(stop_ids))
+        size = max(STOP_SLOTS, -(-len(stop_ids) // STOP_SLOTS) * STOP_SLOTS)
+        stop = list(stop_ids) + [-1] * (size - len(stop_ids))
         self.constants = (
             lengths,
             limits.astype(np.int32),

@@ -1,0 +1,240 @@
+"""Generation speed: keras_gemma against keras-hub, per backend.
+
+One run prints a table of decode tokens/s, time to first token (TTFT) and
+peak memory for keras_gemma and keras-hub (`Gemma3CausalLM` on a
+`Gemma3Backbone` of the same config), on Gemma 3 270M shapes with random
+weights (the same seed for both; speed does not depend on the values).
+Each (backend, implementation) runs in its own subprocess, so backends do not
+share a process and peak memory is the implementation's own.
+
+Protocol, identical for both: greedy sampling, no stop tokens. For each case
+`generate` runs once to compile, then is timed: TTFT is a call that makes one
+new token; decode tokens/s is `batch * (new - 1) / (t(new) - t(1))`. Peak
+memory is the process's peak resident set (VmHWM) during the case, reset
+before it (`/proc/self/clear_refs`), so it includes compilation.
+
+keras-hub is fed token ids with `preprocessor=None` (right-padded to
+`prompt + new`, its `max_length`); keras_gemma gets the same ids.
+
+Usage:
+    python benchmarks/generate.py                 # everything (~30-40 min)
+    python benchmarks/generate.py --quick         # batch 1, f32, short + 512
+    python benchmarks/generate.py --backends jax --dtypes float32 --impls keras_gemma
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+BACKENDS = ("jax", "tensorflow", "torch")
+IMPLS = ("keras_gemma", "keras_hub")
+DTYPES = ("float32", "bfloat16")
+# (name, batch, prompt tokens, new tokens)
+CASES = (
+    ("short", 1, 16, 32),
+    ("short", 8, 16, 32),
+    ("prompt512", 1, 512, 8),
+    ("ctx2048", 1, 2048, 16),
+)
+QUICK_CASES = (("short", 1, 16, 16), ("prompt512", 1, 512, 4))
+
+
+# -- worker: one backend, one implementation ---------------------------------------
+
+
+def _peak_reset():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def _peak_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _config():
+    from keras_gemma.presets import ARCHITECTURES
+
+    return ARCHITECTURES["gemma3_270m"]
+
+
+def _build_keras_gemma(dtype):
+    import keras_gemma
+
+    backbone = keras_gemma.GemmaBackbone(_config(), dtype=dtype)
+    lm = keras_gemma.GemmaCausalLM(backbone)
+    lm.compile(sampler="greedy")
+
+    def generate(token_ids, padding_mask, new):
+        return lm.generate({"token_ids": token_ids, "padding_mask": padding_mask}, max_new_tokens=new, stop_token_ids=None)
+
+    return generate
+
+
+def _build_keras_hub(dtype):
+    import keras
+    import keras_hub
+
+    config = _config()
+    backbone = keras_hub.models.Gemma3Backbone(
+        vocabulary_size=config.vocabulary_size, image_size=None, num_layers=config.num_layers,
+        num_query_heads=config.num_query_heads, num_key_value_heads=config.num_key_value_heads,
+        hidden_dim=config.hidden_dim, intermediate_dim=config.intermediate_dim, head_dim=config.head_dim,
+        query_head_dim_normalize=True, use_query_key_norm=True, use_post_ffw_norm=True,
+        use_post_attention_norm=True, final_logit_soft_cap=None, attention_logit_soft_cap=None,
+        use_sliding_window_attention=True, sliding_window_size=config.sliding_window_size,
+        local_rope_scaling_factor=1.0, global_rope_scaling_factor=1.0, vision_encoder=None,
+        layer_norm_epsilon=config.layer_norm_epsilon, dtype=dtype,
+    )
+    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+    lm.compile(sampler="greedy")
+    # keras-hub's own compiled generate step (jit / tf.function / eager), as
+    # `generate` calls it; `generate` itself trips over `images=None` in its
+    # output when there is no preprocessor.
+    generate_function = lm.make_generate_function()
+
+    def generate(token_ids, padding_mask, new):
+        import numpy as np
+
+        batch, prompt = token_ids.shape
+        ids = np.zeros((batch, prompt + new), np.int32)
+        mask = np.zeros((batch, prompt + new), bool)
+        ids[:, :prompt], mask[:, :prompt] = token_ids, padding_mask
+        out = generate_function({"token_ids": ids, "padding_mask": mask}, stop_token_ids=None)
+        return keras.ops.convert_to_numpy(out["token_ids"])
+
+    return generate
+
+
+def worker(args):
+    os.environ["KERAS_BACKEND"] = args.backend
+    sys.path.insert(0, ROOT)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    import numpy as np
+
+    import keras
+
+    cases = QUICK_CASES if args.quick else CASES
+    build = {"keras_gemma": _build_keras_gemma, "keras_hub": _build_keras_hub}[args.impl]
+    for dtype in args.dtypes.split(","):
+        keras.utils.set_random_seed(0)
+        start = time.perf_counter()
+        generate = build(dtype)
+        build_s = time.perf_counter() - start
+        rng = np.random.default_rng(0)
+        for name, batch, prompt, new in cases:
+            _peak_reset()
+            token_ids = rng.integers(10, 30_000, (batch, prompt)).astype(np.int32)
+            padding_mask = np.ones((batch, prompt), bool)
+            timings = {}
+            for n in (1, new):
+                start = time.perf_counter()
+                generate(token_ids, padding_mask, n)  # compile (and warm up)
+                first = time.perf_counter() - start
+                best = float("inf")
+                for _ in range(args.repeats):
+                    start = time.perf_counter()
+                    generate(token_ids, padding_mask, n)
+                    best = min(best, time.perf_counter() - start)
+                timings[n] = (first, best)
+            decode_s = timings[new][1] - timings[1][1]
+            result = {
+                "backend": args.backend, "impl": args.impl, "dtype": dtype, "case": name,
+                "batch": batch, "prompt": prompt, "new": new,
+                "ttft_s": timings[1][1],
+                "decode_tok_s": batch * (new - 1) / decode_s if decode_s > 0 else float("nan"),
+                "compile_s": timings[new][0] - timings[new][1] + timings[1][0] - timings[1][1],
+                "peak_mb": _peak_mb(), "build_s": build_s,
+            }
+            print("RESULT " + json.dumps(result), flush=True)
+
+
+# -- driver ------------------------------------------------------------------------
+
+
+def _format_table(results):
+    rows = []
+    header = ("backend", "dtype", "case", "batch", "impl", "decode tok/s", "TTFT s", "peak MB", "speedup decode", "TTFT ratio")
+    index = {(r["backend"], r["dtype"], r["case"], r["batch"], r["impl"]): r for r in results}
+    for r in results:
+        if r["impl"] != "keras_gemma":
+            continue
+        hub = index.get((r["backend"], r["dtype"], r["case"], r["batch"], "keras_hub"))
+        for impl_r in (r, hub):
+            if impl_r is None:
+                continue
+            speedup = ttft = ""
+            if hub is not None and impl_r is r:
+                speedup = f"{r['decode_tok_s'] / hub['decode_tok_s']:.2f}x"
+                ttft = f"{r['ttft_s'] / hub['ttft_s']:.2f}"
+            rows.append((
+                r["backend"], r["dtype"], f"{r['case']} (p={r['prompt']}, n={r['new']})", str(r["batch"]), impl_r["impl"],
+                f"{impl_r['decode_tok_s']:.1f}", f"{impl_r['ttft_s']:.3f}", f"{impl_r['peak_mb']:.0f}", speedup, ttft,
+            ))
+    for r in results:  # keras-hub rows without a keras_gemma partner
+        if r["impl"] == "keras_hub" and (r["backend"], r["dtype"], r["case"], r["batch"], "keras_gemma") not in index:
+            rows.append((r["backend"], r["dtype"], f"{r['case']} (p={r['prompt']}, n={r['new']})", str(r["batch"]), r["impl"],
+                         f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['peak_mb']:.0f}", "", ""))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
+    line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+    out += [line(row) for row in rows]
+    return "\n".join(out)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
+    parser.add_argument("--impls", default=",".join(IMPLS))
+    parser.add_argument("--dtypes", default=",".join(DTYPES))
+    parser.add_argument("--quick", action="store_true", help="batch 1, short and 512-token prompts, fewer tokens")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best is kept)")
+    parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", help=argparse.SUPPRESS)
+    parser.add_argument("--impl", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick and args.dtypes == ",".join(DTYPES):
+        args.dtypes = "float32"
+    if args.worker:
+        return worker(args)
+
+    load = os.getloadavg()[0]
+    print(f"# {os.cpu_count()} CPUs, load average at start {load:.2f}" + ("  (busy machine: numbers are noisy)" if load > 1.0 else ""))
+    results = []
+    for backend in args.backends.split(","):
+        for impl in args.impls.split(","):
+            command = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend, "--impl", impl,
+                       "--dtypes", args.dtypes, "--repeats", str(args.repeats)] + (["--quick"] if args.quick else [])
+            start = time.perf_counter()
+            process = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+            found = [json.loads(l[7:]) for l in process.stdout.splitlines() if l.startswith("RESULT ")]
+            for r in found:
+                print(f"  {backend:10s} {impl:11s} {r['dtype']:8s} {r['case']:9s} b={r['batch']}: "
+                      f"{r['decode_tok_s']:7.1f} tok/s  TTFT {r['ttft_s']:.3f} s  peak {r['peak_mb']:.0f} MB  "
+                      f"(compile {r['compile_s']:.1f} s)", flush=True)
+            if process.returncode:
+                print(f"  {backend} {impl} failed ({process.returncode}):\n" + process.stderr[-3000:], flush=True)
+            print(f"# {backend} {impl}: {time.perf_counter() - start:.0f} s", flush=True)
+            results += found
+    print(f"\n# load average at end {os.getloadavg()[0]:.2f}")
+    print(_format_table(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
