@@ -225,13 +225,25 @@ class GemmaBackbone(keras.Model):
         return preset.load_backbone(handle, dtype=dtype, load_weights=load_weights, cls=cls)
 
     def save_to_preset(self, directory):
-        """Writes a keras-hub preset (config.json, model.weights.h5, metadata.json)."""
+        """Writes a keras-hub preset (config.json, model.weights.h5, metadata.json).
+
+        A quantized (int8/int4) backbone is written as keras_gemma's quantized
+        preset instead (same files; our config with the quantization record
+        and Keras' `save_weights`): `from_preset` loads it with identical
+        outputs, but keras-hub cannot load it, and a warning says so. With
+        LoRA enabled this raises: call `merge_lora_weights()` first, or save
+        the adapters with `save_lora_weights`.
+        """
         from keras_gemma.checkpoints import preset
 
         preset.save_backbone(self, directory)
 
     def export_to_transformers(self, directory, tokenizer=None):
-        """Writes a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.model)."""
+        """Writes a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.model).
+
+        Float models only: a quantized model, or one with LoRA enabled (call
+        `merge_lora_weights()` first), raises ValueError.
+        """
         from keras_gemma.checkpoints import preset
 
         preset.export_to_transformers(self, directory, tokenizer=tokenizer)

@@ -90,13 +90,26 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         return preset.load_causal_lm(handle, dtype=dtype, load_weights=load_weights, cls=cls)
 
     def save_to_preset(self, directory):
-        """Writes a keras-hub task preset; `keras_hub.models.GemmaCausalLM.from_preset` loads it."""
+        """Writes a keras-hub task preset; `keras_hub.models.GemmaCausalLM.from_preset` loads it.
+
+        A quantized (int8/int4) model is written as keras_gemma's quantized
+        preset, which only keras_gemma loads (exactly: same logits); see
+        `GemmaBackbone.save_to_preset`. With LoRA enabled this raises.
+
+        Example:
+        ```python
+        lm.quantize("int8")
+        lm.save_to_preset("gemma_int8")  # warns: keras-hub cannot load it
+        lm = keras_gemma.GemmaCausalLM.from_preset("gemma_int8")
+        ```
+        """
         from keras_gemma.checkpoints import preset
 
         preset.save_causal_lm(self, directory)
 
     def export_to_transformers(self, directory):
-        """Writes a Hugging Face checkpoint that `transformers` loads."""
+        """Writes a Hugging Face checkpoint that `transformers` loads (float
+        models only: quantized or LoRA-enabled models raise ValueError)."""
         tokenizer = self.preprocessor.tokenizer if self.preprocessor is not None else None
         self.backbone.export_to_transformers(directory, tokenizer=tokenizer)
 

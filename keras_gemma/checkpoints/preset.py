@@ -6,8 +6,10 @@ A handle is one of:
 - `kaggle://<owner>/<model>/keras/<variation>[/<version>]`;
 - `hf://<org>/<name>` (Hugging Face Hub; needs `huggingface_hub`);
 - a local directory in keras-hub / keras-nlp preset layout (what
-  `save_to_preset` writes: keras-hub loads it too) or in Hugging Face layout
-  (`config.json` with `model_type`, safetensors, `tokenizer.model`);
+  `save_to_preset` writes for a float model: keras-hub loads it too), in
+  Hugging Face layout (`config.json` with `model_type`, safetensors,
+  `tokenizer.model`), or a keras_gemma quantized preset (what `save_to_preset`
+  writes for an int8/int4 model; see `quantized_format.py`);
 - a `.gguf` file (llama.cpp; needs `gguf`), or a directory holding one.
 
 Weights stream into the model one tensor at a time (`LazyTensor`), so peak
@@ -25,11 +27,12 @@ import tempfile
 import numpy as np
 
 from keras_gemma.checkpoints import download, gguf_format, keras_hub_format as kh
-from keras_gemma.checkpoints import huggingface, safetensors_format
+from keras_gemma.checkpoints import huggingface, quantized_format, safetensors_format
 from keras_gemma.checkpoints.weights import CheckpointError, LazyTensor, assign_weights
 from keras_gemma.presets import PRESETS, get_preset
 
 KERAS_HUB = "keras_hub"
+QUANTIZED = "keras_gemma_quantized"  # keras-hub's layout, our config and Keras' save_weights
 HUGGING_FACE = "huggingface"
 GGUF = "gguf"
 PROGRESS_THRESHOLD_BYTES = 256 * 1024 * 1024
@@ -106,6 +109,8 @@ def _local_source(path, handle):
         hint = f" It holds several .gguf files ({', '.join(ggufs)}): pass one." if ggufs else ""
         raise CheckpointError(f"{path} is not a preset: it has no {kh.CONFIG_FILE}.{hint}")
     config_json = _read_json(config_path)
+    if quantized_format.is_quantized_config(config_json):
+        return Source(QUANTIZED, path, handle)
     if kh.is_keras_hub_config(config_json):
         return Source(KERAS_HUB, path, handle)
     if "model_type" in config_json:
@@ -136,6 +141,8 @@ def load_config(source):
         return kh.exact_config(source.path, config)
     if source.kind == HUGGING_FACE:
         return huggingface.config_from_hf(_read_json(source.file(kh.CONFIG_FILE)))
+    if source.kind == QUANTIZED:
+        return quantized_format.read_config(_read_json(source.file(kh.CONFIG_FILE)), source.file(kh.CONFIG_FILE))
     return gguf_format.config_from_gguf(source.gguf(), source.path)
 
 
@@ -198,6 +205,9 @@ def load_backbone(handle, dtype=None, load_weights=True, cls=None):
 
 
 def _backbone(source, dtype, load_weights, cls):
+    if source.kind == QUANTIZED:
+        config_json = _read_json(source.file(kh.CONFIG_FILE))
+        return quantized_format.load_backbone(source.path, config_json, cls, dtype, load_weights)
     config = load_config(source)
     backbone = cls(config, dtype=dtype)
     if load_weights:
@@ -207,8 +217,13 @@ def _backbone(source, dtype, load_weights, cls):
 
 
 def _describe(source):
-    kind = {KERAS_HUB: "keras-hub preset", HUGGING_FACE: "Hugging Face checkpoint", GGUF: "GGUF file"}[source.kind]
+    kind = {KERAS_HUB: "keras-hub preset", QUANTIZED: "keras_gemma quantized preset", HUGGING_FACE: "Hugging Face checkpoint", GGUF: "GGUF file"}[source.kind]
     return f"{kind} {source.path}"
+
+
+def _keras_hub_layout(source):
+    """Tokenizer and preprocessor files where keras-hub keeps them."""
+    return source.kind in (KERAS_HUB, QUANTIZED)
 
 
 def _tokenizer(source, cls):
@@ -216,7 +231,7 @@ def _tokenizer(source, cls):
         from keras_gemma.tokenizer import GemmaTokenizer as cls
     if source.kind == GGUF:
         return cls.from_gguf(source.path)
-    path = source.file(kh.VOCABULARY_PATH if source.kind == KERAS_HUB else HF_TOKENIZER_FILE)
+    path = source.file(kh.VOCABULARY_PATH if _keras_hub_layout(source) else HF_TOKENIZER_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"{source.path} has no tokenizer: {path} is missing.")
     try:
@@ -234,7 +249,7 @@ def _preprocessor(source, cls, tokenizer_cls=None, **kwargs):
     if cls is None:
         from keras_gemma.preprocessor import GemmaCausalLMPreprocessor as cls
     tokenizer = _tokenizer(source, tokenizer_cls)
-    if source.kind == KERAS_HUB and os.path.exists(source.file(kh.PREPROCESSOR_FILE)):
+    if _keras_hub_layout(source) and os.path.exists(source.file(kh.PREPROCESSOR_FILE)):
         saved = _read_json(source.file(kh.PREPROCESSOR_FILE)).get("config", {})
         for key in ("sequence_length", "add_start_token", "add_end_token"):
             if key in saved and saved[key] is not None:
@@ -250,7 +265,7 @@ def load_preprocessor(handle, cls=None, **kwargs):
 def _has_tokenizer(source):
     if source.kind == GGUF:
         return True
-    name = kh.VOCABULARY_PATH if source.kind == KERAS_HUB else HF_TOKENIZER_FILE
+    name = kh.VOCABULARY_PATH if _keras_hub_layout(source) else HF_TOKENIZER_FILE
     return os.path.exists(source.file(name))
 
 
@@ -320,27 +335,64 @@ def _keras_hub_class(config):
         raise ValueError(f"This model cannot be saved as a keras-hub preset: {e}") from None
 
 
+def _refuse_lora(backbone, action):
+    """Saving reads the base weights only: never drop trained adapters silently."""
+    state = backbone.lora
+    if state is not None:
+        raise ValueError(
+            f"This model has LoRA adapters enabled (rank {state.rank}, targets {list(state.targets)}), "
+            f"which {action} would drop. Call `backbone.merge_lora_weights()` first to fold them "
+            "into the weights, or save the adapters alone with `backbone.save_lora_weights(path)`."
+        )
+
+
 def _write_backbone(backbone, directory):
+    """Writes config.json, metadata.json and model.weights.h5; returns (config dict, keras-hub class name)."""
+    if backbone.quantization is not None:
+        config_json = quantized_format.config_json(backbone)
+        _write_json(os.path.join(directory, kh.CONFIG_FILE), config_json)
+        _write_json(os.path.join(directory, kh.METADATA_FILE), quantized_format.metadata_json(backbone))
+        backbone.save_weights(os.path.join(directory, kh.WEIGHTS_FILE))
+        return config_json, _tokenizer_class_for_config(backbone.config)
     config_json = kh.config_to_keras_hub(backbone.config, backbone.dtype_policy.name)
     _write_json(os.path.join(directory, kh.CONFIG_FILE), config_json)
     _write_json(os.path.join(directory, kh.METADATA_FILE), kh.metadata_json(backbone))
     kh.write_weights(os.path.join(directory, kh.WEIGHTS_FILE), backbone, config_json["class_name"])
-    return config_json
+    return config_json, config_json["class_name"]
+
+
+def _check_savable(backbone, directory):
+    _refuse_lora(backbone, "save_to_preset")
+    if backbone.quantization is None:
+        _keras_hub_class(backbone.config)
+    else:
+        quantized_format.warn_not_keras_hub(backbone, directory)
 
 
 def save_backbone(backbone, directory):
-    """Writes `backbone` as a keras-hub preset (config.json, model.weights.h5, metadata.json)."""
-    _keras_hub_class(backbone.config)
+    """Writes `backbone` as a keras-hub preset (config.json, model.weights.h5,
+    metadata.json), or a quantized one as keras_gemma's quantized preset."""
+    _check_savable(backbone, directory)
     with _atomic_directory(directory) as tmp:
         _write_backbone(backbone, tmp)
+
+
+def _tokenizer_class_for_config(config):
+    """The keras-hub backbone class whose tokenizer fits `config` (by vocabulary when keras-hub cannot express it)."""
+    try:
+        return kh.backbone_class_for(config)
+    except ValueError:
+        return "Gemma3Backbone" if config.vocabulary_size >= 262_144 else "GemmaBackbone"
 
 
 def _class_for_tokenizer(tokenizer, directory):
     """The backbone class a lone tokenizer belongs to: the preset's, else guessed from the vocabulary."""
     config_path = os.path.join(directory, kh.CONFIG_FILE)
     if os.path.exists(config_path):
-        with contextlib.suppress(ValueError, OSError):
+        with contextlib.suppress(ValueError, OSError, CheckpointError):
             config_json = _read_json(config_path)
+            if quantized_format.is_quantized_config(config_json):
+                return _tokenizer_class_for_config(quantized_format.read_config(config_json, config_path))
             if config_json.get("class_name") in kh.GEMMA_CLASSES:
                 return config_json["class_name"]
     vocabulary_size = tokenizer.vocabulary_size()
@@ -384,15 +436,17 @@ def save_preprocessor(preprocessor, directory):
 
 
 def save_causal_lm(causal_lm, directory):
-    """Writes a complete keras-hub task preset: backbone, task.json and, if any, the preprocessor."""
+    """Writes a complete keras-hub task preset: backbone, task.json and, if any,
+    the preprocessor (a quantized model: keras_gemma's quantized preset)."""
     backbone = causal_lm.backbone
-    _keras_hub_class(backbone.config)
+    _check_savable(backbone, directory)
     with _atomic_directory(directory) as tmp:
-        config_json = _write_backbone(backbone, tmp)
+        config_json, class_name = _write_backbone(backbone, tmp)
         preprocessor_config = None
         if causal_lm.preprocessor is not None:
-            preprocessor_config = _write_preprocessor(causal_lm.preprocessor, tmp, config_json["class_name"])
-        _write_json(os.path.join(tmp, kh.TASK_FILE), kh.task_json(config_json, preprocessor_config))
+            preprocessor_config = _write_preprocessor(causal_lm.preprocessor, tmp, class_name)
+        task = quantized_format.task_json if backbone.quantization is not None else kh.task_json
+        _write_json(os.path.join(tmp, kh.TASK_FILE), task(config_json, preprocessor_config))
 
 
 # -- Hugging Face export --------------------------------------------------------
@@ -409,9 +463,18 @@ def export_to_transformers(backbone, directory, tokenizer=None):
     """Writes a Hugging Face checkpoint: config.json, model.safetensors and tokenizer.model.
 
     `transformers.AutoModelForCausalLM.from_pretrained(directory)` loads it.
+    Refuses a quantized model and one with LoRA adapters enabled.
     """
     import keras
 
+    _refuse_lora(backbone, "export_to_transformers")
+    if backbone.quantization is not None:
+        raise ValueError(
+            f"export_to_transformers writes float weights, but this model is quantized "
+            f"({backbone.quantization.mode}): its kernels are integers with separate scales. "
+            "Export the float model before calling quantize(), or keep the quantized model "
+            "with save_to_preset (a keras_gemma quantized preset)."
+        )
     config = backbone.config
     hf_config = huggingface.config_to_hf(config)
     variables = backbone.weight_map()

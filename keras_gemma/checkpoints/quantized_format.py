@@ -1,0 +1,135 @@
+"""keras_gemma's quantized preset: keras-hub's directory layout, our own model files.
+
+`save_to_preset` on an int8/int4 model writes
+
+    config.json       {"class_name": "GemmaBackbone",
+                       "registered_name": "keras_gemma>GemmaBackbone",
+                       "config": GemmaBackbone.get_config()}  (with the
+                       `quantization` record: mode and Keras' config)
+    model.weights.h5  Keras' own `backbone.save_weights`: the int8 (int4:
+                       packed) kernels with their scales (and zero points),
+                       under our layer paths
+    metadata.json     {"format": "keras_gemma_quantized", ...}
+
+plus, for a `GemmaCausalLM`, the tokenizer and preprocessor files keras-hub
+uses (`tokenizer.json`, `preprocessor.json`, `assets/tokenizer/vocabulary.spm`)
+and a `task.json` naming our class.
+
+`from_preset` builds the backbone from the config (which creates the int8/int4
+variables directly) and calls `load_weights`, so the loaded model computes
+exactly the saved one's logits. keras-hub cannot load this format: keras-hub
+0.32 serializes a quantized layer's dtype policy without its quantization
+config, so its int8 layers would also quantize activations and not reproduce
+ours, and its weight layout differs. Save the float model (before `quantize`)
+for a keras-hub preset.
+"""
+
+import datetime
+import json
+import os
+import warnings
+
+import keras
+
+from keras_gemma.checkpoints.weights import CheckpointError
+from keras_gemma.config import GemmaConfig
+
+FORMAT = "keras_gemma_quantized"
+FORMAT_VERSION = 1
+REGISTERED_NAME = "keras_gemma>GemmaBackbone"
+TASK_REGISTERED_NAME = "keras_gemma>GemmaCausalLM"
+
+
+def is_quantized_config(config_json):
+    """Whether a `config.json` dict is ours (a quantized preset), not keras-hub's."""
+    return isinstance(config_json, dict) and config_json.get("registered_name") == REGISTERED_NAME
+
+
+def config_json(backbone):
+    return {
+        "module": "keras_gemma.backbone",
+        "class_name": "GemmaBackbone",
+        "config": backbone.get_config(),
+        "registered_name": REGISTERED_NAME,
+    }
+
+
+def task_json(backbone_config, preprocessor_config):
+    return {
+        "module": "keras_gemma.causal_lm",
+        "class_name": "GemmaCausalLM",
+        "config": {"backbone": backbone_config, "preprocessor": preprocessor_config},
+        "registered_name": TASK_REGISTERED_NAME,
+    }
+
+
+def metadata_json(backbone):
+    from keras_gemma import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "quantization": backbone.quantization.mode,
+        "keras_version": keras.version(),
+        "keras_gemma_version": __version__,
+        "parameter_count": int(backbone.count_params()),
+        "date_saved": datetime.datetime.now().strftime("%Y-%m-%d@%H:%M:%S"),
+        "tasks": ["CausalLM"],
+        "note": "keras_gemma's quantized preset: load it with keras_gemma's from_preset; keras-hub cannot.",
+    }
+
+
+def warn_not_keras_hub(backbone, directory):
+    warnings.warn(
+        f"{directory}: this {backbone.quantization.mode} model is saved as a keras_gemma "
+        f"quantized preset (metadata.json format {FORMAT!r}: Keras' save_weights with the "
+        "quantized values and their scales). keras_gemma's from_preset loads it exactly; "
+        "keras-hub and transformers cannot. For a keras-hub preset, save the float model "
+        "before calling quantize().",
+        UserWarning,
+        stacklevel=5,  # the caller of save_to_preset
+    )
+
+
+def read_config(config_json_dict, path):
+    """The `GemmaConfig` of one of our config.json dicts."""
+    try:
+        return GemmaConfig.from_dict(config_json_dict["config"]["config"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a valid keras_gemma quantized preset config: {e!r}") from None
+
+
+def _check_metadata(directory):
+    path = os.path.join(directory, "metadata.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"{path} is not valid JSON (truncated or corrupt?): {e}") from None
+    version = metadata.get("format_version", FORMAT_VERSION)
+    if metadata.get("format", FORMAT) != FORMAT or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path} says format {metadata.get('format')!r} version {version}; this keras_gemma "
+            f"reads {FORMAT!r} up to version {FORMAT_VERSION}."
+        )
+
+
+def load_backbone(directory, config_json_dict, cls, dtype=None, load_weights=True):
+    """The quantized backbone of a preset directory (the saved dtype unless `dtype` is given)."""
+    _check_metadata(directory)
+    config = dict(config_json_dict["config"])
+    read_config(config_json_dict, os.path.join(directory, "config.json"))  # validates
+    if dtype is not None:
+        config["dtype"] = dtype
+    backbone = cls.from_config(config)
+    if load_weights:
+        path = os.path.join(directory, "model.weights.h5")
+        if not os.path.exists(path):
+            raise CheckpointError(f"{directory} is a keras_gemma quantized preset without its weights: {path} is missing.")
+        try:
+            backbone.load_weights(path)
+        except (ValueError, OSError, KeyError, RuntimeError) as e:
+            raise CheckpointError(f"Cannot load the quantized weights {path} (truncated, corrupt or for another model?): {e}") from None
+    return backbone
