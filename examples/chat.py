@@ -97,7 +97,11 @@ def run(conversation, messages=None, interactive=None, out=sys.stdout):
         if not interactive:
             out.write(f"you> {text}\n")
         out.write("gemma> ")
-        replies.append(conversation.reply(text, out=out))
+        try:
+            replies.append(conversation.reply(text, out=out))
+        except KeyboardInterrupt:  # Ctrl-C stops the reply, not the chat
+            conversation.messages.pop()  # the unanswered user turn
+            out.write("\n[reply interrupted]\n")
     return replies
 
 

@@ -9,7 +9,9 @@ batch split over the devices).
 With no accelerator it fakes 8 CPU devices (`XLA_FLAGS=
 --xla_force_host_platform_device_count=8`, set before JAX starts), so it runs
 anywhere. By default the model is a tiny random Gemma 3-style config (a few
-seconds); `--preset` loads a real one, e.g. the Gemma 3 270M:
+seconds); `--preset` loads a real one, e.g. the Gemma 3 270M (trained through
+LoRA adapters; on fake CPU devices only the model-parallel half runs, since
+8 replicas would share host memory):
 
     python examples/distributed.py
     python examples/distributed.py --mesh 1,8
@@ -18,6 +20,7 @@ seconds); `--preset` loads a real one, e.g. the Gemma 3 270M:
 JAX only: `keras.distribution` shards variables on the JAX backend.
 """
 
+import gc
 import os
 import sys
 import time
@@ -104,6 +107,10 @@ def generate_and_train(lm, config, args, data_parallel_size, reference):
     """Logits against the unsharded model's, greedy generation, then `--steps` training steps."""
     import keras
 
+    if lm.preprocessor is not None:
+        # A real model trains LoRA adapters (replicated, small): full Adam
+        # state for every weight would not fit 8 replicas in host memory.
+        lm.backbone.enable_lora(4)
     lm.compile(optimizer=keras.optimizers.Adam(1e-3), sampler="greedy")
     x, y, weights = batch(lm, config, 2 * data_parallel_size)
     rows = len(reference["logits"])
@@ -141,10 +148,11 @@ def main(argv=None):
     keras.distribution.set_distribution(None)
     plain = build(args, config)
     config = plain.config
-    weights = plain.get_weights()
+    weights = None if args.preset else plain.get_weights()
     x, _, _ = batch(plain, config, 2)
     reference = {"logits": keras.ops.convert_to_numpy(plain(x)), "generated": generate(plain, x, args.max_new_tokens)}
     del plain
+    gc.collect()
 
     print("\nModelParallel: weights sharded over the 'model' axis (and FSDP-style over 'batch')")
     mesh = keras.distribution.DeviceMesh((batch_size, model_size), ("batch", "model"), devices)
@@ -159,7 +167,13 @@ def main(argv=None):
     describe_sharding(sharded)
     generate_and_train(sharded, config, args, batch_size, reference)
     del sharded
+    gc.collect()
 
+    if args.preset and jax.devices()[0].platform == "cpu":
+        # Fake CPU devices share host memory: 8 replicas of a real model is 8 copies.
+        print("\nDataParallel skipped: it would hold a copy of the real model per fake CPU device.")
+        keras.distribution.set_distribution(None)
+        return
     print(f"\nDataParallel: weights replicated, each batch split over {len(devices)} devices")
     keras.distribution.set_distribution(keras.distribution.DataParallel(devices=devices))
     replicated = build(args, config)
