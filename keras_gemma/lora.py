@@ -26,7 +26,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_gemma.quantization import refresh
+from keras_gemma.quantization import one_gc_collect, refresh
 
 FORMAT = "keras_gemma.lora"
 FORMAT_VERSION = 1
@@ -133,24 +133,30 @@ def enable_lora(backbone, rank, alpha=None, target_layers=DEFAULT_TARGETS):
 def merge_lora_weights(backbone):
     """See `GemmaBackbone.merge_lora_weights`."""
     state = _require(backbone)
-    for _, layer in targeted_layers(backbone, state.targets):
-        if layer.quantization_mode is None:
-            delta = (state.alpha / state.rank) * ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
-            merged = ops.cast(layer._kernel, "float32") + delta
-            layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
-        else:
-            # Keras dequantizes, adds the delta and re-quantizes (what it
-            # also does when saving a LoRA layer).
-            kernel, scale, zero = layer._get_kernel_with_merged_lora()
-            layer._kernel.assign(kernel)
-            layer.kernel_scale.assign(scale)
-            if zero is not None:
-                layer.kernel_zero.assign(zero)
-        _disable_lora(layer)
+    with one_gc_collect():  # _disable_lora deletes two variables per layer
+        for _, layer in targeted_layers(backbone, state.targets):
+            _merge_layer(state, layer)
     for layer in state.frozen_layers:
         layer.trainable = True
     backbone.lora = None
     refresh(backbone)
+
+
+def _merge_layer(state, layer):
+    """Folds one layer's adapter into its kernel and removes the adapter."""
+    if layer.quantization_mode is None:
+        delta = (state.alpha / state.rank) * ops.matmul(layer.lora_kernel_a, layer.lora_kernel_b)
+        merged = ops.cast(layer._kernel, "float32") + delta
+        layer._kernel.assign(ops.cast(merged, layer._kernel.dtype))
+    else:
+        # Keras dequantizes, adds the delta and re-quantizes (what it
+        # also does when saving a LoRA layer).
+        kernel, scale, zero = layer._get_kernel_with_merged_lora()
+        layer._kernel.assign(kernel)
+        layer.kernel_scale.assign(scale)
+        if zero is not None:
+            layer.kernel_zero.assign(zero)
+    _disable_lora(layer)
 
 
 def _disable_lora(layer):

@@ -19,7 +19,9 @@ lm.save("gemma_int8.keras")
 ```
 """
 
+import contextlib
 import dataclasses
+import gc
 
 import keras
 import numpy as np
@@ -109,11 +111,30 @@ def quantize_backbone(backbone, mode=None, config=None, weight_only=True):
             "or call `merge_lora_weights()` first."
         )
     mode, config = resolve(mode, config, weight_only)
-    for layer in quantized_layers(backbone):
-        layer.quantize(mode, type_check=False, config=config)
-        _fix_torch_int8_gradient(layer)
+    with one_gc_collect():
+        for layer in quantized_layers(backbone):
+            layer.quantize(mode, type_check=False, config=config)
+            _fix_torch_int8_gradient(layer)
     backbone.quantization = QuantizationRecord(mode, keras.saving.serialize_keras_object(config))
     refresh(backbone)
+
+
+@contextlib.contextmanager
+def one_gc_collect():
+    """Runs `gc.collect()` once at the end instead of at every deleted variable.
+
+    Keras' `Layer.__delattr__` calls `gc.collect()` whenever a variable is
+    deleted (each `quantize` deletes the float kernel). On a loaded model one
+    collection takes about 0.4 s, which made quantizing the 270M's 127 layers
+    take over a minute; one collection at the end frees the same buffers.
+    """
+    collect = gc.collect
+    gc.collect = lambda *args, **kwargs: 0
+    try:
+        yield
+    finally:
+        gc.collect = collect
+        gc.collect()
 
 
 def prepare_quantized_build(backbone, record):
@@ -180,10 +201,17 @@ def dequantized_embeddings(layer, dtype):
     block_size = getattr(layer, "_int4_block_size", None)
     if layer.quantization_mode == "int4" and block_size not in (None, -1):
         # Groups of `block_size` along d, asymmetric: (q - zero) * scale.
-        groups = ops.cast(layer.g_idx, "int32")  # (d,)
-        scale = ops.take(scale, groups, axis=1)  # (v, d)
-        zero = ops.take(ops.cast(layer.embeddings_zero, "float32"), groups, axis=1)
-        table = (table - zero) * scale
+        zero = ops.cast(layer.embeddings_zero, "float32")  # (v, groups)
+        vocabulary, width = layer.input_dim, layer.output_dim
+        if width % block_size == 0:
+            # g_idx is `i // block_size`: broadcast per group instead of
+            # gathering two (v, d) tables (a third of the time, less memory).
+            table = ops.reshape(table, (vocabulary, width // block_size, block_size))  # (v, groups, block)
+            table = (table - zero[..., None]) * scale[..., None]
+            table = ops.reshape(table, (vocabulary, width))  # (v, d)
+        else:
+            groups = ops.cast(layer.g_idx, "int32")  # (d,)
+            table = (table - ops.take(zero, groups, axis=1)) * ops.take(scale, groups, axis=1)
     else:
         table = table / scale[:, None]
     return ops.cast(table, dtype)

@@ -34,6 +34,27 @@ PROMPTS = (
 )
 GREEDY_PROMPT = "The capital of France is"
 GREEDY_TOKENS = 32
+# Plain English prose (about 300 tokens) for top-1 agreement of quantized
+# models with float32 (tests/test_real_quantized.py, benchmarks/quantize.py).
+AGREEMENT_TEXT = (
+    "The water cycle describes how water moves between the oceans, the air and the land. "
+    "Heat from the sun warms the surface of the sea, and some of the water evaporates into "
+    "the atmosphere as vapour. As the warm, moist air rises, it cools, and the vapour "
+    "condenses into tiny droplets that form clouds. When the droplets grow heavy enough, "
+    "they fall back to the ground as rain, snow or hail. Some of this water runs off the "
+    "surface into streams and rivers, which carry it back to the sea. Some soaks into the "
+    "soil, where plants draw it up through their roots and release it again through their "
+    "leaves. The rest seeps deeper underground and collects in aquifers, where it can stay "
+    "for thousands of years before it reaches a spring or a well.\n\n"
+    "People depend on every stage of this cycle. Farmers watch the seasons for rain, cities "
+    "build reservoirs to store water for dry months, and engineers design dams that turn "
+    "the flow of rivers into electricity. Scientists measure rainfall, river levels and the "
+    "thickness of snow on mountains to predict floods and droughts. In recent decades, "
+    "warmer temperatures have changed the cycle in many regions: heavy storms have become "
+    "more common in some places, while others have seen longer dry spells. Understanding "
+    "how water moves through the world helps communities plan for the future, protect their "
+    "homes and grow enough food for everyone."
+)
 
 
 @pytest.fixture(scope="session")
