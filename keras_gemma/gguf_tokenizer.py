@@ -24,8 +24,6 @@ Merge order: Gemma's normal pieces carry scores that fall with their id, so
 position ranking alike.
 """
 
-import struct
-
 import numpy as np
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
@@ -34,73 +32,15 @@ NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 SPACE = "\u2581"
 
 
-_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
 def read_gguf_metadata(path):
     """Reads the key/value metadata of a GGUF file (not its tensors).
 
-    A small reader of its own because `gguf.GGUFReader` takes over ten seconds
-    on a 262,144-entry vocabulary (it makes one numpy view per string).
     Numeric arrays come back as numpy arrays, string arrays as lists of str.
+    The parser is the checkpoint reader's (`checkpoints.gguf_format.GGUFFile`).
     """
-    with open(path, "rb") as f:
-        data = f.read(16 * 1024 * 1024)  # metadata sits at the start of the file
-        if data[:4] != b"GGUF":
-            raise ValueError(f"{path} is not a GGUF file.")
-        # A big-endian file shows a huge version number when read little-endian.
-        order = "<" if struct.unpack_from("<I", data, 4)[0] < 0x10000 else ">"
-        offset = 8
-        _, kv_count = struct.unpack_from(order + "QQ", data, offset)
-        offset += 16
+    from keras_gemma.checkpoints.gguf_format import GGUFFile
 
-        def need(n):
-            nonlocal data
-            while offset + n > len(data):
-                more = f.read(16 * 1024 * 1024)
-                if not more:
-                    raise ValueError(f"{path}: truncated GGUF metadata.")
-                data += more
-
-        def read(fmt):
-            nonlocal offset
-            fmt = order + fmt
-            need(struct.calcsize(fmt))
-            values = struct.unpack_from(fmt, data, offset)
-            offset += struct.calcsize(fmt)
-            return values[0] if len(values) == 1 else values
-
-        def read_string():
-            nonlocal offset
-            length = read("Q")
-            need(length)
-            text = data[offset : offset + length].decode("utf-8", errors="replace")
-            offset += length
-            return text
-
-        def read_value(value_type):
-            nonlocal offset
-            if value_type == _STRING:
-                return read_string()
-            if value_type == _ARRAY:
-                item_type, count = read("IQ")
-                if item_type == _STRING:
-                    return [read_string() for _ in range(count)]
-                if item_type == _ARRAY:
-                    return [read_value(_ARRAY) for _ in range(count)]
-                dtype = np.dtype(order + _SCALAR_FORMATS[item_type])
-                need(dtype.itemsize * count)
-                values = np.frombuffer(data, dtype, count, offset).copy()
-                offset += dtype.itemsize * count
-                return values
-            return read(_SCALAR_FORMATS[value_type])
-
-        metadata = {}
-        for _ in range(kv_count):
-            key = read_string()
-            metadata[key] = read_value(read("I"))
-    return metadata
+    return GGUFFile(path).metadata
 
 
 def _metadata_from_reader(reader):
@@ -126,7 +66,9 @@ def read_gguf_vocabulary(path_or_reader):
         `add_space_prefix` and the special ids `bos_id`, `eos_id`, `unk_id`,
         `pad_id` (None where the file has none).
     """
-    if hasattr(path_or_reader, "fields"):
+    if hasattr(path_or_reader, "metadata"):  # an open `GGUFFile`
+        metadata = path_or_reader.metadata
+    elif hasattr(path_or_reader, "fields"):  # a `gguf.GGUFReader`
         metadata = _metadata_from_reader(path_or_reader)
     else:
         metadata = read_gguf_metadata(path_or_reader)
