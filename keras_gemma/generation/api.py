@@ -236,12 +236,7 @@ class GenerationMixin:
         if isinstance(inputs, dict) or hasattr(inputs, "shape"):
             if not isinstance(inputs, dict):
                 inputs = {"token_ids": inputs, "padding_mask": padding_mask}
-            token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
-            mask = inputs.get("padding_mask")
-            mask = np.ones(token_ids.shape, bool) if mask is None else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
-            scalar = token_ids.ndim == 1
-            if scalar:
-                token_ids, mask = token_ids[None], mask[None]
+            token_ids, mask, scalar = engine.token_arrays(inputs)
             log_probs = self._score(token_ids, mask)
             return log_probs[0] if scalar else log_probs
         prompts = engine.normalize_inputs(self, inputs)

@@ -210,15 +210,22 @@ def normalize_inputs(lm, inputs):
     return Prompts(encode_text(lm, texts), texts, "text", scalar)
 
 
-def _token_prompts(inputs):
-    if "token_ids" not in inputs:
-        raise ValueError(f"A dict input needs 'token_ids' (and optionally 'padding_mask'); got keys {sorted(inputs)}.")
+def token_arrays(inputs):
+    """`(token_ids (b, t), padding_mask (b, t) bool, scalar)` as numpy from
+    `{"token_ids", "padding_mask"}` (a missing mask: every token real)."""
     token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
     mask = inputs.get("padding_mask")
     mask = np.ones(token_ids.shape, bool) if mask is None else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
     scalar = token_ids.ndim == 1
     if scalar:
         token_ids, mask = token_ids[None], mask[None]
+    return token_ids, mask, scalar
+
+
+def _token_prompts(inputs):
+    if "token_ids" not in inputs:
+        raise ValueError(f"A dict input needs 'token_ids' (and optionally 'padding_mask'); got keys {sorted(inputs)}.")
+    token_ids, mask, scalar = token_arrays(inputs)
     if token_ids.ndim != 2 or mask.shape != token_ids.shape:
         raise ValueError(
             "'token_ids' must be (batch, length) or (length,), with a "
