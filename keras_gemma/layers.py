@@ -15,7 +15,6 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_gemma.config import LOCAL
 from keras_gemma.quantization import dequantized_embeddings
 
 # Added to masked attention logits. A finite value, so that a query with no
