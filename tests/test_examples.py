@@ -110,18 +110,16 @@ def test_generate_chat_and_finetune_on_the_real_270m(real_gguf_path):  # noqa: F
 
 
 @pytest.mark.large
+@pytest.mark.skipif(backend() != "jax", reason="the shared-model test covers generate.py on this backend; one CLI run is enough")
 def test_generate_cli_with_defaults(real_gguf_path):  # noqa: F811
     """`python examples/generate.py` as a user types it (only the length shortened)."""
-    if backend() != "jax":
-        pytest.skip("the shared-model test covers generate.py on this backend; one CLI run is enough")
     stdout = run([os.path.join(EXAMPLES, "generate.py"), "--max-new-tokens", "4"], real_gguf_path)
     prompt = _example("generate").DEFAULT_PROMPT
     assert stdout.startswith(prompt) and len(stdout.strip()) > len(prompt), stdout
 
 
+@pytest.mark.skipif(backend() != "jax", reason="keras.distribution shards variables on JAX only")
 def test_distributed_tiny():
-    if backend() != "jax":
-        pytest.skip("keras.distribution shards variables on JAX only")
     stdout = run([os.path.join(EXAMPLES, "distributed.py"), "--steps", "2", "--max-new-tokens", "4"], gguf="",
                  env={"XLA_FLAGS": ""})
     assert "mesh (batch=2, model=4)" in stdout
