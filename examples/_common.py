@@ -103,6 +103,18 @@ def make_sampler(args):
     return samplers.TopPSampler(p=args.top_p, k=args.top_k, **common)
 
 
+def prepare_model(args, lm=None):
+    """The model the generate/chat flags describe: backend set, model loaded
+    (unless given), `--lora` adapter applied, sampler compiled in."""
+    set_backend(args.backend)
+    if lm is None:
+        lm = load_model(args.preset, args.dtype, log=stderr)
+    if args.lora:
+        lm.backbone.load_lora_weights(args.lora)
+    lm.compile(sampler=make_sampler(args))
+    return lm
+
+
 def stderr(message):
     """Status lines go to stderr, so that stdout holds only the model's text."""
     print(message, file=sys.stderr, flush=True)

@@ -107,12 +107,7 @@ def run(conversation, messages=None, interactive=None, out=sys.stdout):
 
 def main(argv=None, lm=None):
     args = parse_args(argv)
-    _common.set_backend(args.backend)
-    if lm is None:
-        lm = _common.load_model(args.preset, args.dtype, log=_common.stderr)
-    if args.lora:
-        lm.backbone.load_lora_weights(args.lora)
-    lm.compile(sampler=_common.make_sampler(args))
+    lm = _common.prepare_model(args, lm)
     conversation = Conversation(lm, system=args.system, max_new_tokens=args.max_new_tokens)
     return run(conversation, args.message)
 

@@ -50,12 +50,7 @@ def stream(lm, prompt, max_new_tokens, chat=False, out=sys.stdout):
 
 def main(argv=None, lm=None):
     args = parse_args(argv)
-    _common.set_backend(args.backend)
-    if lm is None:
-        lm = _common.load_model(args.preset, args.dtype, log=_common.stderr)
-    if args.lora:
-        lm.backbone.load_lora_weights(args.lora)
-    lm.compile(sampler=_common.make_sampler(args))
+    lm = _common.prepare_model(args, lm)
     start = time.perf_counter()
     completion = stream(lm, args.prompt, args.max_new_tokens, chat=args.chat)
     seconds = time.perf_counter() - start
