@@ -150,11 +150,10 @@ class GemmaBackbone(keras.Model):
         `min(window, max_length)` slots. Empty slots have position -1.
         """
         dtype = dtype or self.compute_dtype
-        shape = (batch_size, None, self.config.num_key_value_heads, self.config.head_dim)
         cache = []
         for block in self.blocks:
             slots = block.attention.cache_length(max_length)
-            kv_shape = (shape[0], slots, shape[2], shape[3])
+            kv_shape = (batch_size, self.config.num_key_value_heads, self.config.head_dim, slots)
             cache.append(
                 (
                     ops.zeros(kv_shape, dtype),

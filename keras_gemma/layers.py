@@ -156,12 +156,12 @@ class Attention(keras.layers.Layer):
             query_positions: (b, t) int rotary positions of x.
             key_positions: (b, t) the same, -1 where x is padding.
             cache: None, or `(keys, values, positions)` of shapes
-                (b, c, k, h), (b, c, k, h), (b, c) for c cache slots. With
+                (b, k, c, h), (b, k, c, h), (b, c) for c cache slots. With
                 t > 1 the cache must be empty (prefill): x attends to itself
                 and its keys are written to slots 0.. (the last c of them, in
                 ring order, for a window-sized cache). With t == 1 (a decode
-                step) the key is written at slot `cache_index % c` and x
-                attends to the whole cache.
+                step) x attends to the cache and to its own key, which is
+                written at slot `cache_index % c`.
             cache_index: scalar int, the index of x in the padded sequence.
 
         Returns:
@@ -176,38 +176,51 @@ class Attention(keras.layers.Layer):
         q = apply_rotary(q, rotary)
         k = apply_rotary(k, rotary)
         q = q * ops.cast(self.query_scale, q.dtype)
+        k = ops.transpose(k, (0, 2, 3, 1))  # (b, k, h, t), the cache's order
+        v = ops.transpose(v, (0, 2, 3, 1))  # (b, k, h, t)
 
-        if cache is None:
-            keys, values, positions = k, v, key_positions
-        elif x.shape[1] == 1:
+        segments = [(k, v, key_positions)]
+        if cache is not None and x.shape[1] == 1:
+            # Attend to the cache as it was plus the new key, and write the
+            # key for later steps. Reading the updated cache instead makes
+            # XLA copy every layer's cache on every step. The slot being
+            # overwritten is invisible either way: it was empty (a global
+            # layer) or holds a key `window` positions back (a ring).
+            segments = [cache] + segments
             cache = self._write_step(cache, k, v, key_positions, cache_index)
-            keys, values, positions = cache
-        else:
-            keys, values, positions = k, v, key_positions
+        elif cache is not None:
             cache = self._write_prefill(cache, k, v, key_positions)
-
-        out = self._attend(q, keys, values, query_positions, positions)  # (b, t, n, h)
+        out = self._attend(q, query_positions, segments)  # (b, t, n, h)
         return self.output_dense(out), cache
 
-    def _attend(self, q, keys, values, query_positions, key_positions):
+    def _attend(self, q, query_positions, segments):
+        """Softmax attention of q (b, t, n, h) over the keys of all segments,
+        each `(keys (b, k, s_i, h), values (b, k, s_i, h), positions (b, s_i))`."""
         b, t = ops.shape(q)[0], ops.shape(q)[1]
         groups = self.num_query_heads // self.num_key_value_heads
         q = ops.reshape(q, (b, t, self.num_key_value_heads, groups, self.head_dim))  # (b, t, k, g, h)
-        logits = ops.einsum("btkgh,bskh->bkgts", q, keys)
+        logits = ops.concatenate(
+            [ops.einsum("bkhs,btkgh->bkgts", keys, q) for keys, _, _ in segments], axis=-1
+        )  # (b, k, g, t, s)
         logits = soft_cap(ops.cast(logits, "float32"), self.logit_softcap)
+        key_positions = ops.concatenate([positions for _, _, positions in segments], axis=-1)  # (b, s)
         visible = attention_mask(query_positions, key_positions, self.window)  # (b, t, s)
         logits = ops.where(visible[:, None, None, :, :], logits, MASK_VALUE)
-        probs = ops.cast(ops.softmax(logits, axis=-1), values.dtype)  # (b, k, g, t, s)
-        out = ops.einsum("bkgts,bskh->btkgh", probs, values)
+        probs = ops.cast(ops.softmax(logits, axis=-1), q.dtype)  # (b, k, g, t, s)
+        out, start = 0, 0
+        for _, values, _ in segments:
+            size = values.shape[3]
+            out = out + ops.einsum("bkgts,bkhs->btkgh", probs[..., start:start + size], values)
+            start += size
         return ops.reshape(out, (b, t, self.num_query_heads, self.head_dim))  # (b, t, n, h)
 
     def _write_prefill(self, cache, k, v, key_positions):
         cache_keys, cache_values, cache_positions = cache
-        slots, t = cache_keys.shape[1], k.shape[1]
+        slots, t = cache_keys.shape[3], k.shape[3]
         if t > slots:
             # Only the last `slots` keys stay visible; index i lives at slot i % slots.
             shift = t % slots
-            k, v = (ops.roll(a[:, t - slots:], shift, axis=1) for a in (k, v))
+            k, v = (ops.roll(a[..., t - slots:], shift, axis=3) for a in (k, v))
             key_positions = ops.roll(key_positions[:, t - slots:], shift, axis=1)
         cache_keys = ops.slice_update(cache_keys, (0, 0, 0, 0), ops.cast(k, cache_keys.dtype))
         cache_values = ops.slice_update(cache_values, (0, 0, 0, 0), ops.cast(v, cache_values.dtype))
@@ -216,10 +229,10 @@ class Attention(keras.layers.Layer):
 
     def _write_step(self, cache, k, v, key_positions, cache_index):
         cache_keys, cache_values, cache_positions = cache
-        slot = ops.cast(cache_index, "int32") % cache_keys.shape[1]
+        slot = ops.cast(cache_index, "int32") % cache_keys.shape[3]
         zero = ops.zeros((), "int32")
-        cache_keys = ops.slice_update(cache_keys, (zero, slot, zero, zero), ops.cast(k, cache_keys.dtype))
-        cache_values = ops.slice_update(cache_values, (zero, slot, zero, zero), ops.cast(v, cache_values.dtype))
+        cache_keys = ops.slice_update(cache_keys, (zero, zero, zero, slot), ops.cast(k, cache_keys.dtype))
+        cache_values = ops.slice_update(cache_values, (zero, zero, zero, slot), ops.cast(v, cache_values.dtype))
         cache_positions = ops.slice_update(cache_positions, (zero, slot), ops.cast(key_positions, cache_positions.dtype))
         return cache_keys, cache_values, cache_positions
 
@@ -313,4 +326,10 @@ class TiedEmbedding(keras.layers.Embedding):
             kernel = ops.cast(self.embeddings, x.dtype)
         else:
             kernel = dequantized_embeddings(self, x.dtype)
+        if x.shape[1] == 1:
+            # A decode step: the table as the left operand, (v, d) x (d, b),
+            # runs ~25% faster on XLA:CPU at batch 8 than (b, d) x (d, v).
+            b, d = ops.shape(x)[0], ops.shape(x)[2]
+            logits = ops.matmul(kernel, ops.transpose(ops.reshape(x, (b, d))))  # (v, b)
+            return ops.transpose(logits)[:, None, :]  # (b, 1, v)
         return ops.einsum("btd,vd->btv", x, kernel)

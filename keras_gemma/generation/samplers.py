@@ -59,6 +59,19 @@ def gumbel_noise(key, shape):
     return -ops.log(-ops.log(u))
 
 
+def first_argmax(logits):
+    """`argmax` over the last axis (the first index on ties), as int32.
+
+    Written as a max and a min over a 256k vocabulary: two plain reductions,
+    where XLA:CPU runs `argmax`'s paired (value, index) reduction ~3x slower
+    (1.5 vs 0.4 ms per row).
+    """
+    vocabulary = logits.shape[-1]
+    best = ops.max(logits, axis=-1, keepdims=True)
+    index = ops.where(logits == best, ops.arange(vocabulary, dtype="int32"), vocabulary)
+    return ops.minimum(ops.min(index, axis=-1), vocabulary - 1)  # (b,) NaN rows: the last id
+
+
 class Sampler:
     """Base class: picks the next token from float32 logits (b, vocab).
 
@@ -127,7 +140,7 @@ class GreedySampler(Sampler):
     """
 
     def __call__(self, logits, key):
-        return ops.cast(ops.argmax(logits, axis=-1), "int32")
+        return first_argmax(logits)
 
 
 class RandomSampler(Sampler):
@@ -141,7 +154,7 @@ class RandomSampler(Sampler):
 
     def __call__(self, logits, key):
         logits = self.scaled(logits)
-        return ops.cast(ops.argmax(logits + gumbel_noise(key, logits.shape), axis=-1), "int32")
+        return first_argmax(logits + gumbel_noise(key, logits.shape))
 
 
 class TopKSampler(Sampler):
