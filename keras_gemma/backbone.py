@@ -4,7 +4,6 @@ import dataclasses
 import math
 
 import keras
-import numpy as np
 from keras import ops
 
 from keras_gemma import distribution as distribution_lib
@@ -178,9 +177,6 @@ class GemmaBackbone(keras.Model):
         On a quantized backbone the projections and the embedding are the raw
         int8 (int4: packed) storage, without their scales: load float
         checkpoints into a float backbone, then `quantize`.
-
-        Each value is a `Weight`: the variable seen in this order (the
-        query/key/value kernels are stored (d, heads, h), see `Attention`).
         """
         weights = {"token_embedding": _variable(self.token_embedding, "embeddings")}
         for i, block in enumerate(self.blocks):
@@ -196,16 +192,14 @@ class GemmaBackbone(keras.Model):
                 ("value", attention.value_dense),
                 ("output", attention.output_dense),
             ):
-                kernel = _variable(dense, "kernel")
-                # Stored (d, heads, h); canonical (heads, d, h).
-                weights[f"{prefix}.attention.{name}"] = Weight(kernel, (1, 0, 2) if name != "output" else None)
+                weights[f"{prefix}.attention.{name}"] = _variable(dense, "kernel")
             if attention.query_norm is not None:
                 weights[f"{prefix}.attention.query_norm"] = attention.query_norm.scale
                 weights[f"{prefix}.attention.key_norm"] = attention.key_norm.scale
             for name in ("gate", "up", "down"):
                 weights[f"{prefix}.feed_forward.{name}"] = _variable(getattr(block.feed_forward, name), "kernel")
         weights["final_norm"] = self.final_norm.scale
-        return {name: w if isinstance(w, Weight) else Weight(w) for name, w in weights.items()}
+        return weights
 
     # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
 
@@ -324,34 +318,6 @@ class GemmaBackbone(keras.Model):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
-
-
-class Weight:
-    """A variable in canonical (checkpoint) axis order: `shape`, `dtype`,
-    `numpy()`, `assign(array)`; `axes` permutes canonical to stored order."""
-
-    def __init__(self, variable, axes=None):
-        self.variable, self.axes = variable, axes
-
-    @property
-    def shape(self):
-        shape = tuple(self.variable.shape)
-        return shape if self.axes is None else tuple(shape[i] for i in np.argsort(self.axes))
-
-    @property
-    def dtype(self):
-        return self.variable.dtype
-
-    def numpy(self):
-        value = ops.convert_to_numpy(self.variable)
-        return value if self.axes is None else np.transpose(value, np.argsort(self.axes))
-
-    def __array__(self, dtype=None, copy=None):
-        return np.asarray(self.numpy(), dtype)
-
-    def assign(self, value):
-        value = value.numpy() if isinstance(value, Weight) else np.asarray(value)
-        self.variable.assign(value if self.axes is None else np.transpose(value, self.axes))
 
 
 def _variable(layer, name):

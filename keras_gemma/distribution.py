@@ -49,8 +49,8 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
     Weight shapes (n query heads, k kv heads, h head_dim, d hidden, f
     feed-forward width, v vocabulary) and their layouts:
         token_embedding (v, d): (model, batch)
-        attention query/key/value (d, n|k, h): (batch, model, None) by head,
-            else (model, None, batch)
+        attention query/key/value (n|k, d, h): (model, batch, None) by head,
+            else (None, model, batch)
         attention output (n, h, d): (model, None, batch) by head, else
             (None, batch, model)
         feed_forward gate/up (d, f): (batch, model); down (f, d): (model, batch)
@@ -64,10 +64,10 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
     layout_map = keras.distribution.LayoutMap(device_mesh)
     layout_map[r".*token_embedding/embeddings$"] = (model, batch)
     if by_head:
-        layout_map[r".*attention/(query|key|value)/kernel$"] = (batch, model, None)
+        layout_map[r".*attention/(query|key|value)/kernel$"] = (model, batch, None)
         layout_map[r".*attention/output/kernel$"] = (model, None, batch)
     else:
-        layout_map[r".*attention/(query|key|value)/kernel$"] = (model, None, batch)
+        layout_map[r".*attention/(query|key|value)/kernel$"] = (None, model, batch)
         layout_map[r".*attention/output/kernel$"] = (None, batch, model)
     layout_map[r".*feed_forward/(gate|up)/kernel$"] = (batch, model)
     layout_map[r".*feed_forward/down/kernel$"] = (model, batch)
@@ -89,9 +89,9 @@ def weight_shapes(config):
     block = "decoder_block_0"
     return {
         "token_embedding/embeddings": (v, d),
-        f"{block}/attention/query/kernel": (d, n, h),
-        f"{block}/attention/key/kernel": (d, k, h),
-        f"{block}/attention/value/kernel": (d, k, h),
+        f"{block}/attention/query/kernel": (n, d, h),
+        f"{block}/attention/key/kernel": (k, d, h),
+        f"{block}/attention/value/kernel": (k, d, h),
         f"{block}/attention/output/kernel": (n, h, d),
         f"{block}/feed_forward/gate/kernel": (d, f),
         f"{block}/feed_forward/up/kernel": (d, f),

@@ -116,16 +116,13 @@ class Attention(keras.layers.Layer):
         self.logit_softcap = config.attention_logit_softcap
         n, k, h, d = self.num_query_heads, self.num_key_value_heads, self.head_dim, self.hidden_dim
         dense = dict(dtype=self.dtype_policy, kernel_initializer="glorot_uniform")
-        # Kernels are stored in the order the matmul reads them: (d, heads, h)
-        # for query/key/value (checkpoints use (heads, d, h); see
-        # `GemmaBackbone.weight_map`), so no backend copies a kernel per call.
-        # The output equation spells query heads "N": jax.numpy.einsum lists
-        # contracted axes alphabetically, and "N" < "h" keeps them in the
-        # kernel's (n, h, d) memory order (with "n", XLA transposes the
-        # kernel on every call, every decode step).
-        self.query_dense = keras.layers.EinsumDense("btd,dnh->btnh", (None, n, h), name="query", **dense)
-        self.key_dense = keras.layers.EinsumDense("bsd,dkh->bskh", (None, k, h), name="key", **dense)
-        self.value_dense = keras.layers.EinsumDense("bsd,dkh->bskh", (None, k, h), name="value", **dense)
+        self.query_dense = keras.layers.EinsumDense("btd,ndh->btnh", (None, n, h), name="query", **dense)
+        self.key_dense = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="key", **dense)
+        self.value_dense = keras.layers.EinsumDense("bsd,kdh->bskh", (None, k, h), name="value", **dense)
+        # Query heads are spelled "N" here: jax.numpy.einsum lists contracted
+        # axes alphabetically, and "N" < "h" keeps them in the kernel's
+        # (n, h, d) memory order; with "n" XLA transposes the kernel on every
+        # call (every layer, every decode step).
         self.output_dense = keras.layers.EinsumDense("btNh,Nhd->btd", (None, d), name="output", **dense)
         self.query_norm = self.key_norm = None
         if config.use_qk_norm:

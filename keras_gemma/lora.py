@@ -86,7 +86,7 @@ def lora_parameter_count(config, rank, target_layers=DEFAULT_TARGETS):
     n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
     d, f = config.hidden_dim, config.intermediate_dim
     kernels = {
-        "query": ((d, n), h), "key": ((d, k), h), "value": ((d, k), h),
+        "query": ((n, d), h), "key": ((k, d), h), "value": ((k, d), h),
         "output": ((n, h), d), "gate": ((d,), f), "up": ((d,), f), "down": ((f,), d),
     }
     per_layer = sum(

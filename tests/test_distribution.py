@@ -39,7 +39,7 @@ def test_layout_map_is_valid_for_every_preset(architecture):
             assert layout_problems(layout_map, config) == [], (architecture, shape)
         layout = get_layout_map(mesh, config=config)[".../decoder_block_0/attention/key/kernel"]
         if config.num_key_value_heads % shape[1]:
-            assert layout.axes[1] is None  # (d, k, h): never a kv-head axis it cannot split
+            assert layout.axes[0] is None  # never a kv-head axis it cannot split
 
 
 def test_layout_map_names_what_does_not_divide():
@@ -149,10 +149,10 @@ def test_sharded_model_on_eight_cpu_devices(tmp_path):
         assert results[name]["max_diff"] < 1e-5, results[name]
         losses = results[name]["sharded_fit_loss"]
         assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
-    # Key kernels are (d, k, h). GQA with 4 kv heads on a model axis of 4: sharded by head.
-    assert results["gqa"]["specs"]["decoder_block_0/attention/key/kernel"][1] == "model"
+    # GQA with 4 kv heads on a model axis of 4: sharded by head.
+    assert results["gqa"]["specs"]["decoder_block_0/attention/key/kernel"][0] == "model"
     # MQA (1 kv head): along the hidden dimension, never the kv-head axis.
-    assert results["mqa"]["specs"]["decoder_block_0/attention/key/kernel"][:2] == ["model", None]
+    assert results["mqa"]["specs"]["decoder_block_0/attention/key/kernel"][:2] == [None, "model"]
     assert results["mqa"]["specs"]["decoder_block_0/feed_forward/down/kernel"] == ["model", "batch"]
     losses = results["data_parallel_fit_loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

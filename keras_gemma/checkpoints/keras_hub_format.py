@@ -354,7 +354,7 @@ def write_weights(path, backbone, class_name):
     variables = backbone.weight_map()
     with h5py.File(path, "w") as f:
         for name, dataset in paths.items():
-            value = variables[name].numpy()
+            value = keras.ops.convert_to_numpy(variables[name])
             if keras.backend.standardize_dtype(variables[name].dtype) == "bfloat16":
                 value = np.asarray(value, dtype=ml_dtypes.bfloat16)
                 ds = f.create_dataset(dataset, data=value)

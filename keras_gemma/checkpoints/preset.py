@@ -487,7 +487,7 @@ def export_to_transformers(backbone, directory, tokenizer=None):
         shape = huggingface.from_canonical(np.empty(tuple(variable.shape), np.int8), kind, config).shape
 
         def load(v=variable, k=kind):
-            return huggingface.from_canonical(v.numpy(), k, config)
+            return huggingface.from_canonical(keras.ops.convert_to_numpy(v), k, config)
 
         tensors[hf_name] = (shape, dtype, load)
     with _atomic_directory(directory) as tmp:
