@@ -153,7 +153,7 @@ class Attention(keras.layers.Layer):
             query_positions: (b, t) int rotary positions of x.
             key_positions: (b, t) the same, -1 where x is padding.
             cache: None, or `(keys, values, positions)` of shapes
-                (b, k, c, h), (b, k, c, h), (b, c) for c cache slots. With
+                (b, k, h, c), (b, k, h, c), (b, c) for c cache slots. With
                 t > 1 the cache must be empty (prefill): x attends to itself
                 and its keys are written to slots 0.. (the last c of them, in
                 ring order, for a window-sized cache). With t == 1 (a decode
@@ -192,7 +192,7 @@ class Attention(keras.layers.Layer):
 
     def _attend(self, q, query_positions, segments):
         """Softmax attention of q (b, t, n, h) over the keys of all segments,
-        each `(keys (b, k, s_i, h), values (b, k, s_i, h), positions (b, s_i))`."""
+        each `(keys (b, k, h, s_i), values (b, k, h, s_i), positions (b, s_i))`."""
         b, t = ops.shape(q)[0], ops.shape(q)[1]
         groups = self.num_query_heads // self.num_key_value_heads
         q = ops.reshape(q, (b, t, self.num_key_value_heads, groups, self.head_dim))  # (b, t, k, g, h)
@@ -212,21 +212,22 @@ class Attention(keras.layers.Layer):
         return ops.reshape(out, (b, t, self.num_query_heads, self.head_dim))  # (b, t, n, h)
 
     def _write_prefill(self, cache, k, v, key_positions):
-        cache_keys, cache_values, cache_positions = cache
-        slots, t = cache_keys.shape[3], k.shape[3]
+        slots, t = cache[0].shape[3], k.shape[3]
         if t > slots:
             # Only the last `slots` keys stay visible; index i lives at slot i % slots.
             shift = t % slots
             k, v = (ops.roll(a[..., t - slots:], shift, axis=3) for a in (k, v))
             key_positions = ops.roll(key_positions[:, t - slots:], shift, axis=1)
-        cache_keys = ops.slice_update(cache_keys, (0, 0, 0, 0), ops.cast(k, cache_keys.dtype))
-        cache_values = ops.slice_update(cache_values, (0, 0, 0, 0), ops.cast(v, cache_values.dtype))
-        cache_positions = ops.slice_update(cache_positions, (0, 0), ops.cast(key_positions, cache_positions.dtype))
-        return cache_keys, cache_values, cache_positions
+        return self._write(cache, k, v, key_positions, ops.zeros((), "int32"))
 
     def _write_step(self, cache, k, v, key_positions, cache_index):
+        slot = ops.cast(cache_index, "int32") % cache[0].shape[3]
+        return self._write(cache, k, v, key_positions, slot)
+
+    @staticmethod
+    def _write(cache, k, v, key_positions, slot):
+        """k, v (b, k, h, t) and positions (b, t) into the cache from `slot` on."""
         cache_keys, cache_values, cache_positions = cache
-        slot = ops.cast(cache_index, "int32") % cache_keys.shape[3]
         zero = ops.zeros((), "int32")
         cache_keys = ops.slice_update(cache_keys, (zero, zero, zero, slot), ops.cast(k, cache_keys.dtype))
         cache_values = ops.slice_update(cache_values, (zero, zero, zero, slot), ops.cast(v, cache_values.dtype))
