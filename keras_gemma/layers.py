@@ -164,9 +164,9 @@ class Attention(keras.layers.Layer):
         Returns:
             `(output (b, t, d), updated cache or None)`.
         """
-        q = self.query_dense(x)  # (b, t, n, h)
-        k = self.key_dense(x)  # (b, t, k, h)
-        v = self.value_dense(x)  # (b, t, k, h)
+        q = self._project_in(self.query_dense, x)  # (b, t, n, h)
+        k = self._project_in(self.key_dense, x)  # (b, t, k, h)
+        v = self._project_in(self.value_dense, x)  # (b, t, k, h)
         if self.query_norm is not None:
             q = self.query_norm(q)
             k = self.key_norm(k)
@@ -188,7 +188,37 @@ class Attention(keras.layers.Layer):
         elif cache is not None:
             cache = self._write_prefill(cache, k, v, key_positions)
         out = self._attend(q, query_positions, segments)  # (b, t, n, h)
-        return self.output_dense(out), cache
+        return self._project_out(out), cache
+
+    # A decode step (t == 1) multiplies by each head's kernel slice on its
+    # own: a matmul batched over heads, `(heads, b, d) x (heads, d, h)`. The
+    # einsum form makes XLA (TensorFlow's most) transpose the kernel or run
+    # a slow matrix-vector product on every step; per head, each slice is
+    # already a contiguous matrix. Longer inputs keep the einsum: broadcasting
+    # x over heads would cost memory there. Quantized layers use their own call.
+
+    @staticmethod
+    def _per_head(dense, x):
+        return x.shape[1] == 1 and dense.quantization_mode is None
+
+    def _project_in(self, dense, x):
+        """x (b, t, d) through an (heads, d, h) kernel: (b, t, heads, h)."""
+        if not self._per_head(dense, x):
+            return dense(x)
+        kernel = ops.cast(dense.kernel, x.dtype)  # (heads, d, h), LoRA included
+        heads, b = kernel.shape[0], ops.shape(x)[0]
+        x = ops.broadcast_to(ops.reshape(x, (1, b, self.hidden_dim)), (heads, b, self.hidden_dim))
+        out = ops.matmul(x, kernel)  # (heads, b, h)
+        return ops.transpose(out, (1, 0, 2))[:, None]  # (b, 1, heads, h)
+
+    def _project_out(self, x):
+        """x (b, t, n, h) through the (n, h, d) output kernel: (b, t, d)."""
+        dense = self.output_dense
+        if not self._per_head(dense, x):
+            return dense(x)
+        kernel = ops.cast(dense.kernel, x.dtype)  # (n, h, d)
+        out = ops.matmul(ops.transpose(x[:, 0], (1, 0, 2)), kernel)  # (n, b, d)
+        return ops.sum(out, axis=0)[:, None]  # (b, 1, d)
 
     def _attend(self, q, query_positions, segments):
         """Softmax attention of q (b, t, n, h) over the keys of all segments,
