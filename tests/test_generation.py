@@ -15,6 +15,7 @@ import keras
 import hf_reference
 import keras_gemma
 from conftest import backend, to_numpy
+from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
@@ -80,13 +81,26 @@ def test_greedy_with_cache_equals_full_forward(hf_lm):
     """A ragged batch (left-padded inside) decodes each row exactly as
     repeated uncached forward passes over that row alone do, well past the
     sliding window (4) and through several ring-buffer wraps."""
+    _check_greedy_equals_full_forward(hf_lm)
+
+
+def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
+    """TensorFlow prefills long prompts in a graph without XLA; every prompt
+    takes that path here."""
+    if keras.config.backend() != "tensorflow":
+        pytest.skip("only TensorFlow has a separate long-prompt prefill")
+    monkeypatch.setattr(compile_module, "LONG_PREFILL", 0)
+    _check_greedy_equals_full_forward(gemma3_lm)
+
+
+def _check_greedy_equals_full_forward(lm):
     prompts = _ragged_prompts()
-    output = hf_lm.generate(_right_padded(prompts), max_new_tokens=NEW_TOKENS, stop_token_ids=None)
+    output = lm.generate(_right_padded(prompts), max_new_tokens=NEW_TOKENS, stop_token_ids=None)
     got = _rows(output)
     for prompt, row in zip(prompts, got):
         assert len(row) == len(prompt) + NEW_TOKENS
         assert row[: len(prompt)] == prompt
-        picks = _greedy_choices_without_cache(hf_lm, row)
+        picks = _greedy_choices_without_cache(lm, row)
         assert row[len(prompt):] == picks[len(prompt) - 1 : -1]
     # Not a degenerate echo: the rows use several distinct tokens.
     assert all(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, got)), got
