@@ -17,6 +17,7 @@ import keras_gemma
 from conftest import backend, to_numpy
 from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
+from keras_gemma.layers import decode_logits
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 from tokenizer_fixtures import _tiny_spm
@@ -350,3 +351,13 @@ def test_bad_inputs(gemma3_lm, text_lm):
 
 def test_bucket():
     assert [engine.bucket(n) for n in (1, 16, 17, 33, 64, 65, 200)] == [16, 16, 32, 64, 64, 128, 256]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_logits_is_the_head_product(batch):
+    """Whichever form this backend's decode head takes, it is x @ table^T."""
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((96, 8)).astype(np.float32)
+    x = rng.standard_normal((batch, 8)).astype(np.float32)
+    got = to_numpy(decode_logits(keras.ops.convert_to_tensor(table), keras.ops.convert_to_tensor(x)))
+    np.testing.assert_allclose(got, x @ table.T, rtol=1e-5, atol=1e-5)
