@@ -85,11 +85,10 @@ def test_greedy_with_cache_equals_full_forward(hf_lm):
     _check_greedy_equals_full_forward(hf_lm)
 
 
+@pytest.mark.skipif(backend() != "tensorflow", reason="only TensorFlow has a separate long-prompt prefill")
 def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
     """TensorFlow prefills long prompts in a graph without XLA; every prompt
     takes that path here."""
-    if keras.config.backend() != "tensorflow":
-        pytest.skip("only TensorFlow has a separate long-prompt prefill")
     monkeypatch.setattr(compile_module, "LONG_PREFILL", 0)
     _check_greedy_equals_full_forward(gemma3_lm)
 
