@@ -81,14 +81,15 @@ def apply_rotary(x, rotary):
 
 
 def attention_mask(query_positions, key_positions, window):
-    """Which keys each query may see: (b, t, s) bool.
+    """Which keys each query may see: (b, ..., t, s) bool, from positions
+    (b, ..., t) and (b, ..., s).
 
     A key is visible iff it is real (position >= 0; padding and empty cache
     slots carry -1), not in the future, and, for a sliding-window layer,
     `query - key < window` (the window counts the query itself).
     """
-    q = query_positions[:, :, None]  # (b, t, 1)
-    k = key_positions[:, None, :]  # (b, 1, s)
+    q = query_positions[..., :, None]  # (b, ..., t, 1)
+    k = key_positions[..., None, :]  # (b, ..., 1, s)
     visible = ops.logical_and(k >= 0, k <= q)
     if window is not None:
         visible = ops.logical_and(visible, (q - k) < window)
@@ -187,7 +188,10 @@ class Attention(keras.layers.Layer):
             cache = self._write_step(cache, k, v, key_positions, cache_index)
         elif cache is not None:
             cache = self._write_prefill(cache, k, v, key_positions)
-        out = self._attend(q, query_positions, segments)  # (b, t, n, h)
+        if len(segments) == 1 and self._local_blocks(x.shape[1]):
+            out = self._attend_local_blocks(q, query_positions, *segments[0])
+        else:
+            out = self._attend(q, query_positions, segments)  # (b, t, n, h)
         return self._project_out(out), cache
 
     # A decode step (t == 1) multiplies by each head's kernel slice on its
@@ -260,6 +264,56 @@ class Attention(keras.layers.Layer):
             out = out + mix(probs[..., start:start + size], values)  # (b, t, k, g, h)
             start += size
         return ops.reshape(out, (b, t, self.num_query_heads, self.head_dim))  # (b, t, n, h)
+
+    # A sliding-window layer attending a long input to itself (training,
+    # prefill) needs only the keys within `window` of each query: queries go
+    # in blocks of `block`, each against the `span` keys that end with its
+    # block (the window before it, rounded up to whole blocks). The full form
+    # computes and masks t x t scores; this computes t x span. Gemma 3 270M,
+    # a 2048-token prompt: 640 keys per query instead of 2048 in 15 of 18
+    # layers.
+
+    def _blocks(self):
+        """(block, span): query block length and keys per block."""
+        block = max(1, self.window // 4)
+        before = -(-(self.window - 1) // block) * block  # window - 1, in whole blocks
+        return block, before + block
+
+    def _local_blocks(self, t):
+        return self.window is not None and t is not None and t >= 2 * self._blocks()[1]
+
+    def _attend_local_blocks(self, q, query_positions, keys, values, key_positions):
+        """`_attend` of q (b, t, n, h) over its own keys and values (b, k, h, t)
+        in a sliding-window layer, by query blocks."""
+        b, t = ops.shape(q)[0], q.shape[1]
+        k, g, h = self.num_key_value_heads, self.num_query_heads // self.num_key_value_heads, self.head_dim
+        block, span = self._blocks()
+        blocks = -(-t // block)
+        end = blocks * block - t  # the last block's padding
+        before = span - block
+        # Padding carries position -1: a padded key is invisible, a padded
+        # query's output is dropped.
+        q = ops.pad(q, ((0, 0), (0, end), (0, 0), (0, 0)))
+        query_positions = ops.pad(query_positions, ((0, 0), (0, end)), constant_values=-1)
+        keys, values = (ops.pad(a, ((0, 0), (0, 0), (0, 0), (before, end))) for a in (keys, values))
+        key_positions = ops.pad(key_positions, ((0, 0), (before, end)), constant_values=-1)
+
+        def windows(a):  # (b, ..., before + blocks * block) -> (b, ..., blocks, span)
+            a = ops.reshape(a, (-1,) + tuple(a.shape[1:-1]) + (before // block + blocks, block))
+            shifts = span // block
+            return ops.concatenate([a[..., i:i + blocks, :] for i in range(shifts)], axis=-1)
+
+        q = ops.reshape(q, (b, blocks, block, k, g, h))
+        logits = ops.einsum("bkhjs,bjtkgh->bkgjts", windows(keys), q)  # (b, k, g, blocks, block, span)
+        logits = soft_cap(ops.cast(logits, "float32"), self.logit_softcap)
+        query_positions = ops.reshape(query_positions, (b, blocks, block))
+        visible = attention_mask(query_positions, windows(key_positions), self.window)  # (b, blocks, block, span)
+        logits = ops.where(visible[:, None, None], logits, MASK_VALUE)
+        # Softmax at rank 3: TensorFlow's CPU kernel takes at most rank 5.
+        probs = ops.softmax(ops.reshape(logits, (-1, block, span)), axis=-1)
+        probs = ops.cast(ops.reshape(probs, (-1, k, g, blocks, block, span)), q.dtype)
+        out = ops.einsum("bkgjts,bkhjs->bjtkgh", probs, windows(values))  # (b, blocks, block, k, g, h)
+        return ops.reshape(out, (b, blocks * block, self.num_query_heads, h))[:, :t]
 
     def _write_prefill(self, cache, k, v, key_positions):
         slots, t = cache[0].shape[3], k.shape[3]

@@ -157,6 +157,31 @@ def test_norms_compute_in_float32():
     assert np.abs(actual - exact).max() < 0.05 * np.abs(exact).max()
 
 
+@pytest.mark.parametrize("window", [3, 8, 13])
+def test_sliding_window_blocks_equal_full_attention(window):
+    """A local layer's long self-attention by query blocks (training, prefill)
+    equals the full masked t x t form, ragged rows and a soft-cap included."""
+    from keras_gemma.layers import Attention
+
+    config = tiny_config(sliding_window_size=window)
+    layer = Attention(config, layer_index=0)
+    b, t, k, h = 2, 59, config.num_key_value_heads, config.head_dim
+    block = layer._blocks()[0]
+    assert layer.window == window and layer._local_blocks(t) and (block == 1 or t % block)  # a ragged last block
+    rng = np.random.default_rng(window)
+    q = rng.normal(size=(b, t, config.num_query_heads, h)).astype("float32") * 2
+    keys, values = (rng.normal(size=(b, k, h, t)).astype("float32") * 2 for _ in range(2))
+    positions = np.stack([np.arange(t), np.arange(t) - 11]).astype("int32")  # row 1: 11 left-padding slots
+    key_positions = np.where(positions >= 0, positions, -1).astype("int32")
+    q, keys, values, query_positions, key_positions = map(
+        keras.ops.convert_to_tensor, (q, keys, values, positions, key_positions)
+    )
+    blocks = to_numpy(layer._attend_local_blocks(q, query_positions, keys, values, key_positions))
+    full = to_numpy(layer._attend(q, query_positions, [(keys, values, key_positions)]))
+    real = positions >= 0
+    np.testing.assert_allclose(blocks[real], full[real], atol=1e-5, rtol=1e-5)
+
+
 def test_fit_step_trains():
     model = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(tiny_config(num_layers=2, layer_types=("local", "global"))))
     inputs = batch()
