@@ -253,10 +253,9 @@ class Attention(keras.layers.Layer):
                 return ops.einsum("bkgts,bkhs->btkgh", probs, values)
 
         logits = ops.concatenate([scores(keys) for keys, _, _ in segments], axis=-1)  # (b, k, g, t, s)
-        logits = soft_cap(ops.cast(logits, "float32"), self.logit_softcap)
         key_positions = ops.concatenate([positions for _, _, positions in segments], axis=-1)  # (b, s)
         visible = attention_mask(query_positions, key_positions, self.window)  # (b, t, s)
-        logits = ops.where(visible[:, None, None, :, :], logits, MASK_VALUE)
+        logits = self._masked(logits, visible[:, None, None, :, :])
         probs = ops.cast(ops.softmax(logits, axis=-1), q.dtype)  # (b, k, g, t, s)
         out, start = 0, 0
         for _, values, _ in segments:
@@ -264,6 +263,11 @@ class Attention(keras.layers.Layer):
             out = out + mix(probs[..., start:start + size], values)  # (b, t, k, g, h)
             start += size
         return ops.reshape(out, (b, t, self.num_query_heads, self.head_dim))  # (b, t, n, h)
+
+    def _masked(self, logits, visible):
+        """Soft-capped float32 logits, `MASK_VALUE` where a key is not visible."""
+        logits = soft_cap(ops.cast(logits, "float32"), self.logit_softcap)
+        return ops.where(visible, logits, MASK_VALUE)
 
     # A sliding-window layer attending a long input to itself (training,
     # prefill) needs only the keys within `window` of each query: queries go
@@ -300,15 +304,13 @@ class Attention(keras.layers.Layer):
 
         def windows(a):  # (b, ..., before + blocks * block) -> (b, ..., blocks, span)
             a = ops.reshape(a, (-1,) + tuple(a.shape[1:-1]) + (before // block + blocks, block))
-            shifts = span // block
-            return ops.concatenate([a[..., i:i + blocks, :] for i in range(shifts)], axis=-1)
+            return ops.concatenate([a[..., i:i + blocks, :] for i in range(span // block)], axis=-1)
 
         q = ops.reshape(q, (b, blocks, block, k, g, h))
         logits = ops.einsum("bkhjs,bjtkgh->bkgjts", windows(keys), q)  # (b, k, g, blocks, block, span)
-        logits = soft_cap(ops.cast(logits, "float32"), self.logit_softcap)
         query_positions = ops.reshape(query_positions, (b, blocks, block))
         visible = attention_mask(query_positions, windows(key_positions), self.window)  # (b, blocks, block, span)
-        logits = ops.where(visible[:, None, None], logits, MASK_VALUE)
+        logits = self._masked(logits, visible[:, None, None])
         # Softmax at rank 3: TensorFlow's CPU kernel takes at most rank 5.
         probs = ops.softmax(ops.reshape(logits, (-1, block, span)), axis=-1)
         probs = ops.cast(ops.reshape(probs, (-1, k, g, blocks, block, span)), q.dtype)
