@@ -8,7 +8,8 @@ Each (backend, implementation) runs in its own subprocess, so backends do not
 share a process and peak memory is the implementation's own.
 
 Protocol, identical for both: greedy sampling, no stop tokens. For each case
-`generate` runs once to compile, then is timed: TTFT is a call that makes one
+`generate` runs once to compile, then is timed `--repeats` times, best kept,
+the 1-token and `new`-token calls alternating: TTFT is a call that makes one
 new token; decode tokens/s is `batch * (new - 1) / (t(new) - t(1))`. Peak
 memory is the process's peak resident set (VmHWM) during the case, reset
 before it (`/proc/self/clear_refs`), so it includes compilation.
