@@ -303,7 +303,7 @@ class Attention(keras.layers.Layer):
         key_positions = ops.pad(key_positions, ((0, 0), (before, end)), constant_values=-1)
 
         def windows(a):  # (b, ..., before + blocks * block) -> (b, ..., blocks, span)
-            a = ops.reshape(a, (-1,) + tuple(a.shape[1:-1]) + (before // block + blocks, block))
+            a = ops.reshape(a, (-1,) + tuple(a.shape[1:-1]) + (a.shape[-1] // block, block))
             return ops.concatenate([a[..., i:i + blocks, :] for i in range(span // block)], axis=-1)
 
         q = ops.reshape(q, (b, blocks, block, k, g, h))
