@@ -7,6 +7,8 @@ many times), and a tiny random model over a tiny SentencePiece vocabulary
 for text.
 """
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -360,3 +362,48 @@ def test_decode_logits_is_the_head_product(batch):
     x = rng.standard_normal((batch, 8)).astype(np.float32)
     got = to_numpy(decode_logits(keras.ops.convert_to_tensor(table), keras.ops.convert_to_tensor(x)))
     np.testing.assert_allclose(got, x @ table.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("equation, product", [
+    ("btd,df->btf", True),
+    ("btf,fd->btd", True),
+    ("ij,jk->ik", True),
+    ("btd,ndh->btnh", False),  # a per-head kernel
+    ("bkhs,btkgh->bkgts", False),  # attention
+    ("ij,kj->ik", False),  # w transposed
+    ("bd,dd->bd", False),
+    ("...d,df->...f", False),
+])
+def test_is_product_reads_einsum_equations(equation, product):
+    assert compile_module._is_product(equation) is product
+
+
+@pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
+def test_traced_products_go_to_onednn():
+    """While tracing, float32 `x @ w` (matmul, or an einsum of that form) is
+    recorded as oneDNN's inner product where this CPU has it, with the same
+    values; other products are recorded as they are."""
+    import torch
+
+    rng = np.random.default_rng(0)
+    x = torch.tensor(rng.standard_normal((2, 3, 40)), dtype=torch.float32)
+    w = torch.tensor(rng.standard_normal((40, 24)), dtype=torch.float32)
+    q = torch.tensor(rng.standard_normal((2, 5, 7)), dtype=torch.float32)
+
+    def fn(x, w, q):
+        return torch.matmul(x, w), torch.einsum("btd,df->btf", x, w), torch.einsum("bik,bjk->bij", q, q)
+
+    with torch.inference_mode(), compile_module._onednn_products(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # as compile.py does
+        traced = torch.jit.trace(fn, (x, w, q), check_trace=False)
+    graph = str(traced.graph)
+    onednn = compile_module._ONEDNN["linear"] is not None
+    assert graph.count("keras_gemma::onednn_linear") == (2 if onednn else 0), graph
+    assert "aten::einsum" in graph or "aten::bmm" in graph  # the attention-like product
+    with torch.inference_mode():
+        a, b, c = traced(x, w, q)
+    expected = (x.double() @ w.double()).float()
+    np.testing.assert_allclose(a.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(b.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(c.numpy(), torch.einsum("bik,bjk->bij", q, q).numpy(), rtol=1e-6)
