@@ -357,6 +357,21 @@ class FeedForward(keras.layers.Layer):
         self.gate.build((None, None, self.hidden_dim))
         self.up.build((None, None, self.hidden_dim))
         self.down.build((None, None, self.intermediate_dim))
+        if keras.config.backend() == "torch":
+            # Same shape and values, memory in (f, d) order: PyTorch's
+            # generation sends `x @ kernel` to oneDNN's inner product (see
+            # generation/compile.py), which reads an (f, d)-ordered matrix
+            # 2.4x faster per decode step (~110 against ~270 us for 640 x
+            # 2048, weights out of cache); a whole batch-1 step of Gemma 3
+            # 270M: 42.3 -> 36.9 ms. Assignments (`copy_`) keep the order.
+            # The down kernel is faster in its (f, d) order as it is. Float32
+            # only: bfloat16 products (oneDNN inside `matmul`) slow down in
+            # that order (36 -> 58 ms per step).
+            for dense in (self.gate, self.up):
+                float32 = self.dtype_policy.compute_dtype == dense.kernel.dtype == "float32"
+                if float32 and dense.quantization_mode is None:  # loading a quantized model builds it so
+                    kernel = dense.kernel.value  # no LoRA yet at build time
+                    kernel.data = kernel.data.T.contiguous().T
         self.built = True
 
     def call(self, x):
