@@ -16,7 +16,9 @@ The one place where generation knows its backend. The math (`engine.prefill`,
   so Keras' per-layer and per-op Python overhead (most of an eager decode
   step on CPU) is gone; on the 2-core CPU it measured ~2x faster than eager
   `inference_mode`, while `torch.compile` (inductor) took minutes to compile
-  and was slower than eager per token.
+  and was slower than eager per token. While tracing, float32 products by a
+  weight matrix are recorded as oneDNN's inner product (`_onednn_products`):
+  another 2x per decode step on an AMD CPU.
 
 Each compiled function keeps its own cache keyed on input shapes (jit and
 tf.function do this), and `engine` buckets shapes, so calls of similar sizes
