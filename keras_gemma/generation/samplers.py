@@ -14,6 +14,7 @@ same.
 
 import numpy as np
 
+import keras
 from keras import ops
 
 
@@ -64,8 +65,11 @@ def first_argmax(logits):
 
     Written as a max and a min over a 256k vocabulary: two plain reductions,
     where XLA:CPU runs `argmax`'s paired (value, index) reduction ~3x slower
-    (1.5 vs 0.4 ms per row).
+    (1.5 vs 0.4 ms per row). PyTorch's `argmax` is one pass and documented
+    to return the first index on ties: 0.2 against 3 ms per step at batch 8.
     """
+    if keras.config.backend() == "torch":
+        return ops.cast(ops.argmax(logits, axis=-1), "int32")
     vocabulary = logits.shape[-1]
     best = ops.max(logits, axis=-1, keepdims=True)
     index = ops.where(logits == best, ops.arange(vocabulary, dtype="int32"), vocabulary)
