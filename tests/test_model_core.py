@@ -115,6 +115,26 @@ def test_saved_model_round_trip(tmp_path):
     np.testing.assert_array_equal(to_numpy(restored(inputs)), expected)
 
 
+@pytest.mark.skipif(backend() != "torch", reason="a PyTorch storage order")
+def test_torch_gate_and_up_kernels_stay_f_major_through_assignment():
+    """PyTorch keeps float32 gate/up kernels (d, f) in (f, d) memory order,
+    the order oneDNN reads fast; loading weights keeps it, and the values
+    are the assigned ones."""
+    backbone = keras_gemma.GemmaBackbone(tiny_config())
+    arrays = {name: np.asarray(keras.ops.convert_to_numpy(v)) for name, v in backbone.weight_map().items()}
+    rng = np.random.default_rng(0)
+    arrays = {name: rng.standard_normal(a.shape).astype(a.dtype) for name, a in arrays.items()}
+    assign_weights(backbone, arrays)
+    d, f = backbone.config.hidden_dim, backbone.config.intermediate_dim
+    for i, block in enumerate(backbone.blocks):
+        for name in ("gate", "up"):
+            kernel = getattr(block.feed_forward, name).kernel
+            assert tuple(kernel.value.stride()) == (1, d), (i, name)
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel), arrays[f"blocks.{i}.feed_forward.{name}"])
+        assert tuple(block.feed_forward.down.kernel.value.stride()) == (d, 1)
+    assert f != d
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
 def test_reduced_precision(dtype):
     config = tiny_config()
