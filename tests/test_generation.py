@@ -364,25 +364,29 @@ def test_decode_logits_is_the_head_product(batch):
     np.testing.assert_allclose(got, x @ table.T, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("equation, product", [
-    ("btd,df->btf", True),
-    ("btf,fd->btd", True),
-    ("ij,jk->ik", True),
-    ("btd,ndh->btnh", False),  # a per-head kernel
-    ("bkhs,btkgh->bkgts", False),  # attention
-    ("ij,kj->ik", False),  # w transposed
-    ("bd,dd->bd", False),
-    ("...d,df->...f", False),
+@pytest.mark.parametrize("equation, form", [
+    ("btd,df->btf", "matrix"),
+    ("btf,fd->btd", "matrix"),
+    ("ij,jk->ik", "matrix"),
+    ("btd,ndh->btnh", "heads"),
+    ("bsd,kdh->bskh", "heads"),
+    ("btNh,Nhd->btd", "flat"),
+    ("bkhs,btkgh->bkgts", None),  # attention
+    ("bkgts,bkhs->btkgh", None),
+    ("ij,kj->ik", None),  # w transposed
+    ("bd,dd->bd", None),
+    ("...d,df->...f", None),
 ])
-def test_is_product_reads_einsum_equations(equation, product):
-    assert compile_module._is_product(equation) is product
+def test_einsum_forms_read_equations(equation, form):
+    assert compile_module._einsum_form(equation) == form
 
 
 @pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
 def test_traced_products_go_to_onednn():
-    """While tracing, float32 `x @ w` (matmul, or an einsum of that form) is
-    recorded as oneDNN's inner product where this CPU has it, with the same
-    values; other products are recorded as they are."""
+    """While tracing, float32 products by a weight (matmul; einsums by a
+    matrix, per head from HEAD_PRODUCT_ROWS rows on, or over heads and
+    features at once) are recorded as oneDNN's inner product where this CPU
+    has it, with the same values; other products are recorded as they are."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -390,20 +394,36 @@ def test_traced_products_go_to_onednn():
     w = torch.tensor(rng.standard_normal((40, 24)), dtype=torch.float32)
     q = torch.tensor(rng.standard_normal((2, 5, 7)), dtype=torch.float32)
 
-    def fn(x, w, q):
-        return torch.matmul(x, w), torch.einsum("btd,df->btf", x, w), torch.einsum("bik,bjk->bij", q, q)
+    heads = torch.tensor(rng.standard_normal((2, 40, 8)), dtype=torch.float32)  # (n, d, h)
+    rows = torch.tensor(rng.standard_normal((2, compile_module.HEAD_PRODUCT_ROWS, 40)), dtype=torch.float32)
+
+    def fn(x, w, q, heads, rows):
+        per_head = torch.einsum("btd,ndh->btnh", rows, heads)
+        flat = torch.einsum("btnh,nhd->btd", per_head, heads.transpose(1, 2))
+        return (
+            torch.matmul(x, w), torch.einsum("btd,df->btf", x, w), torch.einsum("bik,bjk->bij", q, q),
+            per_head, flat,
+            torch.einsum("btd,ndh->btnh", x, heads),  # too few rows: left to matmul
+        )
 
     with torch.inference_mode(), compile_module._onednn_products(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # as compile.py does
-        traced = torch.jit.trace(fn, (x, w, q), check_trace=False)
+        traced = torch.jit.trace(fn, (x, w, q, heads, rows), check_trace=False)
     graph = str(traced.graph)
     onednn = compile_module._ONEDNN["linear"] is not None
-    assert graph.count("keras_gemma::onednn_linear") == (2 if onednn else 0), graph
-    assert "aten::einsum" in graph or "aten::bmm" in graph  # the attention-like product
+    # matmul, "btd,df->btf", 2 heads, the flat product.
+    assert graph.count("keras_gemma::onednn_linear") == (5 if onednn else 0), graph
     with torch.inference_mode():
-        a, b, c = traced(x, w, q)
-    expected = (x.double() @ w.double()).float()
-    np.testing.assert_allclose(a.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(b.numpy(), expected.numpy(), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(c.numpy(), torch.einsum("bik,bjk->bij", q, q).numpy(), rtol=1e-6)
+        got = traced(x, w, q, heads, rows)
+
+    def f64(eq, *ops):
+        return torch.einsum(eq, *(o.double() for o in ops)).float().numpy()
+
+    per_head = f64("btd,ndh->btnh", rows, heads)
+    expected = [
+        f64("btd,df->btf", x, w), f64("btd,df->btf", x, w), f64("bik,bjk->bij", q, q), per_head,
+        f64("btnh,nhd->btd", torch.tensor(per_head), heads.transpose(1, 2)), f64("btd,ndh->btnh", x, heads),
+    ]
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
