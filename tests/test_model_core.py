@@ -282,3 +282,72 @@ def test_no_tensorflow_under_jax_or_torch():
         env = {**os.environ, "KERAS_BACKEND": target, "PYTHONPATH": ROOT}
         result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_SCRIPT], env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
+
+
+# The model's products (`keras_gemma/products.py`): every equation the layers
+# use, with one row (a batch-1 decode step) and several.
+PRODUCTS = [
+    ("btd,ndh->btnh", (1, 1, 32), (4, 32, 8)),
+    ("btd,ndh->btnh", (2, 5, 32), (4, 32, 8)),
+    ("btNh,Nhd->btd", (1, 1, 4, 8), (4, 8, 32)),
+    ("btd,df->btf", (1, 1, 32), (32, 48)),
+    ("btf,fd->btd", (3, 2, 48), (48, 32)),
+    ("bd,vd->bv", (1, 32), (64, 32)),
+    ("bd,vd->bv", (8, 32), (64, 32)),
+    ("bkhs,btkgh->bkgts", (2, 2, 8, 7), (2, 1, 2, 2, 8)),
+    ("bkgts,bkhs->btkgh", (1, 2, 2, 1, 7), (1, 2, 8, 7)),
+]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("equation,x_shape,y_shape", PRODUCTS)
+def test_products_accumulate_in_float32_and_round_once(equation, x_shape, y_shape, dtype):
+    """`products.einsum` is `ops.einsum` in float32 and, in bfloat16, the
+    float32 product of the bfloat16 operands rounded once (to within the
+    last bit: ops.einsum's own bfloat16 product on TensorFlow/PyTorch)."""
+    from keras_gemma import products
+
+    rng = np.random.default_rng(0)
+    x, y = (keras.ops.cast(rng.normal(size=s).astype("float32"), dtype) for s in (x_shape, y_shape))
+    out = products.einsum(equation, x, y)
+    assert keras.backend.standardize_dtype(out.dtype) == dtype
+    x32, y32 = (np.asarray(to_numpy(keras.ops.cast(a, "float32")), np.float64) for a in (x, y))
+    exact = np.einsum(equation, x32, y32)
+    if dtype == "float32":
+        np.testing.assert_allclose(to_numpy(out), to_numpy(keras.ops.einsum(equation, x, y)), rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(to_numpy(out), exact, rtol=1e-5, atol=1e-5)
+    else:
+        rounded = to_numpy(keras.ops.cast(keras.ops.cast(exact.astype("float32"), "bfloat16"), "float32"))
+        np.testing.assert_allclose(to_numpy(keras.ops.cast(out, "float32")), rounded, rtol=2**-7, atol=1e-6)
+    if len(x_shape) == 3 and len(y_shape) == 3 and equation.startswith("btd,ndh"):  # the per-head form
+        heads = keras.ops.broadcast_to(keras.ops.reshape(x, (1, -1, x_shape[-1])), (y_shape[0], x_shape[0] * x_shape[1], x_shape[-1]))
+        per_head = keras.ops.transpose(products.matmul(heads, y), (1, 0, 2))
+        np.testing.assert_allclose(
+            to_numpy(keras.ops.cast(per_head, "float32")),
+            to_numpy(keras.ops.cast(keras.ops.reshape(out, per_head.shape), "float32")), rtol=2**-7, atol=1e-6,
+        )
+
+
+@pytest.mark.skipif(backend() != "jax", reason="the JAX form of products")
+def test_jax_16_bit_products_take_float32_results_and_two_rows():
+    """On JAX on CPU, a bfloat16 product asks XLA for a float32 result (its
+    16-bit kernel; a bfloat16 result converts both operands to float32
+    first) and a single row goes in as two (XLA's matrix-vector path is
+    ~10x slower in 16 bits); float32 products are Keras' own."""
+    import jax
+
+    from keras_gemma import products
+
+    def dots(fn, *shapes, dtype="bfloat16"):
+        args = [jax.numpy.zeros(s, dtype) for s in shapes]
+        jaxpr = jax.make_jaxpr(fn)(*args)
+        return [(e.params["preferred_element_type"], tuple(e.invars[0].aval.shape)) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+
+    one_row = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48))
+    assert [(str(t), s) for t, s in one_row] == [("float32", (2, 1, 32))]
+    rows = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (2, 3, 32), (32, 48))
+    assert [(str(t), s) for t, s in rows] == [("float32", (2, 3, 32))]
+    heads = dots(products.matmul, (4, 1, 32), (4, 32, 8))
+    assert [(str(t), s) for t, s in heads] == [("float32", (4, 2, 32))]
+    full = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48), dtype="float32")
+    assert [s for _, s in full] == [(1, 1, 32)]
