@@ -427,3 +427,24 @@ def test_traced_products_go_to_onednn():
     ]
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(backend() != "jax", reason="XLA:CPU's compiled decode loop")
+def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
+    """XLA:CPU gathers rows of a 16-bit table through a float32 conversion
+    of it, fused with the gather; with loop-invariant code motion (off in
+    the decode loop, `compile._jax_loop_options`) the conversion of the
+    whole table was hoisted out of the loop and ran on every call."""
+    config = keras_gemma.GemmaConfig(
+        vocabulary_size=96, num_layers=2, hidden_dim=40, num_query_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
+    )
+    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config, dtype="bfloat16"))
+    prompts, limits, stop_ids = lm._prepare({"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}, None, 4, None)
+    functions, _, state, constants = lm._start(prompts, limits, stop_ids)
+    values = [v.value for v in functions.variables]
+    hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
+    table = [line for line in hlo.splitlines() if "f32[96,40]" in line and "convert(" in line]
+    assert "while(" in hlo
+    assert not [line for line in table if "fusion(" in line or line.strip().startswith("ROOT")], table
+    assert lm.generate({"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}, max_new_tokens=4)["token_ids"].shape[1] >= 4
