@@ -190,27 +190,9 @@ def _onednn_products():
     oneDNN's op has no backward; the traced functions run without gradients.
     A no-op context where oneDNN is missing (or on ARM).
     """
-    import platform
-
     import torch
 
-    if "linear" not in _ONEDNN:
-        _ONEDNN["linear"] = None
-        if platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available():
-            pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-            if pointwise is not None:
-                # A custom op, as `torch.jit.trace` cannot record the
-                # Scalar?[] argument of oneDNN's own.
-                @torch.library.custom_op("keras_gemma::onednn_linear", mutates_args=())
-                def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                    return pointwise(x, w, None, "none", [], "")
-
-                @linear.register_fake
-                def _(x, w):
-                    return x.new_empty((x.shape[0], w.shape[0]))
-
-                _ONEDNN["linear"] = linear
-    linear = _ONEDNN["linear"]
+    linear = _onednn_linear()
     if linear is None:
         return contextlib.nullcontext()
 
@@ -247,7 +229,31 @@ def _onednn_products():
     return Products()
 
 
-_ONEDNN = {}
+@functools.cache
+def _onednn_linear():
+    """The custom op `keras_gemma::onednn_linear(x, w)`, `x @ w.T` by oneDNN's
+    inner product (registered once), or None without oneDNN or off x86."""
+    import platform
+
+    import torch
+
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return None
+    pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    if pointwise is None:
+        return None
+
+    # A custom op, as `torch.jit.trace` cannot record the Scalar?[] argument
+    # of oneDNN's own.
+    @torch.library.custom_op("keras_gemma::onednn_linear", mutates_args=())
+    def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return pointwise(x, w, None, "none", [], "")
+
+    @linear.register_fake
+    def _(x, w):
+        return x.new_empty((x.shape[0], w.shape[0]))
+
+    return linear
 
 
 # Per-head products ("btd,ndh->btnh") go to oneDNN one head at a time from
