@@ -100,8 +100,8 @@ def attention_mask(query_positions, key_positions, window):
 
 class Projection(keras.layers.EinsumDense):
     """Keras' `EinsumDense` (no bias, no activation), its float product
-    through `products.einsum`: on JAX on CPU a 16-bit product runs XLA's
-    16-bit kernel (see `keras_gemma/products.py`). Quantized layers keep
+    through `products.einsum`: on JAX on CPU a bfloat16 product runs XLA's
+    bfloat16 kernel (see `keras_gemma/products.py`). Quantized layers keep
     Keras' own calls."""
 
     def call(self, inputs, training=None):
@@ -456,8 +456,8 @@ def decode_logits(kernel, x):
       Elsewhere it would materialise a (v, b, d) product.
     - TensorFlow, batch 1: the table as 4 row blocks, a batched matmul:
       12.5 against 18 ms (its XLA runs one matrix-vector product serially).
-    - JAX on CPU in 16 bits: (b, d) x (d, v), `products.einsum` (14 ms at
-      batch 8, 12 at batch 1, bfloat16).
+    - JAX on CPU in bfloat16: (b, d) x (d, v), `products.einsum` (14 ms at
+      batch 8, 12 at batch 1).
     - PyTorch: (b, d) x (d, v), the form its traced generation functions
       send to oneDNN with the table as the weight (`generation/compile.py`);
       with the table as oneDNN's input instead, a traced batch-8 prefill

@@ -1,9 +1,9 @@
-"""Matrix products of the model: `keras.ops`, except 16-bit floats under JAX on CPU.
+"""Matrix products of the model: `keras.ops`, except bfloat16 under JAX on CPU.
 
 XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot by converting both
 operands to float32 first, so it is no faster than float32 and reads every
-weight twice over. Asked for a float32 result, the same dot runs its 16-bit
-kernel. Measured on a 2-core AMD EPYC (Zen 5), JAX 0.10:
+weight twice over. Asked for a float32 result, the same dot runs its
+bfloat16 kernel. Measured on a 2-core AMD EPYC (Zen 5), JAX 0.10:
 
 - (512, 640) x (640, 2048): float32 3.7 ms, bfloat16 3.6 ms, bfloat16 with a
   float32 result 1.7 ms (780 GFLOP/s).
@@ -11,10 +11,12 @@ kernel. Measured on a 2-core AMD EPYC (Zen 5), JAX 0.10:
   float32 result 14 ms.
 
 A product with a single row (batch-1 decoding) takes a matrix-vector path
-that is an order of magnitude slower in 16 bits (the head: 182 ms), so one
+that is an order of magnitude slower in bfloat16 (the head: 182 ms), so one
 row goes in as two (12 ms). Results come back in the input dtype, so every
 layer sees what it would on another backend; float32 accumulation is what
-JAX does on accelerators anyway. Other backends and dtypes: `keras.ops`.
+JAX does on accelerators anyway. float16 has no such kernel there (a
+float32 result measured about the same), so it stays with `keras.ops`, as
+do other backends and dtypes.
 """
 
 import keras
@@ -54,11 +56,11 @@ def matmul(x, y):
 
 
 def accumulates_in_float32(x, y):
-    """Whether `einsum`/`matmul` of x and y take the JAX 16-bit form."""
+    """Whether `einsum`/`matmul` of x and y take the JAX bfloat16 form."""
     if keras.config.backend() != "jax":
         return False
     dtypes = {keras.backend.standardize_dtype(a.dtype) for a in (x, y)}
-    return dtypes <= {"bfloat16", "float16"} and len(dtypes) == 1 and on_cpu()
+    return dtypes == {"bfloat16"} and on_cpu()
 
 
 def on_cpu():

@@ -329,11 +329,11 @@ def test_products_accumulate_in_float32_and_round_once(equation, x_shape, y_shap
 
 
 @pytest.mark.skipif(backend() != "jax", reason="the JAX form of products")
-def test_jax_16_bit_products_take_float32_results_and_two_rows():
+def test_jax_bfloat16_products_take_float32_results_and_two_rows():
     """On JAX on CPU, a bfloat16 product asks XLA for a float32 result (its
-    16-bit kernel; a bfloat16 result converts both operands to float32
+    bfloat16 kernel; a bfloat16 result converts both operands to float32
     first) and a single row goes in as two (XLA's matrix-vector path is
-    ~10x slower in 16 bits); float32 products are Keras' own."""
+    ~10x slower in bfloat16); float32 and float16 products are Keras' own."""
     import jax
 
     from keras_gemma import products
@@ -351,3 +351,5 @@ def test_jax_16_bit_products_take_float32_results_and_two_rows():
     assert [(str(t), s) for t, s in heads] == [("float32", (4, 2, 32))]
     full = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48), dtype="float32")
     assert [s for _, s in full] == [(1, 1, 32)]
+    half = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48), dtype="float16")
+    assert [(str(t), s) for t, s in half] == [("float16", (1, 1, 32))]
