@@ -32,9 +32,11 @@ def einsum(equation, x, y):
     x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
     inputs, _, output = equation.replace(" ", "").partition("->")
     x_letters, _, y_letters = inputs.partition(",")
-    # One row: x's first axis, when only x has it, is 1 and is all of x's rows.
+    # One row: x's own axes (not in y) are all 1, and the first of them
+    # leads both x and the output, so it can take a second row.
     rows = [size for letter, size in zip(x_letters, x.shape) if letter not in y_letters]
-    pad = output[:1] == x_letters[:1] not in y_letters and all(size == 1 for size in rows)
+    first = x_letters[:1]
+    pad = first not in y_letters and output.startswith(first) and all(size == 1 for size in rows)
     if pad:
         x = jnp.concatenate([x, x], axis=0)
     out = jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
