@@ -29,18 +29,14 @@ def einsum(equation, x, y):
         return ops.einsum(equation, x, y)
     import jax.numpy as jnp
 
-    x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
     inputs, _, output = equation.replace(" ", "").partition("->")
     x_letters, _, y_letters = inputs.partition(",")
     # One row: x's own axes (not in y) are all 1, and the first of them
     # leads both x and the output, so it can take a second row.
     rows = [size for letter, size in zip(x_letters, x.shape) if letter not in y_letters]
     first = x_letters[:1]
-    pad = first not in y_letters and output.startswith(first) and all(size == 1 for size in rows)
-    if pad:
-        x = jnp.concatenate([x, x], axis=0)
-    out = jnp.einsum(equation, x, y, preferred_element_type=jnp.float32)
-    return (out[:1] if pad else out).astype(x.dtype)
+    one_row = first not in y_letters and output.startswith(first) and all(size == 1 for size in rows)
+    return _float32_result(lambda a, b, **kw: jnp.einsum(equation, a, b, **kw), x, y, 0 if one_row else None)
 
 
 def matmul(x, y):
@@ -49,12 +45,22 @@ def matmul(x, y):
         return ops.matmul(x, y)
     import jax.numpy as jnp
 
+    return _float32_result(jnp.matmul, x, y, -2 if x.shape[-2] == 1 else None)
+
+
+def _float32_result(product, x, y, row_axis):
+    """`product(x, y)` asked for a float32 result, cast back to x's dtype.
+    With a `row_axis` (x's single row, also the output's), x goes in with
+    that row twice and the output keeps the first."""
+    import jax
+
     x, y = ops.convert_to_tensor(x), ops.convert_to_tensor(y)
-    pad = x.shape[-2] == 1
-    if pad:
-        x = jnp.concatenate([x, x], axis=-2)
-    out = jnp.matmul(x, y, preferred_element_type=jnp.float32)
-    return (out[..., :1, :] if pad else out).astype(x.dtype)
+    if row_axis is not None:
+        x = jax.numpy.concatenate([x, x], axis=row_axis)
+    out = product(x, y, preferred_element_type="float32")
+    if row_axis is not None:
+        out = jax.lax.slice_in_dim(out, 0, 1, axis=row_axis)
+    return out.astype(x.dtype)
 
 
 def accumulates_in_float32(x, y):
