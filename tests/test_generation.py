@@ -440,11 +440,12 @@ def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
         head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
     )
     lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config, dtype="bfloat16"))
-    prompts, limits, stop_ids = lm._prepare({"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}, None, 4, None)
+    prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
+    prompts, limits, stop_ids = lm._prepare(prompt, None, 4, None)
     functions, _, state, constants = lm._start(prompts, limits, stop_ids)
     values = [v.value for v in functions.variables]
     hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
     table = [line for line in hlo.splitlines() if "f32[96,40]" in line and "convert(" in line]
     assert "while(" in hlo
     assert not [line for line in table if "fusion(" in line or line.strip().startswith("ROOT")], table
-    assert lm.generate({"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}, max_new_tokens=4)["token_ids"].shape[1] >= 4
+    assert lm.generate(prompt, max_new_tokens=4)["token_ids"].shape[1] >= 4

@@ -33,6 +33,7 @@ import warnings
 import keras
 
 from keras_gemma.generation import engine
+from keras_gemma.products import on_cpu
 
 
 class GenerateFunctions:
@@ -106,8 +107,6 @@ def _jax_loop_options():
     670 MB for each `generate` in bfloat16 (decode ~31 -> ~27 ms per token,
     batch 1, with it off). Float32 decoding measured the same either way.
     """
-    from keras_gemma.products import on_cpu
-
     return {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"} if on_cpu() else None
 
 
