@@ -7,6 +7,7 @@ many times), and a tiny random model over a tiny SentencePiece vocabulary
 for text.
 """
 
+import re
 import warnings
 
 import numpy as np
@@ -449,3 +450,26 @@ def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
     assert "while(" in hlo
     assert not [line for line in table if "fusion(" in line or line.strip().startswith("ROOT")], table
     assert lm.generate(prompt, max_new_tokens=4)["token_ids"].shape[1] >= 4
+
+
+@pytest.mark.skipif(backend() != "jax", reason="inspects the compiled JAX decode loop")
+def test_jax_float32_decode_loop_copies_no_cache():
+    """A decode step reads each layer's cache and writes one slot in place:
+    the compiled loop copies no cache array (`compile._jax_loop_options`).
+    That the read still comes before the write is what
+    `test_greedy_with_cache_equals_full_forward` checks."""
+    config = keras_gemma.GemmaConfig(
+        vocabulary_size=96, num_layers=2, hidden_dim=40, num_query_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
+    )
+    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))
+    prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
+    prompts, limits, stop_ids = lm._prepare(prompt, None, 20, None)
+    functions, _, state, constants = lm._start(prompts, limits, stop_ids)
+    values = [v.value for v in functions.variables]
+    hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
+    cache_shapes = {tuple(a.shape) for layer in state[0] for a in layer}
+    assert len(cache_shapes) == 4  # keys/values and positions, ring and global
+    copied = [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= \w+\[([\d,]+)\]\{[\d,]*\} copy\(", hlo)]
+    assert "while(" in hlo
+    assert not cache_shapes & set(copied), sorted(cache_shapes & set(copied))
