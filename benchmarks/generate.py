@@ -12,7 +12,9 @@ Protocol, identical for both: greedy sampling, no stop tokens. For each case
 the 1-token and `new`-token calls alternating: TTFT is a call that makes one
 new token; decode tokens/s is `batch * (new - 1) / (t(new) - t(1))`. Peak
 memory is the process's peak resident set (VmHWM) during the case, reset
-before it (`/proc/self/clear_refs`), so it includes compilation.
+before it (`/proc/self/clear_refs`, after `gc.collect()` and glibc's
+`malloc_trim`, so memory freed by earlier cases does not count), so it
+includes compilation.
 
 keras-hub is fed token ids with `preprocessor=None` (right-padded to
 `prompt + new`, its `max_length`); keras_gemma gets the same ids.
@@ -24,6 +26,8 @@ Usage:
 """
 
 import argparse
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -50,6 +54,14 @@ QUICK_CASES = (("short", 1, 16, 16), ("prompt512", 1, 512, 4))
 
 
 def _peak_reset():
+    """Start a case's peak from what is live now: collect garbage (a Keras
+    model is freed only by the cycle collector) and hand freed heap back to
+    the OS, so one case's leftovers do not count as the next one's peak."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets VmHWM to the current RSS
@@ -129,7 +141,10 @@ def worker(args):
 
     cases = QUICK_CASES if args.quick else CASES
     build = {"keras_gemma": _build_keras_gemma, "keras_hub": _build_keras_hub}[args.impl]
+    generate = None
     for dtype in args.dtypes.split(","):
+        generate = None  # the previous dtype's model goes before this one is built
+        _peak_reset()
         keras.utils.set_random_seed(0)
         start = time.perf_counter()
         generate = build(dtype)
