@@ -430,6 +430,22 @@ def test_traced_products_go_to_onednn():
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
+def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
+    """A traced decode step writes its slot into the cache tensors it was
+    given (no clone of any layer's cache), and still decodes as repeated
+    uncached forward passes do (`test_greedy_with_cache_equals_full_forward`
+    checks that on ragged batches)."""
+    prompts, limits, stop_ids = gemma3_lm._prepare({"token_ids": np.array([[5, 6, 7]])}, None, 6, None)
+    functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
+    storage = [[a.data_ptr() for a in layer] for layer in state[0]]
+    before = [[to_numpy(a).copy() for a in layer] for layer in state[0]]
+    state = functions.step(state, constants)
+    assert [[a.data_ptr() for a in layer] for layer in state[0]] == storage
+    changed = [any(not np.array_equal(to_numpy(a), b) for a, b in zip(layer, old)) for layer, old in zip(state[0], before)]
+    assert all(changed), changed  # every layer wrote its slot
+
+
 @pytest.mark.skipif(backend() != "jax", reason="XLA:CPU's compiled decode loop")
 def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
     """XLA:CPU gathers rows of a 16-bit table through a float32 conversion
