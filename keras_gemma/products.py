@@ -1,4 +1,6 @@
 """Matrix products of the model: `keras.ops`, except bfloat16 under JAX on CPU.
+Also the model's one in-place write, a decode step's cache slot on PyTorch
+(`writes_in_place`).
 
 XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot by converting both
 operands to float32 first, so it is no faster than float32 and reads every
@@ -73,3 +75,27 @@ def accumulates_in_float32(x, y):
 
 def on_cpu():
     return keras.distribution.list_devices()[0].startswith("cpu")
+
+
+def writes_in_place():
+    """Whether a decode step writes its cache slot in place: on PyTorch,
+    without gradients (generation runs in `torch.inference_mode`).
+
+    `ops.slice_update` on PyTorch clones the whole array and writes through
+    an index grid: per step, 54 cache arrays and ~6 ops each for Gemma 3
+    270M. `index_copy_` is one op. A step then attends to the updated
+    cache, one product where the functional form takes two (cache, new
+    key) and concatenates. Gemma 3 270M, float32, alternated in one
+    process: 39.1 -> 36.6 ms per step at batch 1, 62.6 -> 57.9 at batch 8.
+    """
+    if keras.config.backend() != "torch":
+        return False
+    import torch
+
+    return not torch.is_grad_enabled()
+
+
+def write_in_place(array, axis, index, update):
+    """`array`'s slice `index` (a scalar) along `axis` becomes `update`
+    (size 1 on that axis), in `array` itself (PyTorch, `writes_in_place`)."""
+    array.index_copy_(axis, ops.cast(ops.reshape(index, (1,)), "int64"), update)
