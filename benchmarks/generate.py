@@ -141,7 +141,6 @@ def worker(args):
 
     cases = QUICK_CASES if args.quick else CASES
     build = {"keras_gemma": _build_keras_gemma, "keras_hub": _build_keras_hub}[args.impl]
-    generate = None
     for dtype in args.dtypes.split(","):
         generate = None  # the previous dtype's model goes before this one is built
         _peak_reset()

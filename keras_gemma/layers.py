@@ -200,7 +200,7 @@ class Attention(keras.layers.Layer):
         segments = [(k, v, key_positions)]
         if cache is not None and x.shape[1] == 1 and products.writes_in_place():
             # Write the key into the cache, then attend to the cache alone.
-            cache = self._write_step_in_place(cache, k, v, key_positions, cache_index)
+            cache = self._write_step(cache, k, v, key_positions, cache_index, in_place=True)
             segments = [cache]
         elif cache is not None and x.shape[1] == 1:
             # Attend to the cache as it was plus the new key, and write the
@@ -350,30 +350,26 @@ class Attention(keras.layers.Layer):
             key_positions = ops.roll(key_positions[:, t - slots:], shift, axis=1)
         return self._write(cache, k, v, key_positions, ops.zeros((), "int32"))
 
-    def _write_step(self, cache, k, v, key_positions, cache_index):
+    def _write_step(self, cache, k, v, key_positions, cache_index, in_place=False):
         slot = ops.cast(cache_index, "int32") % cache[0].shape[3]
-        return self._write(cache, k, v, key_positions, slot)
+        return self._write(cache, k, v, key_positions, slot, in_place)
 
     @staticmethod
-    def _write_step_in_place(cache, k, v, key_positions, cache_index):
-        """`_write_step` into the cache's own tensors (PyTorch, see
-        `products.writes_in_place`); returns the same cache."""
-        cache_keys, cache_values, cache_positions = cache
-        slot = ops.cast(cache_index, "int32") % cache_keys.shape[3]
-        products.write_in_place(cache_keys, 3, slot, ops.cast(k, cache_keys.dtype))
-        products.write_in_place(cache_values, 3, slot, ops.cast(v, cache_values.dtype))
-        products.write_in_place(cache_positions, 1, slot, ops.cast(key_positions, cache_positions.dtype))
-        return cache
-
-    @staticmethod
-    def _write(cache, k, v, key_positions, slot):
-        """k, v (b, k, h, t) and positions (b, t) into the cache from `slot` on."""
-        cache_keys, cache_values, cache_positions = cache
+    def _write(cache, k, v, key_positions, slot, in_place=False):
+        """k, v (b, k, h, t) and positions (b, t) into the cache from `slot` on;
+        `in_place` (one slot, PyTorch: `products.writes_in_place`) writes into
+        the cache's own tensors and returns them."""
         zero = ops.zeros((), "int32")
-        cache_keys = ops.slice_update(cache_keys, (zero, zero, zero, slot), ops.cast(k, cache_keys.dtype))
-        cache_values = ops.slice_update(cache_values, (zero, zero, zero, slot), ops.cast(v, cache_values.dtype))
-        cache_positions = ops.slice_update(cache_positions, (zero, slot), ops.cast(key_positions, cache_positions.dtype))
-        return cache_keys, cache_values, cache_positions
+
+        def put(array, update):  # along the slot (last) axis
+            update = ops.cast(update, array.dtype)
+            if in_place:
+                products.write_in_place(array, array.ndim - 1, slot, update)
+                return array
+            return ops.slice_update(array, (zero,) * (array.ndim - 1) + (slot,), update)
+
+        cache_keys, cache_values, cache_positions = cache
+        return put(cache_keys, k), put(cache_values, v), put(cache_positions, key_positions)
 
 
 class FeedForward(keras.layers.Layer):

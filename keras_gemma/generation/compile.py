@@ -69,7 +69,7 @@ class GenerateFunctions:
         )
 
 
-def _jax(variables, prefill, step, loop, cache_dtype="float32"):
+def _jax(variables, prefill, step, loop, cache_dtype):
     import jax
 
     def stateless(fn):
