@@ -30,6 +30,28 @@ def set_backend(backend):
         sys.path.insert(0, REPO_ROOT)
 
 
+def set_seed(seed):
+    """Seeds Python, NumPy and the backend, as `keras.utils.set_random_seed`
+    does, but without importing TensorFlow under JAX or PyTorch (Keras'
+    function seeds TensorFlow whenever it is installed). Keras draws its
+    default seeds (initializers, `keras.random` without a seed) from
+    Python's `random`."""
+    import random
+
+    import keras
+    import numpy as np
+
+    if keras.config.backend() == "tensorflow":
+        keras.utils.set_random_seed(seed)
+        return
+    random.seed(seed)
+    np.random.seed(seed)
+    if keras.config.backend() == "torch":
+        import torch
+
+        torch.manual_seed(seed)
+
+
 def add_model_flags(parser, dtype=True):
     parser.add_argument(
         "--preset",

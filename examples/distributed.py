@@ -63,10 +63,9 @@ def tiny_config():
 
 def build(args, config):
     """The model under the current distribution (variables are created sharded)."""
-    import keras
     import keras_gemma
 
-    keras.utils.set_random_seed(0)
+    _common.set_seed(0)
     if args.preset:
         return _common.load_model(args.preset, log=_common.stderr)
     return keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))

@@ -108,7 +108,7 @@ def main(argv=None, lm=None):
     _common.set_backend(args.backend)
     import keras
 
-    keras.utils.set_random_seed(args.seed)
+    _common.set_seed(args.seed)
     log = _common.stderr
     if lm is None:
         lm = _common.load_model(args.preset, args.dtype, log=log)

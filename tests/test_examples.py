@@ -49,7 +49,8 @@ SHARED_MODEL_SCRIPT = textwrap.dedent(
     result = finetune.main(["--steps", "2", "--batch-size", "4", "--eval-examples", "8",
                             "--show", "1", "--max-new-tokens", "4"], lm=lm)
     print("RESULT " + json.dumps({{"completion": completion, "replies": replies, "piped": piped,
-                                   "loss_before": result["loss_before"], "loss_after": result["loss_after"]}}))
+                                   "loss_before": result["loss_before"], "loss_after": result["loss_after"],
+                                   "tensorflow": sorted(m for m in sys.modules if m.split(".")[0] == "tensorflow")}}))
     """
 )
 
@@ -107,6 +108,10 @@ def test_generate_chat_and_finetune_on_the_real_270m(real_gguf_path):  # noqa: F
     assert after < before, (before, after)
     assert re.search(r"Held-out loss: [\d.]+ before, [\d.]+ after 2 steps", sections["finetune"])
     assert "before: " in sections["finetune"] and "after: " in sections["finetune"]
+
+    # No TensorFlow unless it is the backend: not for seeding, loading, generating or training.
+    if backend() != "tensorflow":
+        assert result["tensorflow"] == [], result["tensorflow"][:5]
 
 
 @pytest.mark.large
