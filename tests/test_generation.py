@@ -446,22 +446,28 @@ def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
     assert all(changed), changed  # every layer wrote its slot
 
 
+def _compiled_jax_loop(dtype, new_tokens):
+    """A tiny local+global model, its prompt, the decode loop's start state
+    and the loop's optimized HLO (JAX)."""
+    config = keras_gemma.GemmaConfig(
+        vocabulary_size=96, num_layers=2, hidden_dim=40, num_query_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
+    )
+    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config, dtype=dtype))
+    prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
+    prompts, limits, stop_ids = lm._prepare(prompt, None, new_tokens, None)
+    functions, _, state, constants = lm._start(prompts, limits, stop_ids)
+    values = [v.value for v in functions.variables]
+    return lm, prompt, state, functions.loop.jitted.lower(values, state, constants).compile().as_text()
+
+
 @pytest.mark.skipif(backend() != "jax", reason="XLA:CPU's compiled decode loop")
 def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
     """XLA:CPU gathers rows of a 16-bit table through a float32 conversion
     of it, fused with the gather; with loop-invariant code motion (off in
     the decode loop, `compile._jax_loop_options`) the conversion of the
     whole table was hoisted out of the loop and ran on every call."""
-    config = keras_gemma.GemmaConfig(
-        vocabulary_size=96, num_layers=2, hidden_dim=40, num_query_heads=2, num_key_value_heads=1,
-        head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
-    )
-    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config, dtype="bfloat16"))
-    prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
-    prompts, limits, stop_ids = lm._prepare(prompt, None, 4, None)
-    functions, _, state, constants = lm._start(prompts, limits, stop_ids)
-    values = [v.value for v in functions.variables]
-    hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
+    lm, prompt, _, hlo = _compiled_jax_loop("bfloat16", 4)
     table = [line for line in hlo.splitlines() if "f32[96,40]" in line and "convert(" in line]
     assert "while(" in hlo
     assert not [line for line in table if "fusion(" in line or line.strip().startswith("ROOT")], table
@@ -474,16 +480,7 @@ def test_jax_float32_decode_loop_copies_no_cache():
     the compiled loop copies no cache array (`compile._jax_loop_options`).
     That the read still comes before the write is what
     `test_greedy_with_cache_equals_full_forward` checks."""
-    config = keras_gemma.GemmaConfig(
-        vocabulary_size=96, num_layers=2, hidden_dim=40, num_query_heads=2, num_key_value_heads=1,
-        head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
-    )
-    lm = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))
-    prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
-    prompts, limits, stop_ids = lm._prepare(prompt, None, 20, None)
-    functions, _, state, constants = lm._start(prompts, limits, stop_ids)
-    values = [v.value for v in functions.variables]
-    hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
+    _, _, state, hlo = _compiled_jax_loop("float32", 20)
     cache_shapes = {tuple(a.shape) for layer in state[0] for a in layer}
     assert len(cache_shapes) == 4  # keys/values and positions, ring and global
     copied = [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= \w+\[([\d,]+)\]\{[\d,]*\} copy\(", hlo)]
