@@ -198,24 +198,29 @@ class Attention(keras.layers.Layer):
         v = ops.transpose(v, (0, 2, 3, 1))  # (b, k, h, t)
 
         segments = [(k, v, key_positions)]
+        write_after = False
         if cache is not None and x.shape[1] == 1 and products.writes_in_place():
             # Write the key into the cache, then attend to the cache alone.
             cache = self._write_step(cache, k, v, key_positions, cache_index, in_place=True)
             segments = [cache]
         elif cache is not None and x.shape[1] == 1:
             # Attend to the cache as it was plus the new key, and write the
-            # key for later steps. Reading the updated cache instead makes
-            # XLA copy every layer's cache on every step. The slot being
-            # overwritten is invisible either way: it was empty (a global
-            # layer) or holds a key `window` positions back (a ring).
+            # key for later steps (below). Reading the updated cache instead
+            # makes XLA copy every layer's cache on every step. The slot
+            # being overwritten is invisible either way: it was empty (a
+            # global layer) or holds a key `window` positions back (a ring).
             segments = [cache] + segments
-            cache = self._write_step(cache, k, v, key_positions, cache_index)
+            write_after = True
         elif cache is not None:
             cache = self._write_prefill(cache, k, v, key_positions)
         if len(segments) == 1 and self._local_blocks(x.shape[1]):
             out = self._attend_local_blocks(q, query_positions, *segments[0])
         else:
             out = self._attend(q, query_positions, segments)  # (b, t, n, h)
+        if write_after:
+            if products.orders_cache_write(cache[0].dtype):
+                cache_index = _after(cache_index, out)
+            cache = self._write_step(cache, k, v, key_positions, cache_index)
         return self._project_out(out), cache
 
     # A decode step (t == 1) multiplies by each head's kernel slice on its
@@ -370,6 +375,15 @@ class Attention(keras.layers.Layer):
 
         cache_keys, cache_values, cache_positions = cache
         return put(cache_keys, k), put(cache_values, v), put(cache_positions, key_positions)
+
+
+def _after(index, x):
+    """`index` unchanged, but computed from `x`: whatever uses it (a cache
+    write) is ordered after x and so after everything x read.
+
+    `min(isnan(..), 0)` is 0 for every value, NaN included, and no
+    compiler folds it away."""
+    return index + ops.minimum(ops.cast(ops.isnan(ops.ravel(x)[0]), "int32"), 0)
 
 
 class FeedForward(keras.layers.Layer):

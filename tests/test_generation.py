@@ -446,9 +446,9 @@ def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
     assert all(changed), changed  # every layer wrote its slot
 
 
-def _compiled_jax_loop(dtype, new_tokens):
+def _compiled_loop(dtype, new_tokens):
     """A tiny local+global model, its prompt, the decode loop's start state
-    and the loop's optimized HLO (JAX)."""
+    and the loop's optimized HLO (JAX or TensorFlow)."""
     config = keras_gemma.GemmaConfig(
         vocabulary_size=96, num_layers=2, hidden_dim=40, num_query_heads=2, num_key_value_heads=1,
         head_dim=8, intermediate_dim=48, layer_types=("local", "global"), sliding_window_size=4,
@@ -457,8 +457,26 @@ def _compiled_jax_loop(dtype, new_tokens):
     prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
     prompts, limits, stop_ids = lm._prepare(prompt, None, new_tokens, None)
     functions, _, state, constants = lm._start(prompts, limits, stop_ids)
-    values = [v.value for v in functions.variables]
-    return lm, prompt, state, functions.loop.jitted.lower(values, state, constants).compile().as_text()
+    if backend() == "tensorflow":
+        hlo = functions.loop.experimental_get_compiler_ir(state, constants)(stage="optimized_hlo")
+    else:
+        values = [v.value for v in functions.variables]
+        hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
+    return lm, prompt, state, hlo
+
+
+def _copied_cache_arrays(state, hlo, in_entry):
+    """Cache shapes that the loop's optimized HLO copies: anywhere, or
+    `in_entry=False` only inside the loop, where a copy is paid on every
+    step (TensorFlow copies its arguments, which it does not donate, once
+    per call in the entry computation)."""
+    cache_shapes = {tuple(a.shape) for layer in state[0] for a in layer}
+    assert len(cache_shapes) == 4  # keys/values and positions, ring and global
+    computations = hlo.split("\n\n")
+    inner = "\n\n".join(c for c in computations if in_entry or not c.lstrip().startswith("ENTRY"))
+    copied = [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= \w+\[([\d,]+)\]\{[\d,]*\} copy\(", inner)]
+    assert "while(" in hlo
+    return sorted(cache_shapes & set(copied))
 
 
 @pytest.mark.skipif(backend() != "jax", reason="XLA:CPU's compiled decode loop")
@@ -467,11 +485,19 @@ def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
     of it, fused with the gather; with loop-invariant code motion (off in
     the decode loop, `compile._jax_loop_options`) the conversion of the
     whole table was hoisted out of the loop and ran on every call."""
-    lm, prompt, _, hlo = _compiled_jax_loop("bfloat16", 4)
+    lm, prompt, _, hlo = _compiled_loop("bfloat16", 4)
     table = [line for line in hlo.splitlines() if "f32[96,40]" in line and "convert(" in line]
     assert "while(" in hlo
     assert not [line for line in table if "fusion(" in line or line.strip().startswith("ROOT")], table
     assert lm.generate(prompt, max_new_tokens=4)["token_ids"].shape[1] >= 4
+
+
+@pytest.mark.skipif(backend() != "tensorflow", reason="inspects the compiled TensorFlow decode loop")
+def test_tensorflow_float32_decode_loop_copies_no_cache():
+    """TensorFlow's XLA copied every cache array three times per step until
+    the write waited for the attention (`products.orders_cache_write`)."""
+    _, _, state, hlo = _compiled_loop("float32", 20)
+    assert not _copied_cache_arrays(state, hlo, in_entry=False)
 
 
 @pytest.mark.skipif(backend() != "jax", reason="inspects the compiled JAX decode loop")
@@ -480,9 +506,5 @@ def test_jax_float32_decode_loop_copies_no_cache():
     the compiled loop copies no cache array (`compile._jax_loop_options`).
     That the read still comes before the write is what
     `test_greedy_with_cache_equals_full_forward` checks."""
-    _, _, state, hlo = _compiled_jax_loop("float32", 20)
-    cache_shapes = {tuple(a.shape) for layer in state[0] for a in layer}
-    assert len(cache_shapes) == 4  # keys/values and positions, ring and global
-    copied = [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= \w+\[([\d,]+)\]\{[\d,]*\} copy\(", hlo)]
-    assert "while(" in hlo
-    assert not cache_shapes & set(copied), sorted(cache_shapes & set(copied))
+    _, _, state, hlo = _compiled_loop("float32", 20)
+    assert not _copied_cache_arrays(state, hlo, in_entry=True)
