@@ -96,8 +96,15 @@ def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
     _check_greedy_equals_full_forward(gemma3_lm)
 
 
-def _check_greedy_equals_full_forward(lm):
-    prompts = _ragged_prompts()
+def test_greedy_batch_of_one_equals_full_forward(hf_lm):
+    """One row: on JAX and TensorFlow a batch-1 decode step splits its
+    products by a weight matrix into row blocks (`products.one_row_matmul`),
+    which the uncached forward pass does not."""
+    _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(lengths=(5,)))
+
+
+def _check_greedy_equals_full_forward(lm, prompts=None):
+    prompts = prompts or _ragged_prompts()
     output = lm.generate(_right_padded(prompts), max_new_tokens=NEW_TOKENS, stop_token_ids=None)
     got = _rows(output)
     for prompt, row in zip(prompts, got):
