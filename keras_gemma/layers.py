@@ -488,10 +488,12 @@ def decode_logits(kernel, x):
     - JAX on CPU, batch >= 2: a broadcast multiply-and-sum, which XLA fuses
       into one pass over the table: 19 ms at batch 8 against 31 for its dot.
       Elsewhere it would materialise a (v, b, d) product.
-    - TensorFlow: the table as 4 row blocks, a batched matmul: 12.5 against
-      15-18 ms at batch 1, 24.5 against 41 at batch 8 (its XLA runs one
-      matrix-vector product serially, and the whole (v, d) x (d, b) product
-      on a slow path for 2 <= b <= 8).
+    - TensorFlow in float32: the table as 4 row blocks, a batched matmul:
+      12.5 against 15-18 ms at batch 1, 24.5 against 41 at batch 8 (its XLA
+      runs one matrix-vector product serially, and the whole (v, d) x (d, b)
+      product on a slow path for 2 <= b <= 8). In bfloat16 the blocks made
+      a prefill's head (no loop around it) 28-45 against 7 ms for the plain
+      form below; decode steps measured the same either way.
     - JAX on CPU in bfloat16: (b, d) x (d, v), `products.einsum` (14 ms at
       batch 8, 12 at batch 1).
     - PyTorch: (b, d) x (d, v), the form its traced generation functions
@@ -508,7 +510,7 @@ def decode_logits(kernel, x):
         return products.einsum("bd,vd->bv", x, kernel)
     if backend == "jax" and b is not None and b > 1 and on_cpu():
         return ops.transpose(ops.sum(kernel[:, None, :] * x[None], axis=-1))
-    if backend == "tensorflow" and v % 4 == 0 and on_cpu():
+    if backend == "tensorflow" and v % 4 == 0 and products.splits_one_row(x.dtype):
         # x broadcast over the blocks as a real operand: given as (1, d, b),
         # XLA folds the batched matmul back into the slow single product.
         x = ops.broadcast_to(ops.transpose(x)[None], (4, d, b))
