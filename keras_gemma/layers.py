@@ -241,7 +241,7 @@ class Attention(keras.layers.Layer):
         kernel = ops.cast(dense.kernel, x.dtype)  # (heads, d, h), LoRA included
         heads, b = kernel.shape[0], ops.shape(x)[0]
         x = ops.broadcast_to(ops.reshape(x, (1, b, self.hidden_dim)), (heads, b, self.hidden_dim))
-        out = products.one_row_matmul(x, kernel) if x.shape[1] == 1 else products.matmul(x, kernel)  # (heads, b, h)
+        out = products.matmul(x, kernel)  # (heads, b, h)
         return ops.transpose(out, (1, 0, 2))[:, None]  # (b, 1, heads, h)
 
     def _project_out(self, x):
@@ -388,9 +388,9 @@ def _after(index, x):
 
 def _project(dense, x):
     """x (b, t, d) through a (d, f) `Projection`; a single token (b = t = 1)
-    by `products.one_row_matmul` where that splits the product."""
+    by `products.matmul` where that splits the product into row blocks."""
     if x.shape[0] == x.shape[1] == 1 and dense.quantization_mode is None and products.splits_one_row(x.dtype):
-        return products.one_row_matmul(x, ops.cast(dense.kernel, x.dtype)[None])
+        return products.matmul(x, ops.cast(dense.kernel, x.dtype)[None])
     return dense(x)
 
 

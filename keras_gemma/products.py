@@ -1,5 +1,5 @@
 """Matrix products of the model: `keras.ops`, except bfloat16 under JAX on CPU.
-`one_row_matmul` splits a batch-1 decode step's products into blocks on
+`matmul` splits a batch-1 decode step's products into row blocks on
 XLA:CPU. Also how a decode step writes its cache slot: in place on PyTorch
 (`writes_in_place`), after the step's attention on TensorFlow
 (`orders_cache_write`).
@@ -44,7 +44,10 @@ def einsum(equation, x, y):
 
 
 def matmul(x, y):
-    """`ops.matmul(x, y)` for x (..., m, k), y (..., k, n): see the module docstring."""
+    """`ops.matmul(x, y)` for x (..., m, k), y (..., k, n): see the module
+    docstring; one row per product, x (g, 1, d), goes by `_row_blocks`."""
+    if x.ndim == y.ndim == 3 and x.shape[1] == 1 and splits_one_row(x.dtype) and splits_one_row(y.dtype):
+        return _row_blocks(x, y)
     if not accumulates_in_float32(x, y) or x.ndim < 2 or y.ndim < 2:
         return ops.matmul(x, y)
     import jax.numpy as jnp
@@ -55,7 +58,7 @@ def matmul(x, y):
 ROW_BLOCKS = 4
 
 
-def one_row_matmul(x, y):
+def _row_blocks(x, y):
     """x (g, 1, d) times y (g, d, f): (g, 1, f), one row per product (a
     batch-1 decode step through a weight matrix, or through its per-head
     slices).
@@ -77,15 +80,15 @@ def one_row_matmul(x, y):
       to oneDNN (`generation/compile.py`).
     """
     g, d, f = y.shape
-    blocks = ROW_BLOCKS // g if splits_one_row(x.dtype) and splits_one_row(y.dtype) else 1
+    blocks = ROW_BLOCKS // g
     if blocks <= 1 or d % blocks:
-        return matmul(x, y)
+        return ops.matmul(x, y)
     out = ops.matmul(ops.reshape(x, (g * blocks, 1, d // blocks)), ops.reshape(y, (g * blocks, d // blocks, f)))
     return ops.sum(ops.reshape(out, (g, blocks, 1, f)), axis=1)
 
 
 def splits_one_row(dtype):
-    """Whether `one_row_matmul` splits products in this dtype."""
+    """Whether `matmul` splits one-row products in this dtype (`_row_blocks`)."""
     backend = keras.config.backend()
     return backend in ("jax", "tensorflow") and keras.backend.standardize_dtype(dtype) == "float32" and on_cpu()
 

@@ -98,7 +98,7 @@ def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
 
 def test_greedy_batch_of_one_equals_full_forward(hf_lm):
     """One row: on JAX and TensorFlow a batch-1 decode step splits its
-    products by a weight matrix into row blocks (`products.one_row_matmul`),
+    products by a weight matrix into row blocks (`products.matmul`),
     which the uncached forward pass does not."""
     _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(lengths=(5,)))
 
