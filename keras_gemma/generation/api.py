@@ -74,11 +74,10 @@ class GenerationMixin:
     def _start(self, prompts, limits, stop_ids):
         functions = self._functions()
         batch = engine.Batch(prompts, limits, stop_ids, functions.sampler.next_seed())
-        cache = self.backbone.init_cache(len(prompts.ids), batch.cache_length)
         out = ops.zeros((len(prompts.ids), batch.new), "int32")
         constants = tuple(ops.convert_to_tensor(c) for c in batch.constants)
         state = functions.prefill(
-            ops.convert_to_tensor(batch.token_ids), ops.convert_to_tensor(batch.padding_mask), cache, out, constants
+            ops.convert_to_tensor(batch.token_ids), ops.convert_to_tensor(batch.padding_mask), out, constants
         )
         return functions, batch, state, constants
 
@@ -122,7 +121,8 @@ class GenerationMixin:
             rows = [[] for _ in prompts.ids]
         else:
             functions, batch, state, constants = self._start(prompts, limits, stop_ids)
-            state = functions.loop(state, constants)
+            if limits.max() > 1:  # else the prefill's token is all there is
+                state = functions.loop(state, constants)
             out = ops.convert_to_numpy(state[4])
             rows = engine.finish_rows(out, limits, stop_ids)
         return engine.format_outputs(self, prompts, rows, strip_prompt)

@@ -38,7 +38,7 @@ from keras_gemma.products import on_cpu
 class GenerateFunctions:
     """`prefill`, `step` and `loop` for one model and sampler, compiled.
 
-    - `prefill(token_ids, padding_mask, cache, out, constants) -> state`
+    - `prefill(token_ids, padding_mask, out, constants) -> state`
     - `step(state, constants) -> state`: one token per row (streaming).
     - `loop(state, constants) -> state`: steps until every row is done.
 
@@ -79,8 +79,8 @@ def _jax(variables, prefill, step, loop, cache_dtype):
 
         return run
 
-    # Arguments after `values`: prefill(token_ids, mask, cache, out, constants).
-    jit_prefill = jax.jit(stateless(prefill), donate_argnums=(3, 4))
+    # Arguments after `values`: prefill(token_ids, mask, out, constants).
+    jit_prefill = jax.jit(stateless(prefill), donate_argnums=(3,))
     jit_step = jax.jit(stateless(step), donate_argnums=(1,))
     jit_loop = jax.jit(stateless(loop), donate_argnums=(1,), compiler_options=_jax_loop_options(cache_dtype))
 

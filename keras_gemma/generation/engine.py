@@ -54,19 +54,23 @@ def _is_stop(token, stop_ids):
     return ops.any(token[:, None] == stop_ids[None, :], axis=-1)  # (b,)
 
 
-def prefill(lm, sampler, token_ids, padding_mask, cache, out, constants):
+def prefill(lm, sampler, token_ids, padding_mask, out, constants):
     """The left-padded prompts through the model; samples the first new token.
 
     Args:
         token_ids, padding_mask: (b, p) left-padded prompts.
-        cache: an empty cache for `p + n` positions (`init_cache`).
         out: (b, n) int32 zeros, the buffer for new tokens.
         constants: see `decode_step`.
 
     Returns:
-        The decode state `(cache, token, step, done, out)`.
+        The decode state `(cache, token, step, done, out)`, the cache made
+        here for `p + n` positions (`init_cache`): inside the compiled
+        function it is one allocation, where eagerly it was ~37 dispatched
+        ops (JAX: 25 ms of a 512-token prompt's first token on the 2-core
+        CPU).
     """
     _, limits, stop_ids, seed, _ = constants
+    cache = lm.backbone.init_cache(token_ids.shape[0], token_ids.shape[1] + out.shape[1])
     hidden, cache = lm.backbone.hidden_states(token_ids, padding_mask, cache=cache)
     # Left padding: the last column is every row's last prompt token, so
     # only it needs logits (not every position over a 256k vocabulary).
@@ -321,10 +325,6 @@ class Batch:
         )
         self.limits = limits
         self.stop_ids = stop_ids
-
-    @property
-    def cache_length(self):
-        return self.width + self.new
 
 
 def finish_rows(out, limits, stop_ids):
