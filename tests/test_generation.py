@@ -116,6 +116,22 @@ def _check_greedy_equals_full_forward(lm, prompts=None):
     assert all(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, got)), got
 
 
+def test_one_new_token_is_the_prefill_token(gemma3_lm, monkeypatch):
+    """With one new token per row, the prefill's token is the answer: the
+    decode loop is not called, and the token is the one a longer run starts
+    with."""
+    prompts = _ragged_prompts()
+    longer = _rows(gemma3_lm.generate(_right_padded(prompts), max_new_tokens=4, stop_token_ids=None))
+    functions = gemma3_lm._functions()
+
+    def no_loop(*args):
+        raise AssertionError("the decode loop ran")
+
+    monkeypatch.setattr(functions, "loop", no_loop)
+    one = _rows(gemma3_lm.generate(_right_padded(prompts), max_new_tokens=1, stop_token_ids=None))
+    assert one == [row[: len(p) + 1] for p, row in zip(prompts, longer)]
+
+
 def test_streamed_tokens_equal_generate(gemma3_lm):
     prompts = _ragged_prompts()
     inputs = _right_padded(prompts)

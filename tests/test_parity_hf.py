@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
+from keras_gemma.layers import PER_HEAD_ROWS
 from conftest import to_numpy
 from hf_reference import (
     build_hf, gemma1_config, gemma2_config, gemma3_config, hf_logits, ours_from_hf, padded_batch, positions_of,
@@ -81,6 +82,16 @@ def test_gemma3_matches_transformers():
     assert_mechanism_matters(ours, ids, mask, logits, global_rope_scaling=1.0)
     assert_mechanism_matters(ours, ids, mask, logits, local_rope_base=1_000_000.0)
     assert_mechanism_matters(ours, ids, mask, logits, query_pre_attn_scalar=16)
+
+
+def test_per_head_and_einsum_projections_match_transformers():
+    """Inputs of up to `PER_HEAD_ROWS` rows (b * t) go through the query, key
+    and value kernels one head at a time, longer ones as one einsum: both
+    forms match (3 rows of 13 and of 24 tokens)."""
+    hf = build_hf(gemma3_config(), seed=5)
+    for seq_len in (13, 24):
+        assert (3 * seq_len > PER_HEAD_ROWS) == (seq_len == 24)
+        assert_parity(hf, seq_len=seq_len)
 
 
 def test_gemma3_mqa_legacy_config_matches_transformers():
