@@ -65,9 +65,9 @@ def prefill(lm, sampler, token_ids, padding_mask, out, constants):
     Returns:
         The decode state `(cache, token, step, done, out)`, the cache made
         here for `p + n` positions (`init_cache`): inside the compiled
-        function it is one allocation, where eagerly it was ~37 dispatched
-        ops (JAX: 25 ms of a 512-token prompt's first token on the 2-core
-        CPU).
+        function it costs no dispatch, where eagerly each cache array was
+        an op of its own (54 for Gemma 3 270M; on JAX 25 ms of a 512-token
+        prompt's first token on the 2-core CPU).
     """
     _, limits, stop_ids, seed, _ = constants
     cache = lm.backbone.init_cache(token_ids.shape[0], token_ids.shape[1] + out.shape[1])
