@@ -498,18 +498,26 @@ def decode_logits(kernel, x):
 
     Reading the table is most of a decode step, and the fastest form of this
     product differs per compiler (measured on a 2-core CPU, Gemma 3's
-    262k x 640 table, float32):
+    262k x 640 table):
+    - XLA:CPU (JAX, TensorFlow), batch 1, any dtype: x (1, d) in float32
+      times the transposed table, cast to float32. XLA makes this one loop
+      fusion over the table's rows, each a contiguous d-long dot, the cast
+      (or an int8 table's scaling, done by the caller) inside the loop, so
+      the table is read once in its own dtype. JAX, the head alone, median
+      ms: float32 22.6 against 29.0 for (v, d) x (d, 1); bfloat16 10-16
+      against 25-28 for its float32-result product. Whole decode steps on a
+      slow day (memory-bound: 24 GB/s), median ms: JAX float32 48-50 ->
+      42-44, bfloat16 52-56 -> 36-39, int8 130 -> 60; TensorFlow float32
+      57 -> 47, bfloat16 61 -> 52, int8 78 -> 70 (against 4 row blocks).
+      Not above one row: with two, bfloat16 took 280 ms this way.
     - JAX on CPU, batch >= 2: a broadcast multiply-and-sum, which XLA fuses
       into one pass over the table: 19 ms at batch 8 against 31 for its dot.
       Elsewhere it would materialise a (v, b, d) product.
-    - TensorFlow in float32: the table as 4 row blocks, a batched matmul:
-      12.5 against 15-18 ms at batch 1, 24.5 against 41 at batch 8 (its XLA
-      runs one matrix-vector product serially, and the whole (v, d) x (d, b)
-      product on a slow path for 2 <= b <= 8). In bfloat16 the blocks made
-      a prefill's head (no loop around it) 28-45 against 7 ms for the plain
-      form below; decode steps measured the same either way.
-    - JAX on CPU in bfloat16: (b, d) x (d, v), `products.einsum` (14 ms at
-      batch 8, 12 at batch 1).
+    - TensorFlow in float32, batch >= 2: the table as 4 row blocks, a
+      batched matmul: 24.5 against 41 ms at batch 8 (its XLA runs the whole
+      (v, d) x (d, b) product on a slow path for 2 <= b <= 8).
+    - JAX on CPU in bfloat16, batch >= 2: (b, d) x (d, v),
+      `products.einsum` (14 ms at batch 8).
     - PyTorch: (b, d) x (d, v), the form its traced generation functions
       send to oneDNN with the table as the weight (`generation/compile.py`);
       with the table as oneDNN's input instead, a traced batch-8 prefill
@@ -520,6 +528,9 @@ def decode_logits(kernel, x):
     b, d = ops.shape(x)[0], ops.shape(x)[1]
     v = kernel.shape[0]
     backend = keras.config.backend()
+    if b == 1 and backend in ("jax", "tensorflow") and on_cpu():
+        logits = ops.matmul(ops.cast(x, "float32"), ops.transpose(ops.cast(kernel, "float32")))
+        return ops.cast(logits, x.dtype)
     if products.accumulates_in_float32(x, kernel):
         return products.einsum("bd,vd->bv", x, kernel)
     if backend == "jax" and b is not None and b > 1 and on_cpu():
