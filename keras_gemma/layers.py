@@ -499,8 +499,9 @@ def decode_logits(kernel, x):
     Reading the table is most of a decode step, and the fastest form of this
     product differs per compiler (measured on a 2-core CPU, Gemma 3's
     262k x 640 table):
-    - XLA:CPU (JAX, TensorFlow), batch 1, any dtype: x (1, d) in float32
-      times the transposed table, cast to float32. XLA makes this one loop
+    - XLA:CPU (JAX, TensorFlow), batch 1, any dtype: x (1, d) times the
+      transposed table, both cast to float32, the logits cast back to x's
+      dtype. XLA makes this one loop
       fusion over the table's rows, each a contiguous d-long dot, the cast
       (or an int8 table's scaling, done by the caller) inside the loop, so
       the table is read once in its own dtype. JAX, the head alone, median
