@@ -501,10 +501,10 @@ def decode_logits(kernel, x):
     262k x 640 table):
     - XLA:CPU (JAX, TensorFlow), batch 1, any dtype: x (1, d) times the
       transposed table, both cast to float32, the logits cast back to x's
-      dtype. XLA makes this one loop
-      fusion over the table's rows, each a contiguous d-long dot, the cast
-      (or an int8 table's scaling, done by the caller) inside the loop, so
-      the table is read once in its own dtype. JAX, the head alone, median
+      dtype. XLA makes this one loop fusion over the table's rows, each a
+      contiguous d-long dot, the cast (or an int8 table's scaling, done by
+      the caller) inside the loop, so the table is read once in its own
+      dtype. JAX, the head alone, median
       ms: float32 22.6 against 29.0 for (v, d) x (d, 1); bfloat16 10-16
       against 25-28 for its float32-result product. Whole decode steps on a
       slow day (memory-bound: 24 GB/s), median ms: JAX float32 48-50 ->
