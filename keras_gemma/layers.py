@@ -158,6 +158,9 @@ class Attention(keras.layers.Layer):
         if self.query_norm is not None:
             self.query_norm.build((self.head_dim,))
             self.key_norm.build((self.head_dim,))
+        for dense in (self.query_dense, self.key_dense, self.value_dense):
+            _store_in_order(dense, HEADS_IN_ORDER)
+        _store_in_order(self.output_dense, HEADS_OUT_ORDER)
         self.built = True
 
     def cache_length(self, max_length):
@@ -242,6 +245,8 @@ class Attention(keras.layers.Layer):
         rows = None if b is None or t is None else b * t
         if dense.quantization_mode is not None or rows is None or rows > PER_HEAD_ROWS:
             return dense(x)
+        if _stored_in_order(dense, HEADS_IN_ORDER):
+            return dense(x)  # one product over all heads (PyTorch)
         kernel = ops.cast(dense.kernel, x.dtype)  # (heads, d, h), LoRA included
         heads = kernel.shape[0]
         x = ops.broadcast_to(ops.reshape(x, (1, rows, self.hidden_dim)), (heads, rows, self.hidden_dim))
@@ -251,7 +256,7 @@ class Attention(keras.layers.Layer):
     def _project_out(self, x):
         """x (b, t, n, h) through the (n, h, d) output kernel: (b, t, d)."""
         dense = self.output_dense
-        if not self._per_head(dense, x):
+        if not self._per_head(dense, x) or _stored_in_order(dense, HEADS_OUT_ORDER):
             return dense(x)
         kernel = ops.cast(dense.kernel, x.dtype)  # (n, h, d)
         out = products.matmul(ops.transpose(x[:, 0], (1, 0, 2)), kernel)  # (n, b, d)
@@ -390,6 +395,12 @@ class Attention(keras.layers.Layer):
 # measured the same either way.
 PER_HEAD_ROWS = 64
 
+# Memory orders of the attention kernels on PyTorch (`_store_in_order`):
+# query, key and value (heads, d, h) kernels as (heads, h, d), the output
+# (n, h, d) kernel as (d, n, h); each then reads as one (out, in) matrix.
+HEADS_IN_ORDER = (0, 2, 1)
+HEADS_OUT_ORDER = (2, 0, 1)
+
 
 def _after(index, x):
     """`index` unchanged, but computed from `x`: whatever uses it (a cache
@@ -408,6 +419,39 @@ def _project(dense, x):
     return dense(x)
 
 
+def _store_in_order(dense, order):
+    """On PyTorch in float32, `dense.kernel` keeps its shape and values with
+    its memory in the axis order `order` (a permutation of its axes): the
+    layout of an (out, in) matrix, which PyTorch's generation multiplies by
+    fastest (`generation/compile.py`). Assignments (`copy_`) keep the order.
+
+    Measured on the 2-core CPU, Gemma 3 270M shapes: oneDNN reads an (f, d)
+    gate or up kernel 2.4x faster per decode step than a (d, f) one (~110
+    against ~270 us, weights out of cache), and a batch-1 step's product
+    by an (out, in) matrix goes to MKL's matrix-vector kernel, 1.4-2x
+    faster again. A no-op elsewhere and for quantized layers (loading one
+    builds them so); bfloat16 products (oneDNN inside `matmul`) slowed down
+    in this order (36 -> 58 ms per step).
+    """
+    if keras.config.backend() != "torch" or dense.quantization_mode is not None:
+        return
+    if not dense.dtype_policy.compute_dtype == dense.kernel.dtype == "float32":
+        return
+    kernel = dense.kernel.value  # no LoRA yet at build time
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    kernel.data = kernel.data.permute(*order).contiguous().permute(*inverse)
+
+
+def _stored_in_order(dense, order):
+    """Whether `dense.kernel` (LoRA included) is stored in the memory order
+    `order` (`_store_in_order`); always False off PyTorch."""
+    if keras.config.backend() != "torch" or dense.quantization_mode is not None:
+        return False
+    kernel = dense.kernel
+    kernel = kernel.value if isinstance(kernel, keras.Variable) else kernel
+    return kernel.permute(*order).is_contiguous()
+
+
 class FeedForward(keras.layers.Layer):
     """Gated feed-forward: `down(gelu_tanh(gate(x)) * up(x))`."""
 
@@ -424,21 +468,8 @@ class FeedForward(keras.layers.Layer):
         self.gate.build((None, None, self.hidden_dim))
         self.up.build((None, None, self.hidden_dim))
         self.down.build((None, None, self.intermediate_dim))
-        if keras.config.backend() == "torch":
-            # Same shape and values, memory in (f, d) order: PyTorch's
-            # generation sends `x @ kernel` to oneDNN's inner product (see
-            # generation/compile.py), which reads an (f, d)-ordered matrix
-            # 2.4x faster per decode step (~110 against ~270 us for 640 x
-            # 2048, weights out of cache); a whole batch-1 step of Gemma 3
-            # 270M: 42.3 -> 36.9 ms. Assignments (`copy_`) keep the order.
-            # The down kernel is faster in its (f, d) order as it is. Float32
-            # only: bfloat16 products (oneDNN inside `matmul`) slow down in
-            # that order (36 -> 58 ms per step).
-            for dense in (self.gate, self.up):
-                float32 = self.dtype_policy.compute_dtype == dense.kernel.dtype == "float32"
-                if float32 and dense.quantization_mode is None:  # loading a quantized model builds it so
-                    kernel = dense.kernel.value  # no LoRA yet at build time
-                    kernel.data = kernel.data.T.contiguous().T
+        for dense in (self.gate, self.up, self.down):
+            _store_in_order(dense, (1, 0))  # (f, d), (f, d), (d, f)
         self.built = True
 
     def call(self, x):

@@ -116,23 +116,34 @@ def test_saved_model_round_trip(tmp_path):
 
 
 @pytest.mark.skipif(backend() != "torch", reason="a PyTorch storage order")
-def test_torch_gate_and_up_kernels_stay_f_major_through_assignment():
-    """PyTorch keeps float32 gate/up kernels (d, f) in (f, d) memory order,
-    the order oneDNN reads fast; loading weights keeps it, and the values
-    are the assigned ones."""
+def test_torch_kernels_stay_out_in_ordered_through_assignment():
+    """PyTorch keeps float32 projection kernels in (out, in) memory order,
+    the order its generation multiplies by fastest; loading weights keeps
+    it, and the values are the assigned ones."""
     backbone = keras_gemma.GemmaBackbone(tiny_config())
     arrays = {name: np.asarray(keras.ops.convert_to_numpy(v)) for name, v in backbone.weight_map().items()}
     rng = np.random.default_rng(0)
     arrays = {name: rng.standard_normal(a.shape).astype(a.dtype) for name, a in arrays.items()}
     assign_weights(backbone, arrays)
-    d, f = backbone.config.hidden_dim, backbone.config.intermediate_dim
+    config = backbone.config
+    d, f, h = config.hidden_dim, config.intermediate_dim, config.head_dim
+    n, k = config.num_query_heads, config.num_key_value_heads
+    strides = {  # (out, in) matrices: the "in" axis has stride 1
+        "feed_forward.gate": (1, d),
+        "feed_forward.up": (1, d),
+        "feed_forward.down": (1, f),
+        "attention.query": (h * d, 1, d),
+        "attention.key": (h * d, 1, d),
+        "attention.value": (h * d, 1, d),
+        "attention.output": (h, 1, n * h),
+    }
     for i, block in enumerate(backbone.blocks):
-        for name in ("gate", "up"):
-            kernel = getattr(block.feed_forward, name).kernel
-            assert tuple(kernel.value.stride()) == (1, d), (i, name)
-            np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel), arrays[f"blocks.{i}.feed_forward.{name}"])
-        assert tuple(block.feed_forward.down.kernel.value.stride()) == (d, 1)
-    assert f != d
+        for path, stride in strides.items():
+            layer, name = path.split(".")
+            kernel = getattr(getattr(block, layer), f"{name}_dense" if layer == "attention" else name).kernel
+            assert tuple(kernel.value.stride()) == stride, (i, path)
+            np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel), arrays[f"blocks.{i}.{path}"])
+    assert len({d, f, h, n, k}) > 2
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])

@@ -27,6 +27,7 @@ never recompile.
 
 import contextlib
 import functools
+import math
 import warnings
 
 import keras
@@ -217,6 +218,12 @@ def _onednn_products():
             return None
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu":
             return None
+        (i, o), blocks = w.shape, math.gcd(w.shape[1], ROW_BLOCKS)
+        if x.shape[:-1].numel() == 1 and w.T.is_contiguous() and blocks > 1:
+            # One row by an (o, i)-ordered matrix: MKL's matrix-vector
+            # product, one block of rows per thread (see `ROW_BLOCKS`).
+            out = torch.bmm(w.T.reshape(blocks, o // blocks, i), x.reshape(1, i).T.expand(blocks, i, 1))
+            return out.reshape(*x.shape[:-1], o)
         out = linear(x.reshape(-1, x.shape[-1]), w.T)
         return out.reshape(*x.shape[:-1], w.shape[1])
 
@@ -226,6 +233,10 @@ def _onednn_products():
             return product(x, w)
         if form == "flat":  # "...ni,nio->...o": one (n * i, o) matrix
             return product(x.reshape(*x.shape[:-2], -1), w.reshape(-1, w.shape[-1]))
+        if form == "heads" and isinstance(w, torch.Tensor) and w.transpose(1, 2).is_contiguous():
+            # (n, i, o) stored as (n, o, i): one (n * o, i) matrix
+            out = product(x, w.transpose(1, 2).reshape(-1, w.shape[1]).T)
+            return None if out is None else out.reshape(*x.shape[:-1], w.shape[0], w.shape[2])
         if form == "heads" and x.shape[:-1].numel() >= HEAD_PRODUCT_ROWS:  # "...i,nio->...no"
             heads = [product(x, w[j]) for j in range(w.shape[0])]
             return None if heads[0] is None else torch.stack(heads, dim=-2)
@@ -268,6 +279,12 @@ def _onednn_linear():
         return x.new_empty((x.shape[0], w.shape[0]))
 
     return linear
+
+
+# A single row times an (o, i)-ordered float32 matrix goes to MKL as this
+# many blocks of rows (fewer where o has no such factor), a batched
+# matrix-vector product that PyTorch spreads over its threads.
+ROW_BLOCKS = 16
 
 
 # Per-head products ("btd,ndh->btnh") go to oneDNN one head at a time from
