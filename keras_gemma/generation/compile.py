@@ -17,8 +17,9 @@ The one place where generation knows its backend. The math (`engine.prefill`,
   step on CPU) is gone; on the 2-core CPU it measured ~2x faster than eager
   `inference_mode`, while `torch.compile` (inductor) took minutes to compile
   and was slower than eager per token. While tracing, float32 products by a
-  weight matrix are recorded as oneDNN's inner product (`_onednn_products`):
-  another 2x per decode step on an AMD CPU.
+  weight matrix are recorded as oneDNN's inner product, or at batch 1 as
+  MKL's matrix-vector product in row blocks (`_onednn_products`): another
+  2x per decode step on an AMD CPU, then another 1.7x.
 
 Each compiled function keeps its own cache keyed on input shapes (jit and
 tf.function do this), and `engine` buckets shapes, so calls of similar sizes
@@ -204,6 +205,18 @@ def _onednn_products():
     3's 262k x 640 output head at batch 1 (67 against 27 ms at batch 8).
     oneDNN's op has no backward; the traced functions run without gradients.
     A no-op context where oneDNN is missing (or on ARM).
+
+    One row (a batch-1 decode step) by a matrix stored in (out, in) order
+    (the layers store their float32 kernels so on PyTorch, and the output
+    head's table is one) goes instead to MKL's matrix-vector product, the
+    matrix split into `ROW_BLOCKS` blocks of rows, one `bmm` that PyTorch
+    spreads over its threads: oneDNN's inner product reads a single row's
+    weights at 12-24 GB/s on that CPU, this form at 25-46 (two threads
+    reach ~53). The 262k x 640 head: 27-38 -> 15-27 ms; gate/up/down,
+    54 products cold: 15-17 -> 9-12 ms. Whole batch-1 decode steps of Gemma
+    3 270M, alternated processes: 72-84 -> 39-47 ms; batch 8 unchanged.
+    A per-head ("...i,nio->...no") einsum by a kernel stored (n, o, i) is
+    one product by its (n * o, i) matrix, at every row count.
     """
     import torch
 
