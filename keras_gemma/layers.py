@@ -524,8 +524,9 @@ class DecoderBlock(keras.layers.Layer):
         return x, cache
 
 
-def decode_logits(kernel, x):
-    """Logits (b, v) of a decode step from x (b, d) and the (v, d) table.
+def decode_logits(kernel, x, dequantized=False):
+    """Logits (b, v) of a decode step from x (b, d) and the (v, d) table
+    (`dequantized`: computed from a quantized one).
 
     Reading the table is most of a decode step, and the fastest form of this
     product differs per compiler (measured on a 2-core CPU, Gemma 3's
@@ -542,12 +543,16 @@ def decode_logits(kernel, x):
       42-44, bfloat16 52-56 -> 36-39, int8 130 -> 60; TensorFlow float32
       57 -> 47, bfloat16 61 -> 52, int8 78 -> 70 (against 4 row blocks).
       Not above one row: with two, bfloat16 took 280 ms this way.
-    - JAX on CPU, batch >= 2: a broadcast multiply-and-sum, which XLA fuses
-      into one pass over the table: 19 ms at batch 8 against 31 for its dot.
-      Elsewhere it would materialise a (v, b, d) product.
-    - TensorFlow in float32, batch >= 2: the table as 4 row blocks, a
-      batched matmul: 24.5 against 41 ms at batch 8 (its XLA runs the whole
-      (v, d) x (d, b) product on a slow path for 2 <= b <= 8).
+    - XLA:CPU in float32, batch >= 2: the table as 4 row blocks, a batched
+      matmul. TensorFlow: 24.5 against 41 ms at batch 8 (its XLA runs the
+      whole (v, d) x (d, b) product on a slow path for 2 <= b <= 8). JAX:
+      37-38 against 41-43 ms for a broadcast multiply-and-sum and 55-59
+      for its dot (batch 8, a slow day); batch-8 decode steps alternated
+      in processes: 100-103 -> 83-100 ms. Not for JAX with a dequantized
+      table (not measured in blocks), which keeps the multiply-and-sum.
+    - JAX on CPU otherwise, batch >= 2: a broadcast multiply-and-sum,
+      which XLA fuses into one pass over the table: 19 ms at batch 8 against
+      31 for its dot. Elsewhere it would materialise a (v, b, d) product.
     - JAX on CPU in bfloat16, batch >= 2: (b, d) x (d, v),
       `products.einsum` (14 ms at batch 8).
     - PyTorch: (b, d) x (d, v), the form its traced generation functions
@@ -565,14 +570,14 @@ def decode_logits(kernel, x):
         return ops.cast(logits, x.dtype)
     if products.accumulates_in_float32(x, kernel):
         return products.einsum("bd,vd->bv", x, kernel)
-    if backend == "jax" and b is not None and b > 1 and on_cpu():
-        return ops.transpose(ops.sum(kernel[:, None, :] * x[None], axis=-1))
-    if backend == "tensorflow" and v % 4 == 0 and products.splits_one_row(x.dtype):
+    if v % 4 == 0 and products.splits_one_row(x.dtype) and (backend == "tensorflow" or not dequantized):
         # x broadcast over the blocks as a real operand: given as (1, d, b),
         # XLA folds the batched matmul back into the slow single product.
         x = ops.broadcast_to(ops.transpose(x)[None], (4, d, b))
         blocks = ops.matmul(ops.reshape(kernel, (4, v // 4, d)), x)  # (4, v/4, b)
         return ops.reshape(ops.transpose(blocks, (2, 0, 1)), (b, v))
+    if backend == "jax" and b is not None and b > 1 and on_cpu():
+        return ops.transpose(ops.sum(kernel[:, None, :] * x[None], axis=-1))
     if backend == "torch":
         return ops.matmul(x, ops.transpose(kernel))
     return ops.transpose(ops.matmul(kernel, ops.transpose(x)))
@@ -598,5 +603,5 @@ class TiedEmbedding(keras.layers.Embedding):
         else:
             kernel = dequantized_embeddings(self, x.dtype)
         if x.shape[1] == 1:
-            return decode_logits(kernel, x[:, 0])[:, None, :]
+            return decode_logits(kernel, x[:, 0], self.quantization_mode is not None)[:, None, :]
         return products.einsum("btd,vd->btv", x, kernel)
