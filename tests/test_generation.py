@@ -454,13 +454,14 @@ def test_traced_products_go_to_onednn():
 
 
 @pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
-def test_traced_one_row_products_by_out_in_ordered_weights():
+def test_traced_few_row_products_by_out_in_ordered_weights():
     """While tracing, one row by a float32 weight stored in (out, in) memory
     order (as the layers store theirs on PyTorch) is recorded as a batched
     matrix-vector product over row blocks, not oneDNN, with the same values;
     so are a per-head einsum by a kernel stored (n, h, d) and the output
-    einsum by one stored (d, n, h). With more rows, the per-head einsum is
-    one oneDNN product over all heads."""
+    einsum by one stored (d, n, h). So are 2 to `FEW_ROWS` rows by such a
+    weight with at most `FEW_ROWS_MAX_IN` inputs; a longer input and more
+    rows go to oneDNN (the per-head einsum as one product over all heads)."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -469,26 +470,29 @@ def test_traced_one_row_products_by_out_in_ordered_weights():
         return torch.tensor(rng.standard_normal(shape), dtype=torch.float32)
 
     x, rows = tensor(1, 1, 40), tensor(2, 3, 40)
+    few = tensor(1, compile_module.FEW_ROWS, 40)
+    long_in = compile_module.FEW_ROWS_MAX_IN + 16
+    few_long, w_long = tensor(1, 2, long_in), tensor(32, long_in).T
     w = tensor(24, 40).T  # (i, o) in (o, i) order
     heads = tensor(2, 8, 40).transpose(1, 2)  # (n, d, h) in (n, h, d) order
     out = tensor(40, 2, 8).permute(1, 2, 0)  # (n, h, d) in (d, n, h) order
     z = tensor(1, 1, 2, 8)
     assert w.T.is_contiguous() and heads.transpose(1, 2).is_contiguous() and out.permute(2, 0, 1).is_contiguous()
 
-    def fn(x, rows, w, heads, out, z):
+    def fn(x, rows, w, heads, out, z, few, few_long, w_long):
         return (
             torch.matmul(x, w), torch.einsum("btd,ndh->btnh", x, heads), torch.einsum("btNh,Nhd->btd", z, out),
-            torch.einsum("btd,ndh->btnh", rows, heads),
+            torch.einsum("btd,ndh->btnh", rows, heads), torch.matmul(few, w), torch.matmul(few_long, w_long),
         )
 
-    args = (x, rows, w, heads, out, z)
+    args = (x, rows, w, heads, out, z, few, few_long, w_long)
     with torch.inference_mode(), compile_module._onednn_products(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(fn, args, check_trace=False)
     graph = str(traced.graph)
     if compile_module._onednn_linear() is not None:
-        assert graph.count("aten::bmm") == 3 and graph.count("keras_gemma::onednn_linear") == 1, graph
+        assert graph.count("aten::bmm") == 4 and graph.count("keras_gemma::onednn_linear") == 2, graph
     with torch.inference_mode():
         got = traced(*args)
 
@@ -497,7 +501,7 @@ def test_traced_one_row_products_by_out_in_ordered_weights():
 
     expected = [
         f64("btd,df->btf", x, w), f64("btd,ndh->btnh", x, heads), f64("btnh,nhd->btd", z, out),
-        f64("btd,ndh->btnh", rows, heads),
+        f64("btd,ndh->btnh", rows, heads), f64("btd,df->btf", few, w), f64("btd,df->btf", few_long, w_long),
     ]
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)

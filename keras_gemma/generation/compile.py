@@ -215,6 +215,9 @@ def _onednn_products():
     reach ~53). The 262k x 640 head: 27-38 -> 15-27 ms; gate/up/down,
     54 products cold: 15-17 -> 9-12 ms. Whole batch-1 decode steps of Gemma
     3 270M, alternated processes: 72-84 -> 39-47 ms; batch 8 unchanged.
+    Two to four rows (a small batch) by such a matrix take the same blocks
+    where its input is at most 1024 wide (`FEW_ROWS`): batch-2 steps
+    77-90 -> 52-69 ms, batch 4 77-87 -> 74-82.
     A per-head ("...i,nio->...no") einsum by a kernel stored (n, o, i) is
     one product by its (n * o, i) matrix, at every row count.
     """
@@ -231,12 +234,18 @@ def _onednn_products():
             return None
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu":
             return None
-        (i, o), blocks = w.shape, math.gcd(w.shape[1], ROW_BLOCKS)
-        if x.shape[:-1].numel() == 1 and w.T.is_contiguous() and blocks > 1:
+        (i, o), blocks, rows = w.shape, math.gcd(w.shape[1], ROW_BLOCKS), x.shape[:-1].numel()
+        if rows == 1 and w.T.is_contiguous() and blocks > 1:
             # One row by an (o, i)-ordered matrix: MKL's matrix-vector
             # product, one block of rows per thread (see `ROW_BLOCKS`).
             out = torch.bmm(w.T.reshape(blocks, o // blocks, i), x.reshape(1, i).T.expand(blocks, i, 1))
             return out.reshape(*x.shape[:-1], o)
+        if rows <= FEW_ROWS and i <= FEW_ROWS_MAX_IN and w.T.is_contiguous() and blocks > 1:
+            # A few rows: the same blocks, each an MKL product by x.T (see
+            # `FEW_ROWS`), then back to (rows, o).
+            xt = x.reshape(rows, i).T.expand(blocks, i, rows)
+            out = torch.bmm(w.T.reshape(blocks, o // blocks, i), xt)  # (blocks, o / blocks, rows)
+            return out.reshape(o, rows).T.reshape(*x.shape[:-1], o)
         out = linear(x.reshape(-1, x.shape[-1]), w.T)
         return out.reshape(*x.shape[:-1], w.shape[1])
 
@@ -298,6 +307,19 @@ def _onednn_linear():
 # many blocks of rows (fewer where o has no such factor), a batched
 # matrix-vector product that PyTorch spreads over its threads.
 ROW_BLOCKS = 16
+
+
+# 2 to FEW_ROWS rows (a decode step of a small batch) by an (o, i)-ordered
+# matrix with i <= FEW_ROWS_MAX_IN also go to MKL in row blocks. Measured on
+# the 2-core CPU, weights out of cache, median ms, oneDNN -> blocks:
+# - 2 rows: 54 gate/up-shaped (640 -> 2048) 19.8 -> 14.6; 72 key-shaped
+#   (640 -> 256) 6.0 -> 2.7; 18 query-shaped (640 -> 1024) 4.0 -> 2.7;
+#   18 output-shaped (1024 -> 640) 3.4 -> 3.3; the 262k x 640 head 40 -> 23.5.
+# - 4 rows: 20.6 -> 13.7, 5.1 -> 3.5, 3.8 -> 3.1, 3.4 -> 3.4; head 47 -> 34.
+# - Down-shaped (2048 -> 640): 17.2 -> 18.9 at 2 rows, 18.8 -> 27.7 at 4,
+#   hence the bound on i. At 8 rows oneDNN was as fast or faster throughout.
+FEW_ROWS = 4
+FEW_ROWS_MAX_IN = 1024
 
 
 # Per-head products ("btd,ndh->btnh") go to oneDNN one head at a time from
