@@ -235,14 +235,11 @@ def _onednn_products():
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu":
             return None
         (i, o), blocks, rows = w.shape, math.gcd(w.shape[1], ROW_BLOCKS), x.shape[:-1].numel()
-        if rows == 1 and w.T.is_contiguous() and blocks > 1:
-            # One row by an (o, i)-ordered matrix: MKL's matrix-vector
-            # product, one block of rows per thread (see `ROW_BLOCKS`).
-            out = torch.bmm(w.T.reshape(blocks, o // blocks, i), x.reshape(1, i).T.expand(blocks, i, 1))
-            return out.reshape(*x.shape[:-1], o)
-        if rows <= FEW_ROWS and i <= FEW_ROWS_MAX_IN and w.T.is_contiguous() and blocks > 1:
-            # A few rows: the same blocks, each an MKL product by x.T (see
-            # `FEW_ROWS`), then back to (rows, o).
+        few = rows == 1 or (rows <= FEW_ROWS and i <= FEW_ROWS_MAX_IN)
+        if few and w.T.is_contiguous() and blocks > 1:
+            # One row (or a few, `FEW_ROWS`) by an (o, i)-ordered matrix:
+            # MKL's matrix-vector product by x.T, one block of rows per
+            # thread (see `ROW_BLOCKS`), then back to (rows, o).
             xt = x.reshape(rows, i).T.expand(blocks, i, rows)
             out = torch.bmm(w.T.reshape(blocks, o // blocks, i), xt)  # (blocks, o / blocks, rows)
             return out.reshape(o, rows).T.reshape(*x.shape[:-1], o)
