@@ -19,7 +19,14 @@ The one place where generation knows its backend. The math (`engine.prefill`,
   and was slower than eager per token. While tracing, float32 products by a
   weight matrix are recorded as oneDNN's inner product, or at batch 1 as
   MKL's matrix-vector product in row blocks (`_onednn_products`): another
-  2x per decode step on an AMD CPU, then another 1.7x.
+  2x per decode step on an AMD CPU, then another 1.7x. The graphs run
+  without TorchScript's optimizing executor
+  (`torch.jit.optimized_execution(False)`), which profiled each graph's
+  first call and optimized it during the second, for no gain after: Gemma 3
+  270M, float32, the second call of a shape took 0.94 against 0.07 s for
+  one new token after a 16-token prompt (2.0 against 0.8 s after 512
+  tokens, 1.7 against 0.22 s at batch 8); first calls 0.3-4.7 s sooner,
+  later calls the same.
 
 Each compiled function keeps its own cache keyed on input shapes (jit and
 tf.function do this), and `engine` buckets shapes, so calls of similar sizes
@@ -167,7 +174,7 @@ def _torch(variables, prefill, step, loop):
             values = tuple(v.value for v in variables)
             leaves = torch.utils._pytree.tree_leaves(args)
             key = tuple((tuple(x.shape), x.dtype) for x in leaves)
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.jit.optimized_execution(False):
                 if key not in graphs:
                     with warnings.catch_warnings(), _onednn_products():
                         # Shape checks (`x.shape[1] == 1`) become constants:
