@@ -78,6 +78,13 @@ def _peak_reset():
         pass
 
 
+def _decode_rate(batch, new, new_s, ttft_s):
+    """Decode tokens/s from the `new`-token and 1-token times (NaN where the
+    difference is not positive)."""
+    decode_s = new_s - ttft_s
+    return batch * (new - 1) / decode_s if decode_s > 0 else float("nan")
+
+
 def _peak_mb():
     with open("/proc/self/status") as f:
         for line in f:
@@ -174,12 +181,11 @@ def worker(args):
                     start = time.perf_counter()
                     generate(token_ids, padding_mask, n)
                     timings[n][1] = min(timings[n][1], time.perf_counter() - start)
-            decode_s = timings[new][1] - timings[1][1]
             result = {
                 "backend": args.backend, "impl": args.impl, "dtype": dtype, "case": name,
                 "batch": batch, "prompt": prompt, "new": new,
                 "ttft_s": timings[1][1], "new_s": timings[new][1],
-                "decode_tok_s": batch * (new - 1) / decode_s if decode_s > 0 else float("nan"),
+                "decode_tok_s": _decode_rate(batch, new, timings[new][1], timings[1][1]),
                 "compile_s": timings[new][0] - timings[new][1] + timings[1][0] - timings[1][1],
                 "peak_mb": _peak_mb(), "build_s": build_s,
             }
@@ -261,8 +267,7 @@ def _best_of_rounds(rounds):
             for field, pick in (("new_s", min), ("ttft_s", min), ("peak_mb", max)):
                 kept[field] = pick(kept[field], r[field])
     for r in best.values():
-        decode_s = r["new_s"] - r["ttft_s"]
-        r["decode_tok_s"] = r["batch"] * (r["new"] - 1) / decode_s if decode_s > 0 else float("nan")
+        r["decode_tok_s"] = _decode_rate(r["batch"], r["new"], r["new_s"], r["ttft_s"])
     return list(best.values())
 
 
