@@ -16,7 +16,6 @@ import keras
 from keras import ops
 
 from keras_gemma import products
-from keras_gemma.products import on_cpu
 from keras_gemma.quantization import dequantized_embeddings
 
 # Added to masked attention logits. A finite value, so that a query with no
@@ -159,8 +158,8 @@ class Attention(keras.layers.Layer):
             self.query_norm.build((self.head_dim,))
             self.key_norm.build((self.head_dim,))
         for dense in (self.query_dense, self.key_dense, self.value_dense):
-            _store_in_order(dense, HEADS_IN_ORDER)
-        _store_in_order(self.output_dense, HEADS_OUT_ORDER)
+            products.store_in_order(dense, HEADS_IN_ORDER)
+        products.store_in_order(self.output_dense, HEADS_OUT_ORDER)
         self.built = True
 
     def cache_length(self, max_length):
@@ -245,7 +244,7 @@ class Attention(keras.layers.Layer):
         rows = None if b is None or t is None else b * t
         if dense.quantization_mode is not None or rows is None or rows > PER_HEAD_ROWS:
             return dense(x)
-        if _stored_in_order(dense, HEADS_IN_ORDER):
+        if products.stored_in_order(dense, HEADS_IN_ORDER):
             return dense(x)  # one product over all heads (PyTorch)
         kernel = ops.cast(dense.kernel, x.dtype)  # (heads, d, h), LoRA included
         heads = kernel.shape[0]
@@ -256,7 +255,7 @@ class Attention(keras.layers.Layer):
     def _project_out(self, x):
         """x (b, t, n, h) through the (n, h, d) output kernel: (b, t, d)."""
         dense = self.output_dense
-        if not self._per_head(dense, x) or _stored_in_order(dense, HEADS_OUT_ORDER):
+        if not self._per_head(dense, x) or products.stored_in_order(dense, HEADS_OUT_ORDER):
             return dense(x)
         kernel = ops.cast(dense.kernel, x.dtype)  # (n, h, d)
         out = products.matmul(ops.transpose(x[:, 0], (1, 0, 2)), kernel)  # (n, b, d)
@@ -267,12 +266,9 @@ class Attention(keras.layers.Layer):
         each `(keys (b, k, h, s_i), values (b, k, h, s_i), positions (b, s_i))`."""
         b, t = ops.shape(q)[0], ops.shape(q)[1]
         k, g, h = self.num_key_value_heads, self.num_query_heads // self.num_key_value_heads, self.head_dim
-        if t == 1 and keras.config.backend() == "tensorflow":
+        if t == 1 and products.attends_one_query_by_matmul():
             # One query position as plain batched matmuls, each operand in
-            # its stored order: TensorFlow's XLA transposes the cached keys
-            # and values for the einsum form on every step (a decode step
-            # with a 512-slot ring: 35.7 against 28.2 ms). JAX's runs the
-            # einsum form a little faster, PyTorch both alike.
+            # its stored order.
             q = ops.reshape(q, (b, k, g, h))
 
             def scores(keys):  # (b, k, g, 1, s)
@@ -395,7 +391,7 @@ class Attention(keras.layers.Layer):
 # measured the same either way.
 PER_HEAD_ROWS = 64
 
-# Memory orders of the attention kernels on PyTorch (`_store_in_order`):
+# Memory orders of the attention kernels on PyTorch (`products.store_in_order`):
 # query, key and value (heads, d, h) kernels as (heads, h, d), the output
 # (n, h, d) kernel as (d, n, h); each then reads as one (out, in) matrix.
 HEADS_IN_ORDER = (0, 2, 1)
@@ -419,39 +415,6 @@ def _project(dense, x):
     return dense(x)
 
 
-def _store_in_order(dense, order):
-    """On PyTorch in float32, `dense.kernel` keeps its shape and values with
-    its memory in the axis order `order` (a permutation of its axes): the
-    layout of an (out, in) matrix, which PyTorch's generation multiplies by
-    fastest (`generation/compile.py`). Assignments (`copy_`) keep the order.
-
-    Measured on the 2-core CPU, Gemma 3 270M shapes: oneDNN reads an (f, d)
-    gate or up kernel 2.4x faster per decode step than a (d, f) one (~110
-    against ~270 us, weights out of cache), and a batch-1 step's product
-    by an (out, in) matrix goes to MKL's matrix-vector kernel, 1.4-2x
-    faster again. A no-op elsewhere and for quantized layers (loading one
-    builds them so); bfloat16 products (oneDNN inside `matmul`) slowed down
-    in this order (36 -> 58 ms per step).
-    """
-    if keras.config.backend() != "torch" or dense.quantization_mode is not None:
-        return
-    if not dense.dtype_policy.compute_dtype == dense.kernel.dtype == "float32":
-        return
-    kernel = dense.kernel.value  # no LoRA yet at build time
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    kernel.data = kernel.data.permute(*order).contiguous().permute(*inverse)
-
-
-def _stored_in_order(dense, order):
-    """Whether `dense.kernel` (LoRA included) is stored in the memory order
-    `order` (`_store_in_order`); always False off PyTorch."""
-    if keras.config.backend() != "torch" or dense.quantization_mode is not None:
-        return False
-    kernel = dense.kernel
-    kernel = kernel.value if isinstance(kernel, keras.Variable) else kernel
-    return kernel.permute(*order).is_contiguous()
-
-
 class FeedForward(keras.layers.Layer):
     """Gated feed-forward: `down(gelu_tanh(gate(x)) * up(x))`."""
 
@@ -469,7 +432,7 @@ class FeedForward(keras.layers.Layer):
         self.up.build((None, None, self.hidden_dim))
         self.down.build((None, None, self.intermediate_dim))
         for dense in (self.gate, self.up, self.down):
-            _store_in_order(dense, (1, 0))  # (f, d), (f, d), (d, f)
+            products.store_in_order(dense, (1, 0))  # (f, d), (f, d), (d, f)
         self.built = True
 
     def call(self, x):
@@ -524,65 +487,6 @@ class DecoderBlock(keras.layers.Layer):
         return x, cache
 
 
-def decode_logits(kernel, x, dequantized=False):
-    """Logits (b, v) of a decode step from x (b, d) and the (v, d) table
-    (`dequantized`: computed from a quantized one).
-
-    Reading the table is most of a decode step, and the fastest form of this
-    product differs per compiler (measured on a 2-core CPU, Gemma 3's
-    262k x 640 table):
-    - XLA:CPU (JAX, TensorFlow), batch 1, any dtype: x (1, d) times the
-      transposed table, both cast to float32, the logits cast back to x's
-      dtype. XLA makes this one loop fusion over the table's rows, each a
-      contiguous d-long dot, the cast (or an int8 table's scaling, done by
-      the caller) inside the loop, so the table is read once in its own
-      dtype. JAX, the head alone, median
-      ms: float32 22.6 against 29.0 for (v, d) x (d, 1); bfloat16 10-16
-      against 25-28 for its float32-result product. Whole decode steps on a
-      slow day (memory-bound: 24 GB/s), median ms: JAX float32 48-50 ->
-      42-44, bfloat16 52-56 -> 36-39, int8 130 -> 60; TensorFlow float32
-      57 -> 47, bfloat16 61 -> 52, int8 78 -> 70 (against 4 row blocks).
-      Not above one row: with two, bfloat16 took 280 ms this way.
-    - XLA:CPU in float32, batch >= 2: the table as 4 row blocks, a batched
-      matmul. TensorFlow: 24.5 against 41 ms at batch 8 (its XLA runs the
-      whole (v, d) x (d, b) product on a slow path for 2 <= b <= 8). JAX:
-      37-38 against 41-43 ms for a broadcast multiply-and-sum and 55-59
-      for its dot (batch 8, a slow day); batch-8 decode steps alternated
-      in processes: 100-103 -> 83-100 ms. Not for JAX with a dequantized
-      table (not measured in blocks), which keeps the multiply-and-sum.
-    - JAX on CPU otherwise, batch >= 2: a broadcast multiply-and-sum,
-      which XLA fuses into one pass over the table: 19 ms at batch 8 against
-      31 for its dot. Elsewhere it would materialise a (v, b, d) product.
-    - JAX on CPU in bfloat16, batch >= 2: (b, d) x (d, v),
-      `products.einsum` (14 ms at batch 8).
-    - PyTorch: (b, d) x (d, v), the form its traced generation functions
-      send to oneDNN with the table as the weight (`generation/compile.py`);
-      with the table as oneDNN's input instead, a traced batch-8 prefill
-      took 15 s.
-    - Otherwise the table as the left operand, (v, d) x (d, b): ~25% faster
-      on XLA:CPU at batch 8 than (b, d) x (d, v), equal elsewhere.
-    """
-    b, d = ops.shape(x)[0], ops.shape(x)[1]
-    v = kernel.shape[0]
-    backend = keras.config.backend()
-    if b == 1 and backend in ("jax", "tensorflow") and on_cpu():
-        logits = ops.matmul(ops.cast(x, "float32"), ops.transpose(ops.cast(kernel, "float32")))
-        return ops.cast(logits, x.dtype)
-    if products.accumulates_in_float32(x, kernel):
-        return products.einsum("bd,vd->bv", x, kernel)
-    if v % 4 == 0 and products.splits_one_row(x.dtype) and (backend == "tensorflow" or not dequantized):
-        # x broadcast over the blocks as a real operand: given as (1, d, b),
-        # XLA folds the batched matmul back into the slow single product.
-        x = ops.broadcast_to(ops.transpose(x)[None], (4, d, b))
-        blocks = ops.matmul(ops.reshape(kernel, (4, v // 4, d)), x)  # (4, v/4, b)
-        return ops.reshape(ops.transpose(blocks, (2, 0, 1)), (b, v))
-    if backend == "jax" and b is not None and b > 1 and on_cpu():
-        return ops.transpose(ops.sum(kernel[:, None, :] * x[None], axis=-1))
-    if backend == "torch":
-        return ops.matmul(x, ops.transpose(kernel))
-    return ops.transpose(ops.matmul(kernel, ops.transpose(x)))
-
-
 class TiedEmbedding(keras.layers.Embedding):
     """Token embedding whose transpose is also the output head.
 
@@ -603,5 +507,5 @@ class TiedEmbedding(keras.layers.Embedding):
         else:
             kernel = dequantized_embeddings(self, x.dtype)
         if x.shape[1] == 1:
-            return decode_logits(kernel, x[:, 0], self.quantization_mode is not None)[:, None, :]
+            return products.decode_logits(kernel, x[:, 0], self.quantization_mode is not None)[:, None, :]
         return products.einsum("btd,vd->btv", x, kernel)

@@ -1,8 +1,15 @@
-"""Matrix products of the model: `keras.ops`, except bfloat16 under JAX on CPU.
-`matmul` splits a batch-1 decode step's products into row blocks on
-XLA:CPU. Also how a decode step writes its cache slot: in place on PyTorch
-(`writes_in_place`), after the step's attention on TensorFlow
-(`orders_cache_write`).
+"""The model's backend- and device-specific choices, so that `layers.py` is
+`keras.ops` only: which form each product takes, where the kernels live in
+memory, and how a decode step writes its cache slot.
+
+- `einsum`, `matmul`: `keras.ops`, except bfloat16 under JAX on CPU (below);
+  `matmul` splits a batch-1 decode step's products into row blocks on
+  XLA:CPU.
+- `decode_logits`: the output head of a decode step, per compiler.
+- `store_in_order`: PyTorch float32 kernels in (out, in) memory order.
+- `attends_one_query_by_matmul`: a decode step's attention form.
+- `writes_in_place` (PyTorch), `orders_cache_write` (TensorFlow): the cache
+  write.
 
 XLA:CPU runs a bfloat16 x bfloat16 -> bfloat16 dot by converting both
 operands to float32 first, so it is no faster than float32 and reads every
@@ -68,7 +75,7 @@ def _row_blocks(x, y):
     partial sums added: XLA:CPU runs a lone one-row product well below the
     machine's memory bandwidth, and the same bytes as a batch near it (the
     output head, whose table is (v, d), takes a faster form of its own:
-    `layers.decode_logits`). Measured on Gemma 3
+    `decode_logits`). Measured on Gemma 3
     270M shapes, 2-core CPU:
     - The 18 feed-forward blocks as a chain of one-row products (640 x
       2048): JAX 8.2 -> 6.2 ms, TensorFlow 9.8 -> 7.5 ms.
@@ -115,6 +122,108 @@ def accumulates_in_float32(x, y):
         return False
     dtypes = {keras.backend.standardize_dtype(a.dtype) for a in (x, y)}
     return dtypes == {"bfloat16"} and on_cpu()
+
+
+def decode_logits(kernel, x, dequantized=False):
+    """Logits (b, v) of a decode step from x (b, d) and the (v, d) table
+    (`dequantized`: computed from a quantized one).
+
+    Reading the table is most of a decode step, and the fastest form of this
+    product differs per compiler (measured on a 2-core CPU, Gemma 3's
+    262k x 640 table):
+    - XLA:CPU (JAX, TensorFlow), batch 1, any dtype: x (1, d) times the
+      transposed table, both cast to float32, the logits cast back to x's
+      dtype. XLA makes this one loop fusion over the table's rows, each a
+      contiguous d-long dot, the cast (or an int8 table's scaling, done by
+      the caller) inside the loop, so the table is read once in its own
+      dtype. JAX, the head alone, median
+      ms: float32 22.6 against 29.0 for (v, d) x (d, 1); bfloat16 10-16
+      against 25-28 for its float32-result product. Whole decode steps on a
+      slow day (memory-bound: 24 GB/s), median ms: JAX float32 48-50 ->
+      42-44, bfloat16 52-56 -> 36-39, int8 130 -> 60; TensorFlow float32
+      57 -> 47, bfloat16 61 -> 52, int8 78 -> 70 (against 4 row blocks).
+      Not above one row: with two, bfloat16 took 280 ms this way.
+    - XLA:CPU in float32, batch >= 2: the table as 4 row blocks, a batched
+      matmul. TensorFlow: 24.5 against 41 ms at batch 8 (its XLA runs the
+      whole (v, d) x (d, b) product on a slow path for 2 <= b <= 8). JAX:
+      37-38 against 41-43 ms for a broadcast multiply-and-sum and 55-59
+      for its dot (batch 8, a slow day); batch-8 decode steps alternated
+      in processes: 100-103 -> 83-100 ms. Not for JAX with a dequantized
+      table (not measured in blocks), which keeps the multiply-and-sum.
+    - JAX on CPU otherwise, batch >= 2: a broadcast multiply-and-sum,
+      which XLA fuses into one pass over the table: 19 ms at batch 8 against
+      31 for its dot. Elsewhere it would materialise a (v, b, d) product.
+    - JAX on CPU in bfloat16, batch >= 2: (b, d) x (d, v),
+      `einsum` (14 ms at batch 8).
+    - PyTorch: (b, d) x (d, v), the form its traced generation functions
+      send to oneDNN with the table as the weight (`generation/compile.py`);
+      with the table as oneDNN's input instead, a traced batch-8 prefill
+      took 15 s.
+    - Otherwise the table as the left operand, (v, d) x (d, b): ~25% faster
+      on XLA:CPU at batch 8 than (b, d) x (d, v), equal elsewhere.
+    """
+    b, d = ops.shape(x)[0], ops.shape(x)[1]
+    v = kernel.shape[0]
+    backend = keras.config.backend()
+    if b == 1 and backend in ("jax", "tensorflow") and on_cpu():
+        logits = ops.matmul(ops.cast(x, "float32"), ops.transpose(ops.cast(kernel, "float32")))
+        return ops.cast(logits, x.dtype)
+    if accumulates_in_float32(x, kernel):
+        return einsum("bd,vd->bv", x, kernel)
+    if v % 4 == 0 and splits_one_row(x.dtype) and (backend == "tensorflow" or not dequantized):
+        # x broadcast over the blocks as a real operand: given as (1, d, b),
+        # XLA folds the batched matmul back into the slow single product.
+        x = ops.broadcast_to(ops.transpose(x)[None], (4, d, b))
+        blocks = ops.matmul(ops.reshape(kernel, (4, v // 4, d)), x)  # (4, v/4, b)
+        return ops.reshape(ops.transpose(blocks, (2, 0, 1)), (b, v))
+    if backend == "jax" and b is not None and b > 1 and on_cpu():
+        return ops.transpose(ops.sum(kernel[:, None, :] * x[None], axis=-1))
+    if backend == "torch":
+        return ops.matmul(x, ops.transpose(kernel))
+    return ops.transpose(ops.matmul(kernel, ops.transpose(x)))
+
+
+def store_in_order(dense, order):
+    """On PyTorch in float32, `dense.kernel` keeps its shape and values with
+    its memory in the axis order `order` (a permutation of its axes): the
+    layout of an (out, in) matrix, which PyTorch's generation multiplies by
+    fastest (`generation/compile.py`). Assignments (`copy_`) keep the order.
+
+    Measured on the 2-core CPU, Gemma 3 270M shapes: oneDNN reads an (f, d)
+    gate or up kernel 2.4x faster per decode step than a (d, f) one (~110
+    against ~270 us, weights out of cache), and a batch-1 step's product
+    by an (out, in) matrix goes to MKL's matrix-vector kernel, 1.4-2x
+    faster again. A no-op elsewhere and for quantized layers (loading one
+    builds them so); bfloat16 products (oneDNN inside `matmul`) slowed down
+    in this order (36 -> 58 ms per step).
+    """
+    if keras.config.backend() != "torch" or dense.quantization_mode is not None:
+        return
+    if not dense.dtype_policy.compute_dtype == dense.kernel.dtype == "float32":
+        return
+    kernel = dense.kernel.value  # no LoRA yet at build time
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    kernel.data = kernel.data.permute(*order).contiguous().permute(*inverse)
+
+
+def stored_in_order(dense, order):
+    """Whether `dense.kernel` (LoRA included) is stored in the memory order
+    `order` (`store_in_order`); always False off PyTorch."""
+    if keras.config.backend() != "torch" or dense.quantization_mode is not None:
+        return False
+    kernel = dense.kernel
+    kernel = kernel.value if isinstance(kernel, keras.Variable) else kernel
+    return kernel.permute(*order).is_contiguous()
+
+
+def attends_one_query_by_matmul():
+    """Whether attention for one query position (a decode step) runs as
+    plain batched matmuls, each operand in its stored order, rather than
+    einsums: on TensorFlow, whose XLA transposes the cached keys and values
+    for the einsum form on every step (a decode step with a 512-slot ring:
+    35.7 against 28.2 ms). JAX's runs the einsum form a little faster,
+    PyTorch both alike."""
+    return keras.config.backend() == "tensorflow"
 
 
 def on_cpu():

@@ -20,7 +20,7 @@ import keras_gemma
 from conftest import backend, to_numpy
 from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
-from keras_gemma.layers import decode_logits
+from keras_gemma.products import decode_logits
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 from tokenizer_fixtures import _tiny_spm
