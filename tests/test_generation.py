@@ -88,12 +88,37 @@ def test_greedy_with_cache_equals_full_forward(hf_lm):
     _check_greedy_equals_full_forward(hf_lm)
 
 
-@pytest.mark.skipif(backend() != "tensorflow", reason="only TensorFlow has a separate long-prompt prefill")
+@pytest.mark.skipif(backend() not in ("tensorflow", "torch"), reason="JAX has one prefill for every length")
 def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
-    """TensorFlow prefills long prompts in a graph without XLA; every prompt
-    takes that path here."""
+    """TensorFlow prefills long prompts in a graph without XLA, PyTorch
+    eagerly; every prompt takes that path here."""
     monkeypatch.setattr(compile_module, "LONG_PREFILL", 0)
+    monkeypatch.setattr(compile_module, "LONG_PREFILL_TORCH", 0)
     _check_greedy_equals_full_forward(gemma3_lm)
+
+
+@pytest.mark.skipif(backend() != "torch", reason="PyTorch's tracing")
+def test_torch_traces_short_prefills_only(gemma3_lm, monkeypatch):
+    """A prompt wider than `LONG_PREFILL_TORCH` is prefilled without a trace
+    (which would hold every intermediate tensor, per new width); a short one
+    is traced, and decode steps always are."""
+    import torch
+
+    traced, trace = [], torch.jit.trace
+
+    def counting_trace(fn, example_inputs, **kwargs):
+        # Prefill is traced on (weights, token_ids, ...), a step on (weights, state, ...).
+        traced.append("prefill" if isinstance(example_inputs[1], torch.Tensor) else "step")
+        return trace(fn, example_inputs, **kwargs)
+
+    monkeypatch.setattr(torch.jit, "trace", counting_trace)
+    monkeypatch.setattr(compile_module, "LONG_PREFILL_TORCH", 100)
+    rows = 5  # a batch size no other test traces
+    for width, expected in ((20, ["prefill", "step"]), (70, ["step"])):  # padded to 32 and 128
+        traced.clear()
+        prompts = _right_padded(_ragged_prompts([width] * rows, seed=width))
+        gemma3_lm.generate(prompts, max_new_tokens=3, stop_token_ids=None)
+        assert traced == expected, width
 
 
 def test_greedy_batch_of_one_equals_full_forward(hf_lm):
