@@ -12,15 +12,15 @@ The one place where generation knows its backend. The math (`engine.prefill`,
   without XLA (see `_tensorflow`).
 - PyTorch: `torch.jit.trace` of prefill and of one decode step, per input
   shapes, weights passed as inputs (so training or LoRA updates are seen);
-  a Python loop calls the traced step. Prompts longer than
-  `LONG_PREFILL_TORCH` are prefilled eagerly (a few large products, where
-  tracing costs memory and time and saves nothing). Tracing records only the torch ops,
-  so Keras' per-layer and per-op Python overhead (most of an eager decode
-  step on CPU) is gone; on the 2-core CPU it measured ~2x faster than eager
-  `inference_mode`, while `torch.compile` (inductor) took minutes to compile
-  and was slower than eager per token. While tracing, float32 products by a
-  weight matrix are recorded as oneDNN's inner product, or at batch 1 as
-  MKL's matrix-vector product in row blocks (`_onednn_products`): another
+  a Python loop calls the traced step; prompts longer than
+  `LONG_PREFILL_TORCH` are prefilled eagerly. Tracing records only the
+  torch ops, so Keras' per-layer and per-op Python overhead (most of an
+  eager decode step on CPU) is gone; on the 2-core CPU it measured ~2x
+  faster than eager `inference_mode`, while `torch.compile` (inductor) took
+  minutes to compile and was slower than eager per token. While tracing
+  (and in the eager long prefill), float32 products by a weight matrix are
+  recorded as oneDNN's inner product, or at batch 1 as MKL's
+  matrix-vector product in row blocks (`_onednn_products`): another
   2x per decode step on an AMD CPU, then another 1.7x. The graphs run
   without TorchScript's optimizing executor
   (`torch.jit.optimized_execution(False)`), which profiled each graph's
@@ -160,16 +160,20 @@ def _tensorflow(variables, prefill, step, loop):
     return long_or_short_prefill, graph(step, True), graph(loop, True)
 
 
-# PyTorch prefills prompts longer than this (padded) eagerly, not traced.
-# Tracing holds every intermediate tensor until the trace ends, and each new
-# prompt width (a multiple of `engine.BUCKET` past 64) is a new trace. On
-# Gemma 3 270M shapes, float32, batch 1, the first call of a width (4 new
-# tokens): 1024 tokens 8.1 -> 4.1 s and +766 -> +215 MB peak, 2048 tokens
-# 12.5 -> 5.8 s and +1324 -> +498 MB; batch 8 x 512 tokens (eager if this
-# were lower) 19.4 -> 9.6 s and +1908 -> +709 MB. Later calls in float32:
-# the same at 1024 and 2048 (2.0-2.1, 3.9-4.3 s), 4-13% slower at 512;
-# in bfloat16, where Keras' per-op overhead shows, 15-22% slower at 1024
-# and 2048.
+# PyTorch prefills prompts longer than this (padded) eagerly, not traced: a
+# few large products, where Keras' per-op overhead is small. Tracing holds
+# every intermediate tensor until the trace ends, and each new prompt width
+# (a multiple of `engine.BUCKET` past 64) is a new trace. Gemma 3 270M
+# shapes, batch 1, 4 new tokens, traced -> eager, the first call of a width
+# then later calls:
+# - float32, 1024 tokens: 8.1 -> 4.1 s, peak +766 -> +215 MB; later
+#   1.9-2.1 -> 2.0-2.1 s.
+# - float32, 2048 tokens: 12.5 -> 5.8 s, +1324 -> +498 MB; later
+#   3.9-4.3 -> 3.9-4.0 s.
+# - bfloat16, 2048 tokens: 8.9 -> 4.2 s, +1360 -> +341 MB; later
+#   2.2-2.4 -> 2.5-2.8 s.
+# Shorter prompts stay traced, where eager calls cost more: float32, 512
+# tokens 0.94-0.99 -> 1.07-1.15 s, 320 tokens 0.64-0.67 -> 0.88-1.2 s.
 LONG_PREFILL_TORCH = 512
 
 
@@ -223,7 +227,7 @@ def _torch(variables, prefill, step, loop):
 
 
 def _onednn_products():
-    """While tracing: float32 CPU products by a matrix, `x @ w` (`matmul`, or
+    """While tracing (or prefilling eagerly): float32 CPU products by a matrix, `x @ w` (`matmul`, or
     an `einsum` like "btd,df->btf", "btd,ndh->btnh" or "btNh,Nhd->btd"),
     recorded as oneDNN's inner product.
 
