@@ -227,9 +227,9 @@ def _torch(variables, prefill, step, loop):
 
 
 def _onednn_products():
-    """While tracing (or prefilling eagerly): float32 CPU products by a matrix, `x @ w` (`matmul`, or
-    an `einsum` like "btd,df->btf", "btd,ndh->btnh" or "btNh,Nhd->btd"),
-    recorded as oneDNN's inner product.
+    """While tracing (or prefilling eagerly): float32 CPU products by a
+    matrix, `x @ w` (`matmul`, or an `einsum` like "btd,df->btf",
+    "btd,ndh->btnh" or "btNh,Nhd->btd"), recorded as oneDNN's inner product.
 
     PyTorch's float32 matmul on CPU is MKL, which on the 2-core AMD EPYC
     (Zen 5) this was measured on runs its AVX2 code: 205 against 470 GFLOP/s
