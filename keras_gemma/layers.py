@@ -175,14 +175,16 @@ class Attention(keras.layers.Layer):
             query_positions: (b, t) int rotary positions of x.
             key_positions: (b, t) the same, -1 where x is padding.
             cache: None, or `(keys, values, positions)` of shapes
-                (b, k, h, c), (b, k, h, c), (b, c) for c cache slots. With
-                t > 1 the cache must be empty (prefill): x attends to itself
-                and its keys are written to slots 0.. (the last c of them, in
-                ring order, for a window-sized cache). With t == 1 (a decode
-                step) x attends to the cache and to its own key, which is
-                written at slot `cache_index % c` (in the given tensors on
-                PyTorch without gradients, see `products.writes_in_place`).
-            cache_index: scalar int, the index of x in the padded sequence.
+                (b, k, h, c), (b, k, h, c), (b, c) for c cache slots. Without
+                `cache_index` the cache must be empty (the prompt's first
+                chunk): x attends to itself. With it (a decode step, or a
+                later chunk of the prompt) x attends to the cache as it was
+                and to its own keys. Either way x's keys are then written,
+                index i at slot `i % c` (a window-sized ring keeps the last
+                c); a decode step's in the given tensors on PyTorch without
+                gradients (`products.writes_in_place`).
+            cache_index: scalar int, the index of x's first position in the
+                padded sequence; None for the first chunk (index 0).
 
         Returns:
             `(output (b, t, d), updated cache or None)`.
@@ -200,29 +202,32 @@ class Attention(keras.layers.Layer):
         v = ops.transpose(v, (0, 2, 3, 1))  # (b, k, h, t)
 
         segments = [(k, v, key_positions)]
-        write_after = False
-        if cache is not None and x.shape[1] == 1 and products.writes_in_place():
+        step = x.shape[1] == 1 and cache_index is not None
+        if cache is not None and step and products.writes_in_place():
             # Write the key into the cache, then attend to the cache alone.
             cache = self._write_step(cache, k, v, key_positions, cache_index, in_place=True)
             segments = [cache]
-        elif cache is not None and x.shape[1] == 1:
-            # Attend to the cache as it was plus the new key, and write the
-            # key for later steps (below). Reading the updated cache instead
-            # makes XLA copy every layer's cache on every step. The slot
-            # being overwritten is invisible either way: it was empty (a
-            # global layer) or holds a key `window` positions back (a ring).
+        elif cache is not None and cache_index is not None:
+            # Attend to the cache as it was plus the new keys, and write the
+            # keys for later (below). Reading the updated cache instead
+            # makes XLA copy every layer's cache on every step, and a
+            # prompt chunk's keys could overwrite ring slots its own first
+            # queries still see. The slots being overwritten are invisible
+            # to later queries: empty (a global layer) or `window` or more
+            # positions back (a ring).
             segments = [cache] + segments
-            write_after = True
-        elif cache is not None:
-            cache = self._write_prefill(cache, k, v, key_positions)
         if len(segments) == 1 and self._local_blocks(x.shape[1]):
             out = self._attend_local_blocks(q, query_positions, *segments[0])
         else:
             out = self._attend(q, query_positions, segments)  # (b, t, n, h)
-        if write_after:
+        if cache is not None and len(segments) == 1 and cache_index is None:
+            cache = self._write_chunk(cache, k, v, key_positions, ops.zeros((), "int32"))
+        elif len(segments) == 2 and step:
             if products.orders_cache_write(cache[0].dtype):
                 cache_index = _after(cache_index, out)
             cache = self._write_step(cache, k, v, key_positions, cache_index)
+        elif len(segments) == 2:
+            cache = self._write_chunk(cache, k, v, key_positions, cache_index)
         return self._project_out(out), cache
 
     # A decode step (t == 1) multiplies by each head's kernel slice on its
@@ -351,14 +356,24 @@ class Attention(keras.layers.Layer):
         out = products.einsum("bkgjts,bkhjs->bjtkgh", probs, windows(values))  # (b, blocks, block, k, g, h)
         return ops.reshape(out, (b, blocks * block, self.num_query_heads, h))[:, :t]
 
-    def _write_prefill(self, cache, k, v, key_positions):
+    @staticmethod
+    def _write_chunk(cache, k, v, key_positions, cache_index):
+        """k, v (b, k, h, t) and positions (b, t) of indices `cache_index`..
+        into the cache, index i at slot `i % c`: each slot takes the last new
+        index that maps to it (a ring shorter than t keeps the last c), else
+        keeps what it held. One gather, so a chunk may wrap the ring."""
         slots, t = cache[0].shape[3], k.shape[3]
-        if t > slots:
-            # Only the last `slots` keys stay visible; index i lives at slot i % slots.
-            shift = t % slots
-            k, v = (ops.roll(a[..., t - slots:], shift, axis=3) for a in (k, v))
-            key_positions = ops.roll(key_positions[:, t - slots:], shift, axis=1)
-        return self._write(cache, k, v, key_positions, ops.zeros((), "int32"))
+        last = ops.cast(cache_index, "int32") + t - 1
+        source = last - (last - ops.arange(slots, dtype="int32")) % slots  # (c,) newest index at each slot
+        offset = source - ops.cast(cache_index, "int32")  # (c,) its column in x, < 0: none
+        new = offset >= 0
+        offset = ops.maximum(offset, 0)
+
+        def put(array, update):
+            return ops.where(new, ops.take(ops.cast(update, array.dtype), offset, axis=-1), array)
+
+        cache_keys, cache_values, cache_positions = cache
+        return put(cache_keys, k), put(cache_values, v), put(cache_positions, key_positions)
 
     def _write_step(self, cache, k, v, key_positions, cache_index, in_place=False):
         slot = ops.cast(cache_index, "int32") % cache[0].shape[3]

@@ -20,6 +20,7 @@ import keras_gemma
 from conftest import backend, to_numpy
 from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
+from keras_gemma.layers import Attention
 from keras_gemma.products import decode_logits
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
@@ -88,13 +89,36 @@ def test_greedy_with_cache_equals_full_forward(hf_lm):
     _check_greedy_equals_full_forward(hf_lm)
 
 
+# Ragged prompts padded to 192 columns: chunks of 128 and 64 columns.
+CHUNKED_LENGTHS = (150, 97, 181)
+
+
+def test_chunked_prompt_equals_full_forward(hf_lm):
+    """A prompt wider than a power of two runs as chunks, each attending to
+    the cache so far; the sliding window (4) is far shorter than a chunk."""
+    assert engine.chunks(engine.bucket(max(CHUNKED_LENGTHS))) == [(0, 128), (128, 64)]
+    _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(CHUNKED_LENGTHS, seed=2), new_tokens=12)
+
+
+def test_chunk_wrapping_the_ring_equals_full_forward():
+    """Chunks that wrap a ring cache partway (window 100: the 64-column
+    chunk at column 256 fills slots 56-99 then 0-19) and chunks longer than
+    the ring, in a ragged batch and alone."""
+    hf_config = hf_reference.gemma3_config(sliding_window=100, max_position_embeddings=512)
+    lm = hf_reference.ours_from_hf(hf_reference.build_hf(hf_config, seed=1, scale=WEIGHT_SCALE["gemma3"]))
+    assert engine.chunks(320) == [(0, 256), (256, 64)]
+    _check_greedy_equals_full_forward(lm, _ragged_prompts((300, 270)), new_tokens=12)
+    _check_greedy_equals_full_forward(lm, _ragged_prompts((300,), seed=2), new_tokens=12)
+
+
 @pytest.mark.skipif(backend() not in ("tensorflow", "torch"), reason="JAX has one prefill for every length")
 def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
     """TensorFlow prefills long prompts in a graph without XLA, PyTorch
-    eagerly; every prompt takes that path here."""
+    eagerly; every prompt and chunk takes that path here."""
     monkeypatch.setattr(compile_module, "LONG_PREFILL", 0)
     monkeypatch.setattr(compile_module, "LONG_PREFILL_TORCH", 0)
     _check_greedy_equals_full_forward(gemma3_lm)
+    _check_greedy_equals_full_forward(gemma3_lm, _ragged_prompts(CHUNKED_LENGTHS, seed=2), new_tokens=12)
 
 
 @pytest.mark.skipif(backend() != "torch", reason="PyTorch's tracing")
@@ -107,14 +131,19 @@ def test_torch_traces_short_prefills_only(gemma3_lm, monkeypatch):
     traced, trace = [], torch.jit.trace
 
     def counting_trace(fn, example_inputs, **kwargs):
-        # Prefill is traced on (weights, token_ids, ...), a step on (weights, state, ...).
-        traced.append("prefill" if isinstance(example_inputs[1], torch.Tensor) else "step")
+        # Traced on (weights, *args): a prompt chunk's args start with token
+        # ids, the first token's with a hidden state, a step's with a state.
+        first = example_inputs[1]
+        kind = "step" if not isinstance(first, torch.Tensor) else "prefill" if first.dtype == torch.int32 else "first"
+        traced.append(kind)
         return trace(fn, example_inputs, **kwargs)
 
     monkeypatch.setattr(torch.jit, "trace", counting_trace)
     monkeypatch.setattr(compile_module, "LONG_PREFILL_TORCH", 100)
     rows = 5  # a batch size no other test traces
-    for width, expected in ((20, ["prefill", "step"]), (70, ["step"])):  # padded to 32 and 128
+    # Padded to 32 and 128 (caches of 64 and 256 slots): the prompt chunk
+    # traced, then not; the first token and the step traced for each cache.
+    for width, expected in ((20, ["prefill", "first", "step"]), (70, ["first", "step"])):
         traced.clear()
         prompts = _right_padded(_ragged_prompts([width] * rows, seed=width))
         gemma3_lm.generate(prompts, max_new_tokens=3, stop_token_ids=None)
@@ -128,12 +157,12 @@ def test_greedy_batch_of_one_equals_full_forward(hf_lm):
     _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(lengths=(5,)))
 
 
-def _check_greedy_equals_full_forward(lm, prompts=None):
+def _check_greedy_equals_full_forward(lm, prompts=None, new_tokens=NEW_TOKENS):
     prompts = prompts or _ragged_prompts()
-    output = lm.generate(_right_padded(prompts), max_new_tokens=NEW_TOKENS, stop_token_ids=None)
+    output = lm.generate(_right_padded(prompts), max_new_tokens=new_tokens, stop_token_ids=None)
     got = _rows(output)
     for prompt, row in zip(prompts, got):
-        assert len(row) == len(prompt) + NEW_TOKENS
+        assert len(row) == len(prompt) + new_tokens
         assert row[: len(prompt)] == prompt
         picks = _greedy_choices_without_cache(lm, row)
         assert row[len(prompt):] == picks[len(prompt) - 1 : -1]
@@ -373,6 +402,50 @@ def test_no_recompile_for_same_bucket(gemma3_lm, monkeypatch):
     assert len(traces) == first  # same (prompt, new-token) buckets: no new trace/jit
     gemma3_lm.generate({"token_ids": np.arange(4, 74) % hf_reference.VOCAB}, max_new_tokens=3, stop_token_ids=None)
     assert len(traces) > first  # a longer prompt bucket (128) does compile anew
+
+
+def test_new_prompt_widths_reuse_compiled_chunks(gemma3_lm, monkeypatch):
+    """A chat's prompt widens every turn. Prompts run as power-of-two chunks
+    into a coarsely bucketed cache, so a new prompt width whose chunks and
+    cache length have run before compiles nothing: 192 columns (128 + 64),
+    then 128, then 192 again with a different number of new tokens."""
+    traces = []
+    original = gemma3_lm.backbone.hidden_states
+
+    def counting(*args, **kwargs):
+        traces.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gemma3_lm.backbone, "hidden_states", counting)
+    gemma3_lm.compile(sampler="greedy")  # fresh compiled functions
+    gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((181,))[0])}, max_new_tokens=8, stop_token_ids=None)
+    assert traces
+    traces.clear()
+    for length, new in ((100, 8), (160, 20), (70, 60)):  # cache lengths 256
+        gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((length,))[0])}, max_new_tokens=new, stop_token_ids=None)
+    assert not traces
+    assert engine.bucket(33 + 20, engine.COARSE_BUCKET) != 256
+    gemma3_lm.generate({"token_ids": np.arange(4, 37)}, max_new_tokens=20, stop_token_ids=None)
+    assert traces  # a 64-column prompt and a shorter cache: compiled anew
+
+
+def test_write_chunk_keeps_the_newest_index_per_slot():
+    """`Attention._write_chunk`: index i of a chunk lands at slot `i % c`,
+    the newest index winning, other slots untouched; chunks shorter and
+    longer than the cache, wrapping it or not."""
+    for slots, t, start in ((8, 3, 0), (8, 3, 6), (8, 8, 4), (8, 20, 5), (100, 64, 256), (16, 16, 32)):
+        old = np.arange(slots, dtype=np.float32)[None, None, None] * -1.0 - 1  # (1, 1, 1, slots)
+        new = np.arange(start, start + t, dtype=np.float32)[None, None, None]  # (1, 1, 1, t)
+        cache = (old, old, np.full((1, slots), -1, np.int32))
+        positions = np.arange(start, start + t, dtype=np.int32)[None]
+        keys, _, written = Attention._write_chunk(cache, new, new, positions, np.int32(start))
+        expected = old[0, 0, 0].copy()
+        expected_positions = np.full(slots, -1)
+        for i in range(start, start + t):
+            expected[i % slots] = i
+            expected_positions[i % slots] = i
+        np.testing.assert_array_equal(to_numpy(keys)[0, 0, 0], expected)
+        np.testing.assert_array_equal(to_numpy(written)[0], expected_positions)
 
 
 def test_bad_inputs(gemma3_lm, text_lm):

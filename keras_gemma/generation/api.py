@@ -74,11 +74,20 @@ class GenerationMixin:
     def _start(self, prompts, limits, stop_ids):
         functions = self._functions()
         batch = engine.Batch(prompts, limits, stop_ids, functions.sampler.next_seed())
-        out = ops.zeros((len(prompts.ids), batch.new), "int32")
         constants = tuple(ops.convert_to_tensor(c) for c in batch.constants)
-        state = functions.prefill(
-            ops.convert_to_tensor(batch.token_ids), ops.convert_to_tensor(batch.padding_mask), out, constants
+        (_, width), *later = engine.chunks(batch.width)
+        cache, hidden = functions.start(batch.cache_length)(
+            ops.convert_to_tensor(batch.token_ids[:, :width]), ops.convert_to_tensor(batch.padding_mask[:, :width])
         )
+        for start, width in later:
+            columns = slice(start, start + width)
+            cache, hidden = functions.chunk(
+                *(ops.convert_to_tensor(a[:, columns]) for a in (batch.token_ids, batch.padding_mask, batch.positions)),
+                ops.convert_to_tensor(np.int32(start)),
+                cache,
+            )
+        out = ops.zeros((len(prompts.ids), batch.new), "int32")
+        state = (cache, *functions.first_token(hidden, out, constants))
         return functions, batch, state, constants
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):

@@ -1,7 +1,8 @@
 """Backend-specific compilation of the generation functions.
 
-The one place where generation knows its backend. The math (`engine.prefill`,
-`engine.decode_step`, `engine.decode_loop`) is `keras.ops`; here it becomes:
+The one place where generation knows its backend. The math (`engine.prefill_start`,
+`prefill_chunk`, `first_token`, `decode_step`, `decode_loop`) is `keras.ops`;
+here it becomes:
 
 - JAX: `jax.jit` over the model's variable values (a `StatelessScope`, so
   weights are arguments, not baked-in constants), the whole decode loop one
@@ -47,9 +48,14 @@ from keras_gemma.products import on_cpu
 
 
 class GenerateFunctions:
-    """`prefill`, `step` and `loop` for one model and sampler, compiled.
+    """The generation functions for one model and sampler, compiled.
 
-    - `prefill(token_ids, padding_mask, out, constants) -> state`
+    - `start(cache_length)(token_ids, padding_mask) -> (cache, hidden)`: the
+      prompt's first chunk (`engine.prefill_start`), one function per cache
+      length.
+    - `chunk(token_ids, padding_mask, positions, cache_index, cache) ->
+      (cache, hidden)`: a later chunk (`engine.prefill_chunk`).
+    - `first_token(hidden, out, constants) -> (token, step, done, out)`.
     - `step(state, constants) -> state`: one token per row (streaming).
     - `loop(state, constants) -> state`: steps until every row is done.
 
@@ -57,9 +63,14 @@ class GenerateFunctions:
     """
 
     def __init__(self, lm, sampler):
+        self.lm = lm
         self.sampler = sampler
         self.variables = list(lm.variables)
-        prefill = functools.partial(engine.prefill, lm, sampler)
+        backend = keras.config.backend()
+        if backend == "jax":
+            self.compiler = _Jax(self.variables, lm.backbone.compute_dtype)
+        else:
+            self.compiler = COMPILERS.get(backend, _Eager)(self.variables)
 
         def step(state, constants):
             return engine.decode_step(lm, sampler, *state, constants)
@@ -67,10 +78,17 @@ class GenerateFunctions:
         def loop(state, constants):
             return engine.decode_loop(lm, sampler, *state, constants)
 
-        compiler = COMPILERS.get(keras.config.backend(), _eager)
-        if compiler is _jax:
-            compiler = functools.partial(_jax, cache_dtype=lm.backbone.compute_dtype)
-        self.prefill, self.step, self.loop = compiler(self.variables, prefill, step, loop)
+        self.chunk = self.compiler.prefill(functools.partial(engine.prefill_chunk, lm), donate=(4,))
+        self.first_token = self.compiler.step(functools.partial(engine.first_token, lm, sampler), donate=(1,))
+        self.step = self.compiler.step(step, donate=(0,))
+        self.loop = self.compiler.loop(loop, self.step)
+        self.starts = {}
+
+    def start(self, cache_length):
+        if cache_length not in self.starts:
+            fn = functools.partial(engine.prefill_start, self.lm, cache_length)
+            self.starts[cache_length] = self.compiler.prefill(fn)
+        return self.starts[cache_length]
 
     def matches(self, lm, sampler):
         """Still valid: same sampler, same variables (no LoRA/quantize since)."""
@@ -80,22 +98,25 @@ class GenerateFunctions:
         )
 
 
-def _jax(variables, prefill, step, loop, cache_dtype):
-    import jax
+class _Jax:
+    """`jax.jit` over the variables' values, `donate` (argument positions)
+    donated; the decode loop with `_jax_loop_options`."""
 
-    def stateless(fn):
-        def run(values, *args):
+    def __init__(self, variables, cache_dtype):
+        self.variables = variables
+        self.loop_options = _jax_loop_options(cache_dtype)
+
+    def _jit(self, fn, donate=(), compiler_options=None):
+        import jax
+
+        variables = self.variables
+
+        def stateless(values, *args):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
                 return fn(*args)
 
-        return run
+        jitted = jax.jit(stateless, donate_argnums=tuple(i + 1 for i in donate), compiler_options=compiler_options)
 
-    # Arguments after `values`: prefill(token_ids, mask, out, constants).
-    jit_prefill = jax.jit(stateless(prefill), donate_argnums=(3,))
-    jit_step = jax.jit(stateless(step), donate_argnums=(1,))
-    jit_loop = jax.jit(stateless(loop), donate_argnums=(1,), compiler_options=_jax_loop_options(cache_dtype))
-
-    def bind(jitted):
         def call(*args):
             values = [v.value for v in variables]
             with warnings.catch_warnings():
@@ -106,7 +127,13 @@ def _jax(variables, prefill, step, loop, cache_dtype):
         call.jitted = jitted  # for inspection: `call.jitted.lower(values, *args)`
         return call
 
-    return bind(jit_prefill), bind(jit_step), bind(jit_loop)
+    def prefill(self, fn, donate=()):
+        return self._jit(fn, donate)
+
+    step = prefill
+
+    def loop(self, fn, step):
+        return self._jit(fn, (0,), self.loop_options)
 
 
 def _jax_loop_options(cache_dtype):
@@ -140,24 +167,34 @@ def _jax_loop_options(cache_dtype):
 LONG_PREFILL = 256
 
 
-def _tensorflow(variables, prefill, step, loop):
-    import tensorflow as tf
+class _TensorFlow:
+    def __init__(self, variables):
+        pass
 
-    def graph(fn, jit_compile):
+    @staticmethod
+    def _graph(fn, jit_compile):
+        import tensorflow as tf
+
         return tf.function(fn, jit_compile=jit_compile, reduce_retracing=False)
 
-    # A long prefill is a few large matmuls, where TensorFlow's own (oneDNN)
-    # kernels beat XLA:CPU's: on Gemma 3 270M shapes, 0.51 against 0.74 s
-    # for a 512-token prompt, 2.9 against 5.2 s for 2048 (equal at 128 and
-    # 256). Short prompts and decode steps are many small ops, where XLA's
-    # fusion wins.
-    prefill_xla, prefill_graph = graph(prefill, True), graph(prefill, False)
+    def prefill(self, fn, donate=()):
+        # A long prefill is a few large matmuls, where TensorFlow's own
+        # (oneDNN) kernels beat XLA:CPU's: on Gemma 3 270M shapes, 0.51
+        # against 0.74 s for a 512-token prompt, 2.9 against 5.2 s for 2048
+        # (equal at 128 and 256). Short prompts and decode steps are many
+        # small ops, where XLA's fusion wins.
+        xla, graph = self._graph(fn, True), self._graph(fn, False)
 
-    def long_or_short_prefill(token_ids, *args):
-        run = prefill_graph if token_ids.shape[1] > LONG_PREFILL else prefill_xla
-        return run(token_ids, *args)
+        def long_or_short(token_ids, *args):
+            return (graph if token_ids.shape[1] > LONG_PREFILL else xla)(token_ids, *args)
 
-    return long_or_short_prefill, graph(step, True), graph(loop, True)
+        return long_or_short
+
+    def step(self, fn, donate=()):
+        return self._graph(fn, True)
+
+    def loop(self, fn, step):
+        return self._graph(fn, True)
 
 
 # PyTorch prefills prompts longer than this (padded) eagerly, not traced: a
@@ -177,12 +214,17 @@ def _tensorflow(variables, prefill, step, loop):
 LONG_PREFILL_TORCH = 512
 
 
-def _torch(variables, prefill, step, loop):
-    import torch
+class _Torch:
+    """`torch.jit.trace` once per input shapes, weights as inputs; the loop
+    in Python."""
 
-    def traced(fn):
-        """`fn` traced by `torch.jit.trace` once per input shapes, weights as inputs."""
-        graphs = {}
+    def __init__(self, variables):
+        self.variables = variables
+
+    def step(self, fn, donate=()):
+        import torch
+
+        variables, graphs = self.variables, {}
 
         def stateless(values, *args):
             with keras.StatelessScope(state_mapping=list(zip(variables, values))):
@@ -207,23 +249,29 @@ def _torch(variables, prefill, step, loop):
 
         return call
 
-    traced_prefill, traced_step = traced(prefill), traced(step)
+    def prefill(self, fn, donate=()):
+        import torch
 
-    def long_or_short_prefill(token_ids, *args):
-        if token_ids.shape[1] <= LONG_PREFILL_TORCH:
-            return traced_prefill(token_ids, *args)
-        with torch.inference_mode(), _onednn_products():
-            return _as_tuples(prefill(token_ids, *args))
+        traced = self.step(fn)
 
-    def python_loop(state, constants):
-        # The loop itself stays in Python: a host check per token is cheap
-        # next to a forward pass on CPU.
-        max_steps = min(int(constants[1].max()), state[4].shape[1])
-        while int(state[2]) < max_steps and not bool(state[3].all()):
-            state = traced_step(state, constants)
-        return state
+        def long_or_short(token_ids, *args):
+            if token_ids.shape[1] <= LONG_PREFILL_TORCH:
+                return traced(token_ids, *args)
+            with torch.inference_mode(), _onednn_products():
+                return _as_tuples(fn(token_ids, *args))
 
-    return long_or_short_prefill, traced_step, python_loop
+        return long_or_short
+
+    def loop(self, fn, step):
+        def python_loop(state, constants):
+            # The loop itself stays in Python: a host check per token is
+            # cheap next to a forward pass on CPU.
+            max_steps = min(int(constants[1].max()), state[4].shape[1])
+            while int(state[2]) < max_steps and not bool(state[3].all()):
+                state = step(state, constants)
+            return state
+
+        return python_loop
 
 
 def _onednn_products():
@@ -382,8 +430,17 @@ def _as_tuples(tree):
     return tree
 
 
-def _eager(variables, prefill, step, loop):
-    return prefill, step, loop
+class _Eager:
+    def __init__(self, variables):
+        pass
+
+    def prefill(self, fn, donate=()):
+        return fn
+
+    step = prefill
+
+    def loop(self, fn, step):
+        return fn
 
 
-COMPILERS = {"jax": _jax, "tensorflow": _tensorflow, "torch": _torch}
+COMPILERS = {"tensorflow": _TensorFlow, "torch": _Torch}

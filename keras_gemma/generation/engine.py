@@ -1,19 +1,27 @@
 """Generation as small functions over a fixed-shape cache (gpt-fast style).
 
-The math lives in three `keras.ops` functions that `compile.py` compiles per
-backend: `prefill` (the whole left-padded prompt through
-`backbone.hidden_states` with an empty cache, logits at the last position
-only, the first token sampled), `decode_step` (one token per row through the
-same `hidden_states`, written at cache slot `index % slots`), and
-`decode_loop` (`decode_step` in `ops.while_loop` until every row is done).
+The math lives in `keras.ops` functions that `compile.py` compiles per
+backend: `prefill_start` (the prompt's first chunk through
+`backbone.hidden_states` into an empty cache), `prefill_chunk` (a later
+chunk, attending to the cache so far), `first_token` (logits at the
+prompt's last position only, the first token sampled), `decode_step` (one
+token per row through the same `hidden_states`, written at cache slot
+`index % slots`), and `decode_loop` (`decode_step` in `ops.while_loop`
+until every row is done).
 
 Ragged batches are LEFT padded: every row's prompt ends at the same index,
 so one cache index serves the whole batch, and rotary positions count real
 tokens only, so a padded row decodes exactly as it would alone.
 
-Shapes are bucketed (prompt width and new-token buffer: 16, 32, 64, then
-multiples of 64), so repeated calls of similar sizes reuse the compiled
-functions.
+Shapes are bucketed so that compiled functions get reused: the prompt width
+to 16, 32, 64, then multiples of 64; the cache length (prompt and new
+tokens, also the new-token buffer's) coarsely, to powers of two up to 512
+and then multiples of 512. A padded prompt runs as chunks whose widths are
+powers of two (`chunks`: 448 = 256 + 128 + 64), so a growing chat, whose
+prompt widens by a bucket or more every turn, reuses the same few chunk
+functions and the same decode loop instead of compiling new ones per turn.
+The first chunk, the largest, attends to itself alone, so a prompt of a
+power-of-two width runs as one pass with no attention over empty slots.
 
 Everything else here is host-side: turning strings, conversations and token
 arrays into prompts, per-row budgets and stop tokens, and turning the output
@@ -29,6 +37,7 @@ from keras_gemma import chat_template
 PAD_ID = 0
 EOS_ID = 1
 BUCKET = 64
+COARSE_BUCKET = 512  # cache length and new-token buffer
 STOP_SLOTS = 4  # stop-id vector padded to a multiple of this (fewer shapes)
 DEFAULT_MAX_LENGTH = 1024
 # <end_of_turn> where there is no tokenizer to ask, known from the vocabulary
@@ -47,6 +56,18 @@ def bucket(n, multiple=BUCKET):
     return -(-n // multiple) * multiple
 
 
+def chunks(width):
+    """`(start, size)` of the chunks a padded prompt width runs as: the
+    largest power of two first, then what is left as decreasing powers of
+    two (each start a multiple of its size)."""
+    out, start = [], 0
+    while start < width:
+        size = 1 << ((width - start).bit_length() - 1)
+        out.append((start, size))
+        start += size
+    return out
+
+
 # -- The math: compiled by compile.py ----------------------------------------
 
 
@@ -54,40 +75,63 @@ def _is_stop(token, stop_ids):
     return ops.any(token[:, None] == stop_ids[None, :], axis=-1)  # (b,)
 
 
-def prefill(lm, sampler, token_ids, padding_mask, out, constants):
-    """The left-padded prompts through the model; samples the first new token.
+def prefill_start(lm, cache_length, token_ids, padding_mask):
+    """The prompt's first chunk into an empty cache of `cache_length` slots.
 
     Args:
-        token_ids, padding_mask: (b, p) left-padded prompts.
+        token_ids, padding_mask: (b, w) the first w columns of the
+            left-padded prompts.
+
+    Returns:
+        `(cache, hidden (b, d) at the chunk's last column)`. The cache is
+        made here (`init_cache`): inside the compiled function it costs no
+        dispatch, where eagerly each cache array was an op of its own (54
+        for Gemma 3 270M; on JAX 25 ms of a 512-token prompt's first token
+        on the 2-core CPU).
+    """
+    cache = lm.backbone.init_cache(token_ids.shape[0], cache_length)
+    hidden, cache = lm.backbone.hidden_states(token_ids, padding_mask, cache=cache)
+    return cache, hidden[:, -1, :]
+
+
+def prefill_chunk(lm, token_ids, padding_mask, positions, cache_index, cache):
+    """A later chunk of the prompts, from column `cache_index` on, into the
+    cache; `positions` (b, w) are its rotary positions (real tokens before
+    each, counted over the whole prompt). Returns what `prefill_start` does."""
+    hidden, cache = lm.backbone.hidden_states(
+        token_ids, padding_mask, positions=positions, cache=cache, cache_index=cache_index
+    )
+    return cache, hidden[:, -1, :]
+
+
+def first_token(lm, sampler, hidden, out, constants):
+    """Samples the first new token from the prompt's last hidden state.
+
+    Args:
+        hidden: (b, d) at the last column of the left-padded prompts, every
+            row's last prompt token (so only it needs logits, not every
+            position over a 256k vocabulary).
         out: (b, n) int32 zeros, the buffer for new tokens.
         constants: see `decode_step`.
 
     Returns:
-        The decode state `(cache, token, step, done, out)`, the cache made
-        here for `p + n` positions (`init_cache`): inside the compiled
-        function it costs no dispatch, where eagerly each cache array was
-        an op of its own (54 for Gemma 3 270M; on JAX 25 ms of a 512-token
-        prompt's first token on the 2-core CPU).
+        `(token, step, done, out)`: with the cache, the decode state.
     """
     _, limits, stop_ids, seed, _ = constants
-    cache = lm.backbone.init_cache(token_ids.shape[0], token_ids.shape[1] + out.shape[1])
-    hidden, cache = lm.backbone.hidden_states(token_ids, padding_mask, cache=cache)
-    # Left padding: the last column is every row's last prompt token, so
-    # only it needs logits (not every position over a 256k vocabulary).
-    logits = lm.logits(hidden[:, -1:, :])[:, 0, :]  # (b, vocab) float32
+    logits = lm.logits(hidden[:, None, :])[:, 0, :]  # (b, vocab) float32
     step = ops.zeros((), "int32")
     token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
     token = ops.where(limits > 0, token, PAD_ID)
     out = ops.slice_update(out, (0, 0), token[:, None])
     done = ops.logical_or(limits <= 1, _is_stop(token, stop_ids))
-    return cache, token, step + 1, done, out
+    return token, step + 1, done, out
 
 
 def decode_step(lm, sampler, cache, token, step, done, out, constants):
     """Feeds the last token of each row, samples the next into `out[:, step]`.
 
     Args:
-        cache: the cache after `prefill` and `step - 1` decode steps.
+        cache: the cache after the prompt and `step - 1` decode steps.
         token: (b,) the token sampled last, at index `p + step - 1`.
         step: scalar int32, how many tokens each row has sampled.
         done: (b,) bool, rows that hit a stop token or their budget.
@@ -307,13 +351,19 @@ class Batch:
     def __init__(self, prompts, limits, stop_ids, seed):
         lengths = np.array([len(row) for row in prompts.ids], np.int32)
         self.width = bucket(int(lengths.max()))  # p
-        self.new = bucket(max(int(limits.max()), 1))  # n
+        # Slots for the prompt and every new token but the last (never fed).
+        self.cache_length = bucket(self.width + int(limits.max()), COARSE_BUCKET)
+        # The new-token buffer (n) as long as the cache: one decode loop per
+        # cache length, whatever the budget (int32, 4 bytes a slot and row).
+        self.new = self.cache_length
         batch = len(lengths)
         self.token_ids = np.full((batch, self.width), PAD_ID, np.int32)
         self.padding_mask = np.zeros((batch, self.width), bool)
         for i, row in enumerate(prompts.ids):
             self.token_ids[i, self.width - len(row):] = row
             self.padding_mask[i, self.width - len(row):] = True
+        # Rotary positions, as `backbone.hidden_states` counts them.
+        self.positions = np.maximum(np.cumsum(self.padding_mask, axis=1, dtype=np.int32) - 1, 0)
         size = max(STOP_SLOTS, -(-len(stop_ids) // STOP_SLOTS) * STOP_SLOTS)
         stop = list(stop_ids) + [-1] * (size - len(stop_ids))
         self.constants = (
