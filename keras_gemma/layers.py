@@ -203,7 +203,8 @@ class Attention(keras.layers.Layer):
 
         segments = [(k, v, key_positions)]
         step = x.shape[1] == 1 and cache_index is not None
-        if cache is not None and step and products.writes_in_place():
+        in_place = step and products.writes_in_place()
+        if cache is not None and in_place:
             # Write the key into the cache, then attend to the cache alone.
             cache = self._write_step(cache, k, v, key_positions, cache_index, in_place=True)
             segments = [cache]
@@ -220,14 +221,13 @@ class Attention(keras.layers.Layer):
             out = self._attend_local_blocks(q, query_positions, *segments[0])
         else:
             out = self._attend(q, query_positions, segments)  # (b, t, n, h)
-        if cache is not None and len(segments) == 1 and cache_index is None:
-            cache = self._write_chunk(cache, k, v, key_positions, ops.zeros((), "int32"))
-        elif len(segments) == 2 and step:
+        if cache is not None and step and not in_place:
             if products.orders_cache_write(cache[0].dtype):
                 cache_index = _after(cache_index, out)
             cache = self._write_step(cache, k, v, key_positions, cache_index)
-        elif len(segments) == 2:
-            cache = self._write_chunk(cache, k, v, key_positions, cache_index)
+        elif cache is not None and not step:
+            start = ops.zeros((), "int32") if cache_index is None else cache_index
+            cache = self._write_chunk(cache, k, v, key_positions, start)
         return self._project_out(out), cache
 
     # A decode step (t == 1) multiplies by each head's kernel slice on its

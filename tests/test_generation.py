@@ -93,9 +93,14 @@ def test_greedy_with_cache_equals_full_forward(hf_lm):
 CHUNKED_LENGTHS = (150, 97, 181)
 
 
-def test_chunked_prompt_equals_full_forward(hf_lm):
+@pytest.mark.parametrize("traced", [False, True], ids=["first-calls", "traced"])
+def test_chunked_prompt_equals_full_forward(hf_lm, traced, monkeypatch):
     """A prompt wider than a power of two runs as chunks, each attending to
-    the cache so far; the sliding window (4) is far shorter than a chunk."""
+    the cache so far; the sliding window (4) is far shorter than a chunk.
+    PyTorch traces a chunk's shape only from its third call on."""
+    if traced:
+        monkeypatch.setattr(compile_module, "TRACE_CHUNK_AFTER", 0)
+        hf_lm.compile(sampler="greedy")  # fresh compiled functions
     assert engine.chunks(engine.bucket(max(CHUNKED_LENGTHS))) == [(0, 128), (128, 64)]
     _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(CHUNKED_LENGTHS, seed=2), new_tokens=12)
 
@@ -408,7 +413,9 @@ def test_new_prompt_widths_reuse_compiled_chunks(gemma3_lm, monkeypatch):
     """A chat's prompt widens every turn. Prompts run as power-of-two chunks
     into a coarsely bucketed cache, so a new prompt width whose chunks and
     cache length have run before compiles nothing: 192 columns (128 + 64),
-    then 128, then 192 again with a different number of new tokens."""
+    then 128, then 192 again with a different number of new tokens.
+    (PyTorch runs a chunk shape's first calls eagerly; here it traces.)"""
+    monkeypatch.setattr(compile_module, "TRACE_CHUNK_AFTER", 0)
     traces = []
     original = gemma3_lm.backbone.hidden_states
 

@@ -9,12 +9,14 @@ here it becomes:
   `lax.while_loop`, cache and output buffers donated so updates happen in
   place; on CPU the loop gets its own XLA options (`_jax_loop_options`).
 - TensorFlow: the decode step and loop `tf.function(jit_compile=True)` (XLA),
-  the loop a `tf.while_loop` inside it; prefill a `tf.function` graph
-  without XLA (see `_tensorflow`).
-- PyTorch: `torch.jit.trace` of prefill and of one decode step, per input
-  shapes, weights passed as inputs (so training or LoRA updates are seen);
-  a Python loop calls the traced step; prompts longer than
-  `LONG_PREFILL_TORCH` are prefilled eagerly. Tracing records only the
+  the loop a `tf.while_loop` inside it; a prompt's first chunk where wider
+  than `LONG_PREFILL`, and later chunks, a `tf.function` graph without XLA
+  (see `_TensorFlow`).
+- PyTorch: `torch.jit.trace` of prompt chunks and of one decode step, per
+  input shapes, weights passed as inputs (so training or LoRA updates are
+  seen); a Python loop calls the traced step; chunks wider than
+  `LONG_PREFILL_TORCH`, and a later chunk's first calls of a shape
+  (`TRACE_CHUNK_AFTER`), run eagerly. Tracing records only the
   torch ops, so Keras' per-layer and per-op Python overhead (most of an
   eager decode step on CPU) is gone; on the 2-core CPU it measured ~2x
   faster than eager `inference_mode`, while `torch.compile` (inductor) took
@@ -78,7 +80,7 @@ class GenerateFunctions:
         def loop(state, constants):
             return engine.decode_loop(lm, sampler, *state, constants)
 
-        self.chunk = self.compiler.prefill(functools.partial(engine.prefill_chunk, lm), donate=(4,))
+        self.chunk = self.compiler.chunk(functools.partial(engine.prefill_chunk, lm), donate=(4,))
         self.first_token = self.compiler.step(functools.partial(engine.first_token, lm, sampler), donate=(1,))
         self.step = self.compiler.step(step, donate=(0,))
         self.loop = self.compiler.loop(loop, self.step)
@@ -130,7 +132,7 @@ class _Jax:
     def prefill(self, fn, donate=()):
         return self._jit(fn, donate)
 
-    step = prefill
+    step = chunk = prefill
 
     def loop(self, fn, step):
         return self._jit(fn, (0,), self.loop_options)
@@ -163,7 +165,7 @@ def _jax_loop_options(cache_dtype):
     return options
 
 
-# TensorFlow prefills prompts longer than this (padded) without XLA.
+# TensorFlow runs prompt chunks wider than this without XLA.
 LONG_PREFILL = 256
 
 
@@ -190,6 +192,13 @@ class _TensorFlow:
 
         return long_or_short
 
+    def chunk(self, fn, donate=()):
+        # Later chunks (64 columns or more) without XLA too: Gemma 3 270M,
+        # float32, each new chunk shape compiled in 2.5-2.8 s against ~5
+        # with XLA, and ran as fast (192 columns, 128 + 64: 0.35-0.38
+        # against 0.37-0.38 s; 448 columns 0.77 against 0.81-0.84).
+        return self._graph(fn, False)
+
     def step(self, fn, donate=()):
         return self._graph(fn, True)
 
@@ -197,12 +206,11 @@ class _TensorFlow:
         return self._graph(fn, True)
 
 
-# PyTorch prefills prompts longer than this (padded) eagerly, not traced: a
-# few large products, where Keras' per-op overhead is small. Tracing holds
-# every intermediate tensor until the trace ends, and each new prompt width
-# (a multiple of `engine.BUCKET` past 64) is a new trace. Gemma 3 270M
-# shapes, batch 1, 4 new tokens, traced -> eager, the first call of a width
-# then later calls:
+# PyTorch runs prompt chunks wider than this eagerly, not traced: a few
+# large products, where Keras' per-op overhead is small. Tracing holds
+# every intermediate tensor until the trace ends, and each new chunk width
+# and cache length is a new trace. Gemma 3 270M shapes, batch 1, 4 new
+# tokens, traced -> eager, the first call of a width then later calls:
 # - float32, 1024 tokens: 8.1 -> 4.1 s, peak +766 -> +215 MB; later
 #   1.9-2.1 -> 2.0-2.1 s.
 # - float32, 2048 tokens: 12.5 -> 5.8 s, +1324 -> +498 MB; later
@@ -212,6 +220,17 @@ class _TensorFlow:
 # Shorter prompts stay traced, where eager calls cost more: float32, 512
 # tokens 0.94-0.99 -> 1.07-1.15 s, 320 tokens 0.64-0.67 -> 0.88-1.2 s.
 LONG_PREFILL_TORCH = 512
+
+# PyTorch runs a later prompt chunk of given shapes eagerly this many times,
+# then traces it: a chunk's trace took 2.3-4 s (Gemma 3 270M, float32,
+# 64-256 columns) and saves 0.1-0.2 s per later call (a 192-column prompt,
+# 128 + 64: 0.46-0.53 s eager against 0.37-0.39 traced; 448 columns, 256 +
+# 128 + 64: 0.94-1.04 against 0.77-0.86). Tracing once the eager calls have
+# cost about what a trace does never pays more than twice the better
+# choice in hindsight. A chat meets each chunk shape about once per turn:
+# turns of 40 to 420 tokens, 48 new, compiled for 14.4 s in all with
+# chunks eager, 23.5 s traced at once, 26 s traced from the third call.
+TRACE_CHUNK_AFTER = 16
 
 
 class _Torch:
@@ -233,8 +252,7 @@ class _Torch:
         def call(*args):
             args = _as_tuples(args)
             values = tuple(v.value for v in variables)
-            leaves = torch.utils._pytree.tree_leaves(args)
-            key = tuple((tuple(x.shape), x.dtype) for x in leaves)
+            key = _shapes(args)
             with torch.inference_mode(), torch.jit.optimized_execution(False):
                 if key not in graphs:
                     with warnings.catch_warnings(), _onednn_products():
@@ -249,18 +267,32 @@ class _Torch:
 
         return call
 
-    def prefill(self, fn, donate=()):
+    def prefill(self, fn, donate=(), later_chunk=False):
+        """Traced, but eagerly where wider than `LONG_PREFILL_TORCH`, and a
+        `later_chunk`'s first `TRACE_CHUNK_AFTER` calls of each shape."""
+        traced, eager, calls = self.step(fn), self._eager(fn), {}
+
+        def call(token_ids, *args):
+            key = _shapes(_as_tuples((token_ids, *args)))
+            calls[key] = calls.get(key, 0) + 1
+            eager_calls = TRACE_CHUNK_AFTER if later_chunk else 0
+            trace = token_ids.shape[1] <= LONG_PREFILL_TORCH and calls[key] > eager_calls
+            return (traced if trace else eager)(token_ids, *args)
+
+        return call
+
+    def chunk(self, fn, donate=()):
+        return self.prefill(fn, later_chunk=True)
+
+    @staticmethod
+    def _eager(fn):
         import torch
 
-        traced = self.step(fn)
-
-        def long_or_short(token_ids, *args):
-            if token_ids.shape[1] <= LONG_PREFILL_TORCH:
-                return traced(token_ids, *args)
+        def eager(*args):
             with torch.inference_mode(), _onednn_products():
-                return _as_tuples(fn(token_ids, *args))
+                return _as_tuples(fn(*args))
 
-        return long_or_short
+        return eager
 
     def loop(self, fn, step):
         def python_loop(state, constants):
@@ -423,6 +455,13 @@ def _einsum_form(equation):
     return None
 
 
+def _shapes(args):
+    """Shapes and dtypes of the tensors in `args`: one trace's key."""
+    import torch
+
+    return tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
+
+
 def _as_tuples(tree):
     """Lists as tuples, all the way down (what `torch.jit.trace` takes and gives)."""
     if isinstance(tree, (list, tuple)):
@@ -437,7 +476,7 @@ class _Eager:
     def prefill(self, fn, donate=()):
         return fn
 
-    step = prefill
+    step = chunk = prefill
 
     def loop(self, fn, step):
         return fn
