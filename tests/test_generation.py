@@ -116,6 +116,15 @@ def test_chunk_wrapping_the_ring_equals_full_forward():
     _check_greedy_equals_full_forward(lm, _ragged_prompts((300,), seed=2), new_tokens=12)
 
 
+def test_cache_shorter_than_padded_prompt_and_new_tokens(hf_lm):
+    """The cache holds real tokens and new ones, not the left padding: 65-
+    and 40-token prompts padded to 128 columns, 30 new tokens, 128 slots.
+    The global layer's writes wrap onto slots that held padding only."""
+    prompts = _ragged_prompts((65, 40), seed=4)
+    assert engine.bucket(65) == 128 and engine.bucket(65 + NEW_TOKENS, engine.COARSE_BUCKET) == 128
+    _check_greedy_equals_full_forward(hf_lm, prompts)
+
+
 @pytest.mark.skipif(backend() not in ("tensorflow", "torch"), reason="JAX has one prefill for every length")
 def test_long_prompt_prefill_equals_full_forward(gemma3_lm, monkeypatch):
     """TensorFlow prefills long prompts in a graph without XLA, PyTorch
@@ -401,19 +410,19 @@ def test_no_recompile_for_same_bucket(gemma3_lm, monkeypatch):
     gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((40,))[0])}, max_new_tokens=6, stop_token_ids=None)
     first = len(traces)
     assert first > 0
-    for lengths, new in (((50,), 10), ((33,), 3), ((64,), 16)):
+    for lengths, new in (((50,), 10), ((33,), 3), ((58,), 6)):
         prompt = _ragged_prompts(lengths, seed=sum(lengths))[0]
         gemma3_lm.generate({"token_ids": np.array(prompt)}, max_new_tokens=new, stop_token_ids=None)
-    assert len(traces) == first  # same (prompt, new-token) buckets: no new trace/jit
+    assert len(traces) == first  # same prompt width (64) and cache length (64): no new trace/jit
     gemma3_lm.generate({"token_ids": np.arange(4, 74) % hf_reference.VOCAB}, max_new_tokens=3, stop_token_ids=None)
-    assert len(traces) > first  # a longer prompt bucket (128) does compile anew
+    assert len(traces) > first  # a longer cache (128) does compile anew
 
 
 def test_new_prompt_widths_reuse_compiled_chunks(gemma3_lm, monkeypatch):
     """A chat's prompt widens every turn. Prompts run as power-of-two chunks
     into a coarsely bucketed cache, so a new prompt width whose chunks and
     cache length have run before compiles nothing: 192 columns (128 + 64),
-    then 128, then 192 again with a different number of new tokens.
+    then 128, then 192 again, with different numbers of new tokens.
     (PyTorch runs a chunk shape's first calls eagerly; here it traces.)"""
     monkeypatch.setattr(compile_module, "TRACE_CHUNK_AFTER", 0)
     traces = []
@@ -428,7 +437,7 @@ def test_new_prompt_widths_reuse_compiled_chunks(gemma3_lm, monkeypatch):
     gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((181,))[0])}, max_new_tokens=8, stop_token_ids=None)
     assert traces
     traces.clear()
-    for length, new in ((100, 8), (160, 20), (70, 60)):  # cache lengths 256
+    for length, new in ((100, 30), (160, 20), (130, 60)):  # cache length 256
         gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((length,))[0])}, max_new_tokens=new, stop_token_ids=None)
     assert not traces
     assert engine.bucket(33 + 20, engine.COARSE_BUCKET) != 256

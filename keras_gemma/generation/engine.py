@@ -14,7 +14,7 @@ so one cache index serves the whole batch, and rotary positions count real
 tokens only, so a padded row decodes exactly as it would alone.
 
 Shapes are bucketed so that compiled functions get reused: the prompt width
-to 16, 32, 64, then multiples of 64; the cache length (prompt and new
+to 16, 32, 64, then multiples of 64; the cache length (real prompt and new
 tokens, also the new-token buffer's) coarsely, to powers of two up to 512
 and then multiples of 512. A padded prompt runs as chunks whose widths are
 powers of two (`chunks`: 448 = 256 + 128 + 64), so a growing chat, whose
@@ -351,8 +351,14 @@ class Batch:
     def __init__(self, prompts, limits, stop_ids, seed):
         lengths = np.array([len(row) for row in prompts.ids], np.int32)
         self.width = bucket(int(lengths.max()))  # p
-        # Slots for the prompt and every new token but the last (never fed).
-        self.cache_length = bucket(self.width + int(limits.max()), COARSE_BUCKET)
+        # Slots for the longest prompt's real tokens and every new token:
+        # indices run to `width + max(limits) - 2` (the last token is never
+        # fed), and an index past the cache's end lands on the slot of one
+        # `cache_length` earlier, which no row holds a real token at (all
+        # are left padding there). So a chat with a fixed `max_length` keeps
+        # one cache length (and one decode loop) however its prompt is
+        # padded.
+        self.cache_length = bucket(int(lengths.max()) + int(limits.max()), COARSE_BUCKET)
         # The new-token buffer (n) as long as the cache: one decode loop per
         # cache length, whatever the budget (int32, 4 bytes a slot and row).
         self.new = self.cache_length
