@@ -68,11 +68,8 @@ class GenerateFunctions:
         self.lm = lm
         self.sampler = sampler
         self.variables = list(lm.variables)
-        backend = keras.config.backend()
-        if backend == "jax":
-            self.compiler = _Jax(self.variables, lm.backbone.compute_dtype)
-        else:
-            self.compiler = COMPILERS.get(backend, _Eager)(self.variables)
+        compiler = COMPILERS.get(keras.config.backend(), _Eager)
+        self.compiler = compiler(self.variables, lm.backbone.compute_dtype)
 
         def step(state, constants):
             return engine.decode_step(lm, sampler, *state, constants)
@@ -170,7 +167,9 @@ LONG_PREFILL = 256
 
 
 class _TensorFlow:
-    def __init__(self, variables):
+    """`tf.function` graphs, with XLA or without (see each method)."""
+
+    def __init__(self, variables, cache_dtype):
         pass
 
     @staticmethod
@@ -237,10 +236,13 @@ class _Torch:
     """`torch.jit.trace` once per input shapes, weights as inputs; the loop
     in Python."""
 
-    def __init__(self, variables):
+    def __init__(self, variables, cache_dtype):
         self.variables = variables
 
     def step(self, fn, donate=()):
+        return self._traced(fn)
+
+    def _traced(self, fn):
         import torch
 
         variables, graphs = self.variables, {}
@@ -270,7 +272,7 @@ class _Torch:
     def prefill(self, fn, donate=(), later_chunk=False):
         """Traced, but eagerly where wider than `LONG_PREFILL_TORCH`, and a
         `later_chunk`'s first `TRACE_CHUNK_AFTER` calls of each shape."""
-        traced, eager, calls = self.step(fn), self._eager(fn), {}
+        traced, eager, calls = self._traced(fn), self._eager(fn), {}
 
         def call(token_ids, *args):
             key = _shapes(_as_tuples((token_ids, *args)))
@@ -470,7 +472,13 @@ def _as_tuples(tree):
 
 
 class _Eager:
-    def __init__(self, variables):
+    """No compiling (another backend), and the interface every compiler has:
+    `prefill` (a prompt's first chunk), `chunk` (a later one) and `step`
+    each compile a function, `donate` naming the positions of arguments
+    whose buffers it may reuse; `loop(fn, step)` the decode loop, given the
+    compiled step."""
+
+    def __init__(self, variables, cache_dtype):
         pass
 
     def prefill(self, fn, donate=()):
@@ -482,4 +490,4 @@ class _Eager:
         return fn
 
 
-COMPILERS = {"tensorflow": _TensorFlow, "torch": _Torch}
+COMPILERS = {"jax": _Jax, "tensorflow": _TensorFlow, "torch": _Torch}
