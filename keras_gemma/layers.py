@@ -225,9 +225,10 @@ class Attention(keras.layers.Layer):
             if products.orders_cache_write(cache[0].dtype):
                 cache_index = _after(cache_index, out)
             cache = self._write_step(cache, k, v, key_positions, cache_index)
+        elif cache is not None and cache_index is None:
+            cache = self._write_first(cache, k, v, key_positions)
         elif cache is not None and not step:
-            start = ops.zeros((), "int32") if cache_index is None else cache_index
-            cache = self._write_chunk(cache, k, v, key_positions, start)
+            cache = self._write_chunk(cache, k, v, key_positions, cache_index)
         return self._project_out(out), cache
 
     # A decode step (t == 1) multiplies by each head's kernel slice on its
@@ -355,6 +356,18 @@ class Attention(keras.layers.Layer):
         probs = ops.cast(ops.reshape(probs, (-1, k, g, blocks, block, span)), q.dtype)
         out = products.einsum("bkgjts,bkhjs->bjtkgh", probs, windows(values))  # (b, blocks, block, k, g, h)
         return ops.reshape(out, (b, blocks * block, self.num_query_heads, h))[:, :t]
+
+    def _write_first(self, cache, k, v, key_positions):
+        """The first chunk's keys into slots 0.. (a shorter ring keeps the
+        last c, rolled so index i sits at slot `i % c`). Static positions:
+        on JAX a 512-token prompt's first token came ~10 ms sooner than by
+        `_write_chunk`'s gather."""
+        slots, t = cache[0].shape[3], k.shape[3]
+        if t > slots:
+            shift = t % slots
+            k, v = (ops.roll(a[..., t - slots:], shift, axis=3) for a in (k, v))
+            key_positions = ops.roll(key_positions[:, t - slots:], shift, axis=1)
+        return self._write(cache, k, v, key_positions, ops.zeros((), "int32"))
 
     @staticmethod
     def _write_chunk(cache, k, v, key_positions, cache_index):
