@@ -214,8 +214,9 @@ class Attention(keras.layers.Layer):
             # makes XLA copy every layer's cache on every step, and a
             # prompt chunk's keys could overwrite ring slots its own first
             # queries still see. The slots being overwritten are invisible
-            # to later queries: empty (a global layer) or `window` or more
-            # positions back (a ring).
+            # to later queries: empty or left padding (a global layer, see
+            # `engine.Batch.cache_length`) or `window` or more positions
+            # back (a ring).
             segments = [cache] + segments
         if len(segments) == 1 and self._local_blocks(x.shape[1]):
             out = self._attend_local_blocks(q, query_positions, *segments[0])
