@@ -19,8 +19,10 @@ import hf_reference
 import keras_gemma
 from conftest import backend, to_numpy
 from keras_gemma.generation import compile as compile_module
+from keras_gemma import products
 from keras_gemma.generation import engine
-from keras_gemma.layers import Attention
+from keras_gemma.generation import samplers
+from keras_gemma.layers import Attention, soft_cap
 from keras_gemma.products import decode_logits
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
@@ -502,6 +504,95 @@ def test_decode_logits_is_the_head_product(batch):
     np.testing.assert_allclose(got, x @ table.T, rtol=1e-5, atol=1e-5)
 
 
+def _screened_and_full(table, x, k, cap=None):
+    """`products.screened_logits` and the full head, float32 numpy."""
+    kernel, x = keras.ops.convert_to_tensor(table), keras.ops.convert_to_tensor(x)
+
+    def finish(raw):
+        return soft_cap(raw, cap)
+
+    def full():
+        return finish(keras.ops.matmul(x, keras.ops.transpose(kernel)))
+
+    screened = products.screened_logits(x, kernel, products.screen_table(kernel), k, finish, full)
+    return to_numpy(screened), to_numpy(full())
+
+
+@pytest.mark.parametrize("k", [1, 5])
+def test_screened_logits_hold_the_top_k_exactly(k, monkeypatch):
+    """The int8 screen of the head (JAX's batch-1 decode step) recomputes a
+    few rows exactly and -inf elsewhere, and those rows hold the top k."""
+    monkeypatch.setattr(products, "SCREEN_ROWS", 16)
+    rng = np.random.default_rng(k)
+    table = rng.standard_normal((2048, 64)).astype(np.float32)
+    for trial in range(5):
+        x = rng.standard_normal((1, 64)).astype(np.float32)
+        got, want = _screened_and_full(table, x, k)
+        kept = np.isfinite(got[0])
+        assert kept.sum() == 16, trial  # screened, not the full head
+        np.testing.assert_allclose(got[0, kept], want[0, kept], rtol=1e-6, atol=1e-6)
+        top = np.argsort(-want[0], kind="stable")[:k]
+        assert kept[top].all()
+        assert np.argsort(-got[0], kind="stable")[:k].tolist() == top.tolist()
+
+
+def test_screened_logits_fall_back_to_the_full_head(monkeypatch):
+    """Where the screen cannot show that the kept rows hold the top k, the
+    full head is used: ties beyond the kept rows, rows closer than the
+    int8 screen can tell apart, and a soft cap that saturates (distinct raw
+    logits, equal capped ones)."""
+    monkeypatch.setattr(products, "SCREEN_ROWS", 16)
+    rng = np.random.default_rng(0)
+    table = rng.standard_normal((2048, 64)).astype(np.float32)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    best = int(np.argmax(x @ table.T))
+    tied = table.copy()
+    tied[rng.choice(2048, 40, replace=False)] = table[best]  # 41 rows with the top logit
+    for table_, x_, cap in ((tied, x, None), (table, 30 * x, 1.0)):
+        got, want = _screened_and_full(table_, x_, 1, cap)
+        assert np.isfinite(got).all()  # the full head, not -inf outside kept rows
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # raw logits ~100 with x30
+        assert to_numpy(samplers.first_argmax(got)) == to_numpy(samplers.first_argmax(want))
+    # Clusters of 32 rows within 1e-3 of each other, closer than int8
+    # tells apart: the best row is often not among the 16 kept.
+    near = np.repeat(table[:64], 32, axis=0) + 1e-3 * rng.standard_normal((2048, 64)).astype(np.float32)
+    for _ in range(20):
+        got, want = _screened_and_full(near, rng.standard_normal((1, 64)).astype(np.float32), 1)
+        assert to_numpy(samplers.first_argmax(got)) == to_numpy(samplers.first_argmax(want))
+
+
+@pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step screens the head")
+def test_screened_decoding_equals_full_forward(hf_lm, monkeypatch):
+    """Batch-1 greedy and top-k decoding through the head's int8 screen
+    (2 kept rows of 96, so that both the screened and the full-head
+    branches run): greedy tokens equal uncached forward passes, top-k draws
+    equal those without the screen. New embeddings make a new screen."""
+    monkeypatch.setattr(products, "SCREEN_ROWS", 2)
+    assert products.screens_head(hf_lm.backbone.token_embedding, 1)
+    prompt = _ragged_prompts(lengths=(5,))
+    _check_greedy_equals_full_forward(hf_lm, prompt)
+    functions = hf_lm._functions()
+    table = hf_lm.backbone.token_embedding.embeddings
+    assert functions._screen[0]() is table.value
+    old = to_numpy(table.value)
+    try:
+        table.assign(old[np.random.default_rng(3).permutation(len(old))])
+        _check_greedy_equals_full_forward(hf_lm, prompt)
+        assert functions._screen[0]() is table.value
+    finally:
+        table.assign(old)
+    sampler = hf_lm.sampler
+    try:
+        draws = []
+        for screens in (True, False):
+            monkeypatch.setattr(products, "screens_head", lambda embedding, batch, on=screens: on)
+            hf_lm.compile(sampler=keras_gemma.samplers.TopKSampler(k=3, seed=7))
+            draws.append(_rows(hf_lm.generate(_right_padded(prompt), max_new_tokens=20, stop_token_ids=None)))
+        assert draws[0] == draws[1]
+    finally:
+        hf_lm.compile(sampler=sampler)
+
+
 @pytest.mark.parametrize("equation, form", [
     ("btd,df->btf", "matrix"),
     ("btf,fd->btd", "matrix"),
@@ -631,7 +722,7 @@ def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
     functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
     storage = [[a.data_ptr() for a in layer] for layer in state[0]]
     before = [[to_numpy(a).copy() for a in layer] for layer in state[0]]
-    state = functions.step(state, constants)
+    state = functions.step(state, constants, ())
     assert [[a.data_ptr() for a in layer] for layer in state[0]] == storage
     changed = [any(not np.array_equal(to_numpy(a), b) for a, b in zip(layer, old)) for layer, old in zip(state[0], before)]
     assert all(changed), changed  # every layer wrote its slot
@@ -667,10 +758,10 @@ def _compiled_loop(dtype, new_tokens):
     prompts, limits, stop_ids = lm._prepare(prompt, None, new_tokens, None)
     functions, _, state, constants = lm._start(prompts, limits, stop_ids)
     if backend() == "tensorflow":
-        hlo = functions.loop.experimental_get_compiler_ir(state, constants)(stage="optimized_hlo")
+        hlo = functions.loop.experimental_get_compiler_ir(state, constants, ())(stage="optimized_hlo")
     else:
         values = [v.value for v in functions.variables]
-        hlo = functions.loop.jitted.lower(values, state, constants).compile().as_text()
+        hlo = functions.loop.jitted.lower(values, state, constants, ()).compile().as_text()
     return lm, prompt, state, hlo
 
 

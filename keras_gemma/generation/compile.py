@@ -42,9 +42,11 @@ import contextlib
 import functools
 import math
 import warnings
+import weakref
 
 import keras
 
+from keras_gemma import products
 from keras_gemma.generation import engine
 from keras_gemma.products import on_cpu
 
@@ -58,8 +60,9 @@ class GenerateFunctions:
     - `chunk(token_ids, padding_mask, positions, cache_index, cache) ->
       (cache, hidden)`: a later chunk (`engine.prefill_chunk`).
     - `first_token(hidden, out, constants) -> (token, step, done, out)`.
-    - `step(state, constants) -> state`: one token per row (streaming).
-    - `loop(state, constants) -> state`: steps until every row is done.
+    - `step(state, constants, screen) -> state`: one token per row (streaming).
+    - `loop(state, constants, screen) -> state`: steps until every row is done.
+    - `screen(batch)`: the `screen` argument for a batch of that many rows.
 
     `state` is `(cache, token, step, done, out)`; see `engine.decode_step`.
     """
@@ -71,17 +74,40 @@ class GenerateFunctions:
         compiler = COMPILERS.get(keras.config.backend(), _Eager)
         self.compiler = compiler(self.variables, lm.backbone.compute_dtype)
 
-        def step(state, constants):
-            return engine.decode_step(lm, sampler, *state, constants)
+        def step(state, constants, screen):
+            return engine.decode_step(lm, sampler, *state, constants, screen)
 
-        def loop(state, constants):
-            return engine.decode_loop(lm, sampler, *state, constants)
+        def loop(state, constants, screen):
+            return engine.decode_loop(lm, sampler, *state, constants, screen)
 
         self.chunk = self.compiler.chunk(functools.partial(engine.prefill_chunk, lm), donate=(4,))
         self.first_token = self.compiler.step(functools.partial(engine.first_token, lm, sampler), donate=(1,))
         self.step = self.compiler.step(step, donate=(0,))
         self.loop = self.compiler.loop(loop, self.step)
         self.starts = {}
+        self._screen = None  # (weak reference to the table it was made from, screen)
+        self._make_screen = None
+
+    def screen(self, batch):
+        """The output head's int8 screen (`products.screen_table`) where a
+        decode step of `batch` rows uses one (`products.screens_head`) and
+        the sampler reads only its top logits, else `()`.
+
+        Made on first use and kept while the table's value is the same
+        array (JAX replaces a variable's array on every assignment, so
+        training or loading weights makes a new screen): 100-130 ms for
+        Gemma 3 270M, 168 MB held.
+        """
+        embedding = self.lm.backbone.token_embedding
+        if self.sampler.top_logits is None or not products.screens_head(embedding, batch):
+            return ()
+        table = embedding.embeddings.value
+        if self._screen is None or self._screen[0]() is not table:
+            self._screen = None  # the old screen goes before the new one is made
+            if self._make_screen is None:
+                self._make_screen = self.compiler.prefill(lambda: products.screen_table(embedding.embeddings))
+            self._screen = (weakref.ref(table), self._make_screen())
+        return self._screen[1]
 
     def start(self, cache_length):
         if cache_length not in self.starts:
@@ -297,12 +323,12 @@ class _Torch:
         return eager
 
     def loop(self, fn, step):
-        def python_loop(state, constants):
+        def python_loop(state, constants, screen):
             # The loop itself stays in Python: a host check per token is
             # cheap next to a forward pass on CPU.
             max_steps = min(int(constants[1].max()), state[4].shape[1])
             while int(state[2]) < max_steps and not bool(state[3].all()):
-                state = step(state, constants)
+                state = step(state, constants, screen)
             return state
 
         return python_loop

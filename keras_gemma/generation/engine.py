@@ -127,7 +127,7 @@ def first_token(lm, sampler, hidden, out, constants):
     return token, step + 1, done, out
 
 
-def decode_step(lm, sampler, cache, token, step, done, out, constants):
+def decode_step(lm, sampler, cache, token, step, done, out, constants, screen=()):
     """Feeds the last token of each row, samples the next into `out[:, step]`.
 
     Args:
@@ -139,13 +139,16 @@ def decode_step(lm, sampler, cache, token, step, done, out, constants):
         constants: `(prompt_lengths (b,), limits (b,), stop_ids (s,),
             seed (), prefill_width ())`, all int32; `limits` is each row's
             budget of new tokens, `stop_ids` is padded with -1.
+        screen: `()`, or the output head's int8 screen (`GenerateFunctions.screen`):
+            only the logits the sampler reads are computed exactly
+            (`sampler.top_logits`, `products.screened_logits`).
     """
     prompt_lengths, limits, stop_ids, seed, prefill_width = constants
     positions = (prompt_lengths + step - 1)[:, None]  # (b, 1) real tokens before
     hidden, cache = lm.backbone.hidden_states(
         token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
     )
-    logits = lm.logits(hidden)[:, 0, :]  # (b, vocab)
+    logits = lm.decode_logits(hidden, screen, sampler.top_logits)  # (b, vocab)
     token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
     token = ops.where(done, PAD_ID, token)
     out = ops.slice_update(out, (ops.zeros((), "int32"), step), token[:, None])
@@ -153,7 +156,7 @@ def decode_step(lm, sampler, cache, token, step, done, out, constants):
     return cache, token, step + 1, done, out
 
 
-def decode_loop(lm, sampler, cache, token, step, done, out, constants):
+def decode_loop(lm, sampler, cache, token, step, done, out, constants, screen=()):
     """`decode_step` until every row is done (or `out` is full)."""
     limits = constants[1]
     max_steps = ops.minimum(ops.max(limits), out.shape[1])
@@ -162,7 +165,7 @@ def decode_loop(lm, sampler, cache, token, step, done, out, constants):
         return ops.logical_and(step < max_steps, ops.logical_not(ops.all(done)))
 
     def body(cache, token, step, done, out):
-        return decode_step(lm, sampler, cache, token, step, done, out, constants)
+        return decode_step(lm, sampler, cache, token, step, done, out, constants, screen)
 
     return ops.while_loop(cond, body, (cache, token, step, done, out))
 
