@@ -57,10 +57,13 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         if not screen or top is None or 2 * top > self.config.vocabulary_size:
             return self.logits(hidden)[:, 0, :]
         kernel = self.backbone.token_embedding.embeddings
-        cap = self.config.final_logit_softcap
-        return products.screened_logits(
-            hidden[:, 0, :], kernel, screen, top, lambda raw: soft_cap(raw, cap), lambda: self.logits(hidden)[:, 0, :]
-        )
+        cap, dtype = self.config.final_logit_softcap, hidden.dtype
+
+        def finish(raw):  # as `logits` does after the head's float32 product
+            return soft_cap(ops.cast(ops.cast(raw, dtype), "float32"), cap)
+
+        x = ops.cast(hidden[:, 0, :], "float32")
+        return products.screened_logits(x, kernel, screen, top, finish, lambda: self.logits(hidden)[:, 0, :])
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None, **kwargs):
         """`keras.Model.fit`, also on raw text when the model has a preprocessor.
