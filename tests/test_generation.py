@@ -573,12 +573,17 @@ def test_screened_logits_fall_back_to_the_full_head(monkeypatch):
 def test_screened_decoding_equals_full_forward(hf_lm, monkeypatch):
     """Batch-1 greedy and top-k decoding through the head's int8 screen
     (2 kept rows of 96, so that both the screened and the full-head
-    branches run): greedy tokens equal uncached forward passes, top-k draws
-    equal those without the screen. New embeddings make a new screen."""
+    branches run): greedy tokens, generated and streamed, equal uncached
+    forward passes; top-k draws equal those without the screen. New
+    embeddings make a new screen."""
     monkeypatch.setattr(products, "SCREEN_ROWS", 2)
     assert products.screens_head(hf_lm.backbone.token_embedding, 1)
     prompt = _ragged_prompts(lengths=(5,))
     _check_greedy_equals_full_forward(hf_lm, prompt)
+    inputs = _right_padded(prompt)
+    output = hf_lm.generate(inputs, max_new_tokens=12, stop_token_ids=None, strip_prompt=True)
+    steps = list(hf_lm.stream_token_ids(inputs, max_new_tokens=12, stop_token_ids=None))  # screened steps
+    assert np.stack(steps, axis=1).tolist() == output["token_ids"].tolist()
     functions = hf_lm._functions()
     table = hf_lm.backbone.token_embedding.embeddings
     assert functions._screen[0]() is table.value
