@@ -307,9 +307,9 @@ def screens_head(embedding, batch):
 
 
 def screen_table(kernel):
-    """The int8 screen of a (v, d) float32 table: `(q, s)`, q (v, d) int8
-    and s (v,) float32 with each row `kernel[i] ~ q[i] * s[i]`, rounded to
-    nearest (so within `s[i] / 2` of it, elementwise)."""
+    """The int8 screen of a (v, d) table (float32 or bfloat16): `(q, s)`, q
+    (v, d) int8 and s (v,) float32 with each row `kernel[i] ~ q[i] * s[i]`,
+    rounded to nearest (so within `s[i] / 2` of it, elementwise)."""
     kernel = ops.cast(kernel, "float32")
     largest = ops.max(ops.abs(kernel), axis=-1)
     scale = ops.where(largest > 0, largest, 1.0) / 127.0
@@ -317,14 +317,15 @@ def screen_table(kernel):
 
 
 def screened_logits(x, kernel, screen, k, finish, full):
-    """Logits (1, v) that are exact (what `full()` gives) for a set of rows
-    that surely holds the k largest, -inf elsewhere: the same tokens for a
-    sampler that reads only those (greedy, top-k). `full()` itself where
-    that set cannot be shown.
+    """Logits (1, v) computed as `full()` computes them (float32 products
+    of x by table rows, then `finish`; the summation order may differ in
+    the last bit) for a set of rows that surely holds the k largest, -inf
+    elsewhere: the same tokens for a sampler that reads only those
+    (greedy, top-k). `full()` itself where that set cannot be shown.
 
-    x (1, d) float32; `kernel` the (v, d) float32 table; `screen` its
-    `screen_table`; `finish(raw)` the elementwise rest of the head (a soft
-    cap, monotone).
+    x (1, d) float32; `kernel` the (v, d) table (float32 or bfloat16);
+    `screen` its `screen_table`; `finish(raw)` the elementwise rest of the
+    head (rounding to the compute dtype, a soft cap: monotone).
 
     With `e = q * s + r`, `|r| <= s / 2` elementwise, each raw logit is
     within `bound = |x|_1 * s * (1/2 + slack)` of `x . q * s` (the slack
