@@ -18,8 +18,8 @@ import keras
 import hf_reference
 import keras_gemma
 from conftest import backend, to_numpy
-from keras_gemma.generation import compile as compile_module
 from keras_gemma import products
+from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
 from keras_gemma.generation import samplers
 from keras_gemma.layers import Attention, soft_cap

@@ -86,7 +86,8 @@ class GenerateFunctions:
         self.loop = self.compiler.loop(loop, self.step)
         self.starts = {}
         self._screen = None  # (weak reference to the table it was made from, screen)
-        self._make_screen = None
+        embedding = lm.backbone.token_embedding
+        self._make_screen = self.compiler.prefill(lambda: products.screen_table(embedding.embeddings))
 
     def screen(self, batch):
         """The output head's int8 screen (`products.screen_table`) where a
@@ -104,8 +105,6 @@ class GenerateFunctions:
         table = embedding.embeddings.value
         if self._screen is None or self._screen[0]() is not table:
             self._screen = None  # the old screen goes before the new one is made
-            if self._make_screen is None:
-                self._make_screen = self.compiler.prefill(lambda: products.screen_table(embedding.embeddings))
             self._screen = (weakref.ref(table), self._make_screen())
         return self._screen[1]
 
