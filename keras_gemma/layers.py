@@ -253,6 +253,9 @@ class Attention(keras.layers.Layer):
             return dense(x)
         if products.stored_in_order(dense, HEADS_IN_ORDER):
             return dense(x)  # one product over all heads (PyTorch)
+        if rows == 1 and products.reads_out_in(dense):
+            out = products.times_out_in(ops.reshape(x, (1, self.hidden_dim)), dense.kernel, HEADS_IN_ORDER)
+            return ops.reshape(out, (b, t, -1, self.head_dim))
         kernel = ops.cast(dense.kernel, x.dtype)  # (heads, d, h), LoRA included
         heads = kernel.shape[0]
         x = ops.broadcast_to(ops.reshape(x, (1, rows, self.hidden_dim)), (heads, rows, self.hidden_dim))
@@ -264,6 +267,8 @@ class Attention(keras.layers.Layer):
         dense = self.output_dense
         if not self._per_head(dense, x) or products.stored_in_order(dense, HEADS_OUT_ORDER):
             return dense(x)
+        if x.shape[0] == 1 and products.reads_out_in(dense):
+            return products.times_out_in(ops.reshape(x, (1, -1)), dense.kernel, HEADS_OUT_ORDER)[:, None]
         kernel = ops.cast(dense.kernel, x.dtype)  # (n, h, d)
         out = products.matmul(ops.transpose(x[:, 0], (1, 0, 2)), kernel)  # (n, b, d)
         return ops.sum(out, axis=0)[:, None]  # (b, 1, d)
@@ -438,7 +443,10 @@ def _after(index, x):
 
 def _project(dense, x):
     """x (b, t, d) through a (d, f) `Projection`; a single token (b = t = 1)
-    by `products.matmul` where that splits the product into row blocks."""
+    by `products.times_out_in` from an (f, d) copy, or by `products.matmul`
+    where that splits the product into row blocks."""
+    if x.shape[0] == x.shape[1] == 1 and products.reads_out_in(dense):
+        return products.times_out_in(x[0], dense.kernel, (1, 0))[None]
     if x.shape[0] == x.shape[1] == 1 and dense.quantization_mode is None and products.splits_one_row(x.dtype):
         return products.matmul(x, ops.cast(dense.kernel, x.dtype)[None])
     return dense(x)

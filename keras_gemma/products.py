@@ -31,6 +31,9 @@ float32 result measured about the same), so it stays with `keras.ops`, as
 do other backends and dtypes.
 """
 
+import contextlib
+import contextvars
+
 import numpy as np
 
 import keras
@@ -200,6 +203,7 @@ def store_in_order(dense, order):
     builds them so); bfloat16 products (oneDNN inside `matmul`) slowed down
     in this order (36 -> 58 ms per step).
     """
+    dense.out_in_order = order  # for `out_in_kernels`
     if keras.config.backend() != "torch" or dense.quantization_mode is not None:
         return
     if not dense.dtype_policy.compute_dtype == dense.kernel.dtype == "float32":
@@ -217,6 +221,86 @@ def stored_in_order(dense, order):
     kernel = dense.kernel
     kernel = kernel.value if isinstance(kernel, keras.Variable) else kernel
     return kernel.permute(*order).is_contiguous()
+
+
+# The kernels whose values are `out_in_kernels` copies in the function being
+# traced (variable ids); see `reads_out_in`.
+_OUT_IN = contextvars.ContextVar("out_in", default=frozenset())
+
+# The dtypes whose kernels `out_in_kernels` copies (tests add float32).
+OUT_IN_DTYPES = ("bfloat16",)
+
+
+def out_in_kernels(lm, batch):
+    """The layers whose kernels a decode step of `batch` rows reads from a
+    copy in (out, in) memory order, their kernel's axes in
+    `store_in_order`'s order: JAX on CPU, batch 1, bfloat16 kernels (not
+    quantized, no LoRA). `[]` elsewhere.
+
+    XLA:CPU has no fast bfloat16 matrix-vector product: by a kernel in
+    Keras' (in, out) order, a batch-1 step's products ran at ~13 GB/s
+    (`einsum`'s two-row form; the one-row form is 10x slower), where x by
+    an (out, in) matrix, both cast to float32, is one loop fusion over
+    contiguous rows that reads the bfloat16 weights at 28-37 GB/s (as
+    `decode_logits` does with the head). Measured on the 2-core CPU, Gemma
+    3 270M shapes, per product, weights out of cache: gate/up 207 -> 79
+    us, query 94 -> 36 us; whole batch-1 decode steps 25 -> 19-21 ms,
+    float32 22. The copies cost their size in memory (200 MB for 270M,
+    while generation functions are kept) and a transpose when weights
+    change (`GenerateFunctions.kernels`). Float32 is left as is: its
+    row-block products already run at ~23 GB/s, and a copy would be 400 MB.
+    """
+    if keras.config.backend() != "jax" or batch != 1 or not on_cpu():
+        return []
+    return [
+        layer for layer in lm._flatten_layers()
+        if getattr(layer, "out_in_order", None) is not None and layer.quantization_mode is None
+        and not layer.lora_enabled
+        and keras.backend.standardize_dtype(layer._kernel.dtype) in OUT_IN_DTYPES
+        and layer.dtype_policy.compute_dtype == keras.backend.standardize_dtype(layer._kernel.dtype)
+    ]
+
+
+def out_in_copies(layers):
+    """The (out, in) copies of `layers`' kernels (`out_in_kernels`)."""
+    return [ops.transpose(layer._kernel, layer.out_in_order) for layer in layers]
+
+
+@contextlib.contextmanager
+def reading_out_in(layers, copies):
+    """Inside a traced function's `StatelessScope`: `layers`' kernels read
+    from `copies` (`out_in_copies`, or `()`: as they are) until exit.
+
+    Each kernel's value becomes its copy transposed back, an assignment the
+    scope keeps to itself; `times_out_in` undoes that transpose, so XLA
+    reads the copy."""
+    if not copies:
+        yield
+        return
+    for layer, copy in zip(layers, copies):
+        order = layer.out_in_order
+        layer._kernel.assign(ops.transpose(copy, sorted(range(len(order)), key=order.__getitem__)))
+    token = _OUT_IN.set(frozenset(id(layer._kernel) for layer in layers))
+    try:
+        yield
+    finally:
+        _OUT_IN.reset(token)
+
+
+def reads_out_in(dense):
+    """Whether the function being traced reads `dense.kernel` from an (out,
+    in) copy (`out_in_kernels`): one row then goes by `times_out_in`."""
+    return id(getattr(dense, "_kernel", None)) in _OUT_IN.get()
+
+
+def times_out_in(x, kernel, order):
+    """x (1, i) by `kernel`, whose axes in `order` read as an (o, i) matrix
+    (the order it is stored in when `reads_out_in`): (1, o) in x's dtype,
+    products and sums in float32. The transposes cancel the copy's, so XLA
+    reads the copy as is (see `out_in_kernels`)."""
+    matrix = ops.reshape(ops.transpose(kernel, order), (-1, x.shape[-1]))
+    out = ops.matmul(ops.cast(x, "float32"), ops.transpose(ops.cast(matrix, "float32")))
+    return ops.cast(out, x.dtype)
 
 
 def attends_one_query_by_matmul():

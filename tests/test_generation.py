@@ -622,6 +622,57 @@ def test_screened_bfloat16_decoding_equals_full_head(monkeypatch):
     assert len(set(rows[0][0][5:])) >= 3, rows  # not one token echoed
 
 
+@pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step reads (out, in) kernel copies")
+@pytest.mark.parametrize("name", ["gemma3", "gemma2"])
+def test_out_in_kernels_decoding_equals_full_forward(name, monkeypatch):
+    """Batch-1 decode steps that read (out, in) copies of the kernels
+    (`products.out_in_kernels`; float32 copies here, so that the tokens
+    must equal uncached forward passes): every projection goes by
+    `times_out_in`; generated and streamed tokens agree; new weights make
+    new copies; a batch of 3 reads the kernels as they are."""
+    monkeypatch.setattr(products, "OUT_IN_DTYPES", ("float32",))
+    lm = _hf_lm(name)
+    functions = lm._functions()
+    assert len(functions.out_in) == 7 * lm.backbone.config.num_layers
+    assert functions.kernels(3) == ()
+    calls = []
+    times_out_in = products.times_out_in
+    monkeypatch.setattr(products, "times_out_in", lambda *args: calls.append(1) or times_out_in(*args))
+    prompt = _ragged_prompts(lengths=(5,))
+    _check_greedy_equals_full_forward(lm, prompt)
+    assert len(calls) == 7 * lm.backbone.config.num_layers  # one trace of the loop
+    inputs = _right_padded(prompt)
+    output = lm.generate(inputs, max_new_tokens=12, stop_token_ids=None, strip_prompt=True)
+    traced = len(calls)
+    steps = list(lm.stream_token_ids(inputs, max_new_tokens=12, stop_token_ids=None))
+    assert np.stack(steps, axis=1).tolist() == output["token_ids"].tolist()
+    assert len(calls) == traced + 7 * lm.backbone.config.num_layers  # a trace of the step
+    gate = lm.backbone.blocks[0].feed_forward.gate._kernel
+    old = to_numpy(gate.value)
+    copies = functions._kernels[1]
+    gate.assign(old[:, np.random.default_rng(3).permutation(old.shape[1])])
+    _check_greedy_equals_full_forward(lm, prompt)
+    assert functions._kernels[1] is not copies
+    assert all(ref() is layer._kernel.value for ref, layer in zip(functions._kernels[0], functions.out_in))
+
+
+@pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step reads (out, in) kernel copies")
+def test_out_in_bfloat16_decoding_equals_kernels_as_they_are(monkeypatch):
+    """A bfloat16 model decodes the same tokens from its (out, in) kernel
+    copies as from the kernels as they are (both sum in float32)."""
+    config = hf_reference.gemma2_config()
+    hf = hf_reference.build_hf(config, scale=WEIGHT_SCALE["gemma2"])
+    prompt = _right_padded(_ragged_prompts(lengths=(5,)))
+    rows = []
+    for dtypes in (("bfloat16",), ()):
+        monkeypatch.setattr(products, "OUT_IN_DTYPES", dtypes)
+        lm = hf_reference.ours_from_hf(hf, dtype="bfloat16")
+        rows.append(_rows(lm.generate(prompt, max_new_tokens=NEW_TOKENS, stop_token_ids=None)))
+        assert bool(lm._functions().out_in) == bool(dtypes)
+    assert rows[0] == rows[1]
+    assert len(set(rows[0][0][5:])) >= 3, rows  # not one token echoed
+
+
 @pytest.mark.parametrize("equation, form", [
     ("btd,df->btf", "matrix"),
     ("btf,fd->btd", "matrix"),

@@ -131,7 +131,7 @@ class GenerationMixin:
         else:
             functions, batch, state, constants = self._start(prompts, limits, stop_ids)
             if limits.max() > 1:  # else the prefill's token is all there is
-                state = functions.loop(state, constants, functions.screen(len(limits)))
+                state = functions.loop(state, constants, functions.screen(len(limits)), functions.kernels(len(limits)))
             out = ops.convert_to_numpy(state[4])
             rows = engine.finish_rows(out, limits, stop_ids)
         return engine.format_outputs(self, prompts, rows, strip_prompt)
@@ -146,9 +146,10 @@ class GenerationMixin:
         finished = limits <= 0
         max_steps = int(limits.max())
         screen = functions.screen(len(limits)) if max_steps > 1 else ()
+        kernels = functions.kernels(len(limits)) if max_steps > 1 else ()
         for step in range(max_steps):
             if step:
-                state = functions.step(state, constants, screen)
+                state = functions.step(state, constants, screen, kernels)
             token = ops.convert_to_numpy(state[1]).astype(np.int64)
             done = np.array(ops.convert_to_numpy(state[3]))  # copies: `step` donates state
             yield np.where(finished, -1, token)
