@@ -802,7 +802,7 @@ def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
     functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
     storage = [[a.data_ptr() for a in layer] for layer in state[0]]
     before = [[to_numpy(a).copy() for a in layer] for layer in state[0]]
-    state = functions.step(state, constants, ())
+    state = functions.step(state, constants, (), ())
     assert [[a.data_ptr() for a in layer] for layer in state[0]] == storage
     changed = [any(not np.array_equal(to_numpy(a), b) for a, b in zip(layer, old)) for layer, old in zip(state[0], before)]
     assert all(changed), changed  # every layer wrote its slot
@@ -838,10 +838,10 @@ def _compiled_loop(dtype, new_tokens):
     prompts, limits, stop_ids = lm._prepare(prompt, None, new_tokens, None)
     functions, _, state, constants = lm._start(prompts, limits, stop_ids)
     if backend() == "tensorflow":
-        hlo = functions.loop.experimental_get_compiler_ir(state, constants, ())(stage="optimized_hlo")
+        hlo = functions.loop.experimental_get_compiler_ir(state, constants, (), ())(stage="optimized_hlo")
     else:
         values = [v.value for v in functions.variables]
-        hlo = functions.loop.jitted.lower(values, state, constants, ()).compile().as_text()
+        hlo = functions.loop.jitted.lower(values, state, constants, (), ()).compile().as_text()
     return lm, prompt, state, hlo
 
 
