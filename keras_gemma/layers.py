@@ -239,7 +239,9 @@ class Attention(keras.layers.Layer):
     # already a contiguous matrix. The query, key and value kernels take
     # short prefills the same way (`PER_HEAD_ROWS`). Longer inputs keep the
     # einsum: broadcasting x over heads would cost memory there. Quantized
-    # layers use their own call.
+    # layers use their own call. A kernel read from an (out, in) copy
+    # (`products.reads_out_in`: JAX, bfloat16, batch 1) is one product by
+    # that matrix instead.
 
     @staticmethod
     def _per_head(dense, x):

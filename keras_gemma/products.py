@@ -8,6 +8,8 @@ memory, and how a decode step writes its cache slot.
 - `decode_logits`: the output head of a decode step, per compiler;
   `screened_logits` at batch 1 on JAX (`screens_head`).
 - `store_in_order`: PyTorch float32 kernels in (out, in) memory order.
+- `out_in_kernels`, `times_out_in`: a batch-1 bfloat16 decode step on JAX
+  (CPU) reads (out, in) copies of the kernels.
 - `attends_one_query_by_matmul`: a decode step's attention form.
 - `writes_in_place` (PyTorch), `orders_cache_write` (TensorFlow): the cache
   write.
@@ -24,7 +26,8 @@ bfloat16 kernel. Measured on a 2-core AMD EPYC (Zen 5), JAX 0.10:
 
 A product with a single row (batch-1 decoding) takes a matrix-vector path
 that is an order of magnitude slower in bfloat16 (the head: 182 ms), so one
-row goes in as two (12 ms). Results come back in the input dtype, so every
+row goes in as two (12 ms), where a decode step does not read the kernel
+from an (out, in) copy (`out_in_kernels`). Results come back in the input dtype, so every
 layer sees what it would on another backend; float32 accumulation is what
 JAX does on accelerators anyway. float16 has no such kernel there (a
 float32 result measured about the same), so it stays with `keras.ops`, as
@@ -33,6 +36,7 @@ do other backends and dtypes.
 
 import contextlib
 import contextvars
+import math
 
 import numpy as np
 
@@ -223,68 +227,162 @@ def stored_in_order(dense, order):
     return kernel.permute(*order).is_contiguous()
 
 
-# The kernels whose values are `out_in_kernels` copies in the function being
-# traced (variable ids); see `reads_out_in`.
+# While a decode function is traced: the ids of the kernels read from
+# (out, in) copies (JAX, `reads_out_in`), and PyTorch's packed copies by
+# (data pointer, size) of the tensor they copy (`packed_copy`).
 _OUT_IN = contextvars.ContextVar("out_in", default=frozenset())
+_PACKED = contextvars.ContextVar("packed", default={})
 
-# The dtypes whose kernels `out_in_kernels` copies (tests add float32).
+# The dtypes whose kernels JAX's batch-1 decode steps read from (out, in)
+# copies (tests add float32).
 OUT_IN_DTYPES = ("bfloat16",)
 
 
-def out_in_kernels(lm, batch):
-    """The layers whose kernels a decode step of `batch` rows reads from a
-    copy in (out, in) memory order, their kernel's axes in
-    `store_in_order`'s order: JAX on CPU, batch 1, bfloat16 kernels (not
-    quantized, no LoRA). `[]` elsewhere.
+def out_in_kernels(lm):
+    """`(variable, order, out)` for each weight that some decode steps read
+    from a copy (`reads_copies`): `order` the permutation of its axes that
+    reads as an (out, in) matrix (`store_in_order`'s), `out` that matrix's
+    row count. `[]` if none.
 
-    XLA:CPU has no fast bfloat16 matrix-vector product: by a kernel in
-    Keras' (in, out) order, a batch-1 step's products ran at ~13 GB/s
-    (`einsum`'s two-row form; the one-row form is 10x slower), where x by
-    an (out, in) matrix, both cast to float32, is one loop fusion over
-    contiguous rows that reads the bfloat16 weights at 28-37 GB/s (as
-    `decode_logits` does with the head). Measured on the 2-core CPU, Gemma
-    3 270M shapes, per product, weights out of cache: gate/up 207 -> 79
-    us, query 94 -> 36 us; whole batch-1 decode steps 25 -> 19-21 ms,
-    float32 22. The copies cost their size in memory (200 MB for 270M,
-    while generation functions are kept) and a transpose when weights
-    change (`GenerateFunctions.kernels`). Float32 is left as is: its
-    row-block products already run at ~23 GB/s, and a copy would be 400 MB.
+    - JAX on CPU, batch 1: bfloat16 kernels (not quantized, no LoRA), in
+      (out, in) memory order. XLA:CPU has no fast bfloat16 matrix-vector
+      product: by a kernel in Keras' (in, out) order a batch-1 step's
+      products ran at ~13 GB/s (`einsum`'s two-row form; the one-row form
+      is 10x slower), where x by an (out, in) matrix, both cast to float32,
+      is one loop fusion over contiguous rows that reads the bfloat16
+      weights at 28-37 GB/s (as `decode_logits` does with the head).
+      Measured on the 2-core CPU, Gemma 3 270M shapes, per product,
+      weights out of cache: gate/up 207 -> 79 us, query 94 -> 36 us; whole
+      batch-1 decode steps 25 -> 19-21 ms, float32 22. The copies hold 200
+      MB for 270M. Float32 is left as is: its row-block products already
+      run at ~23 GB/s, and a copy would be 400 MB.
+    - PyTorch on CPU with oneDNN, batch 3 and up: float32 kernels stored
+      in (out, in) order, and the output head's table, packed by oneDNN
+      for that many rows (its blocked layout). oneDNN reads a packed
+      matrix faster for a few rows: 8 rows, per product, weights out of
+      cache: gate/up 363 -> 269 us, down 326 -> 259, query 184 -> 142; the
+      262k x 640 head 38-48 -> 27.5 ms; whole steps `PACKED_FROM_ROWS`.
+      Identical values. The copies hold as much as the weights (1.07 GB
+      for 270M).
+
+    Copies are kept while the weights are the same (`GenerateFunctions.kernels`).
     """
-    if keras.config.backend() != "jax" or batch != 1 or not on_cpu():
+    backend = keras.config.backend()
+    embedding = lm.backbone.token_embedding
+    table = embedding.embeddings
+    if backend not in ("jax", "torch") or (backend == "jax" and not on_cpu()):
         return []
-    return [
-        layer for layer in lm._flatten_layers()
-        if getattr(layer, "out_in_order", None) is not None and layer.quantization_mode is None
-        and not layer.lora_enabled
-        and keras.backend.standardize_dtype(layer._kernel.dtype) in OUT_IN_DTYPES
-        and layer.dtype_policy.compute_dtype == keras.backend.standardize_dtype(layer._kernel.dtype)
-    ]
+    if backend == "torch" and (table.value.device.type != "cpu" or not _packs()):
+        return []
+    pairs = []
+    for layer in lm._flatten_layers():
+        order = getattr(layer, "out_in_order", None)
+        if order is None or layer.quantization_mode is not None or layer.lora_enabled:
+            continue
+        dtype = keras.backend.standardize_dtype(layer._kernel.dtype)
+        jax = backend == "jax" and dtype in OUT_IN_DTYPES and layer.dtype_policy.compute_dtype == dtype
+        if jax or (backend == "torch" and stored_in_order(layer, order)):
+            inputs, _, output = layer.equation.partition("->")
+            kernel_letters = inputs.split(",")[1]
+            out = math.prod(size for letter, size in zip(kernel_letters, layer._kernel.shape) if letter in output)
+            pairs.append((layer._kernel, order, out))
+    if backend == "torch" and embedding.quantization_mode is None and keras.backend.standardize_dtype(table.dtype) == "float32":
+        pairs.append((table, (0, 1), table.shape[0]))
+    return pairs
 
 
-def out_in_copies(layers):
-    """The (out, in) copies of `layers`' kernels (`out_in_kernels`)."""
-    return [ops.transpose(layer._kernel, layer.out_in_order) for layer in layers]
+def _packs():
+    """Whether this PyTorch has oneDNN's weight packing (x86)."""
+    import platform
+
+    import torch
+
+    return (
+        platform.machine().lower() in ("x86_64", "amd64") and torch.backends.mkldnn.is_available()
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+# PyTorch's decode steps read packed copies (`out_in_kernels`) from this many
+# rows on. Gemma 3 270M, float32, steps alternated in one process, median
+# ms, unpacked -> packed: batch 2 53-61 -> 65-68 (row blocks by MKL win
+# there, `generation/compile.py`), batch 3 75 -> 64, batch 4 100 -> 72,
+# batch 8 95 -> 69.
+PACKED_FROM_ROWS = 3
+
+
+def reads_copies(batch):
+    """Whether a decode step of `batch` rows reads `out_in_kernels` copies."""
+    return batch == 1 if keras.config.backend() == "jax" else batch >= PACKED_FROM_ROWS
+
+
+def out_in_copies(pairs, batch):
+    """The copies of `pairs` (`out_in_kernels`) for `batch` rows: (out, in)
+    transposes on JAX, oneDNN's packed matrices on PyTorch."""
+    if keras.config.backend() != "torch":
+        return [ops.transpose(variable, order) for variable, order, _ in pairs]
+    import torch
+
+    with torch.inference_mode():
+        return [
+            torch.ops.mkldnn._reorder_linear_weight(variable.value.permute(*order).reshape(out, -1), batch)
+            for variable, order, out in pairs
+        ]
+
+
+def copies_stamp(variable):
+    """What `out_in_copies` of `variable` stay valid for: its JAX array
+    (replaced on every assignment), or its PyTorch tensor's storage and
+    version (changed in place)."""
+    value = variable.value
+    if keras.config.backend() == "torch":
+        return (value.data_ptr(), value._version)
+    return value
 
 
 @contextlib.contextmanager
-def reading_out_in(layers, copies):
-    """Inside a traced function's `StatelessScope`: `layers`' kernels read
-    from `copies` (`out_in_copies`, or `()`: as they are) until exit.
+def reading_out_in(pairs, copies):
+    """Inside a traced decode function's `StatelessScope`: its products by
+    the `pairs`' weights (`out_in_kernels`) read `copies` (`out_in_copies`,
+    or `()`: the weights as they are) until exit.
 
-    Each kernel's value becomes its copy transposed back, an assignment the
-    scope keeps to itself; `times_out_in` undoes that transpose, so XLA
-    reads the copy."""
+    - JAX: each kernel's value becomes its copy transposed back, an
+      assignment the scope keeps to itself; `times_out_in` undoes that
+      transpose, so XLA reads the copy.
+    - PyTorch: the products by a weight matrix that the traced functions
+      send to oneDNN take its packed copy (`packed_copy`)."""
     if not copies:
         yield
         return
-    for layer, copy in zip(layers, copies):
-        order = layer.out_in_order
-        layer._kernel.assign(ops.transpose(copy, sorted(range(len(order)), key=order.__getitem__)))
-    token = _OUT_IN.set(frozenset(id(layer._kernel) for layer in layers))
+    if keras.config.backend() == "torch":
+        packed = {}
+        for (variable, order, out), copy in zip(pairs, copies):
+            value = variable.value
+            packed[value.data_ptr(), (out, math.prod(variable.shape) // out)] = copy
+        token = _PACKED.set(packed)
+        try:
+            yield
+        finally:
+            _PACKED.reset(token)
+        return
+    for (variable, order, _), copy in zip(pairs, copies):
+        variable.assign(ops.transpose(copy, sorted(range(len(order)), key=order.__getitem__)))
+    token = _OUT_IN.set(frozenset(id(variable) for variable, _, _ in pairs))
     try:
         yield
     finally:
         _OUT_IN.reset(token)
+
+
+def _pointer(tensor):
+    # Sizes are tensors while tracing; `shape` compares as ints.
+    return tensor.data_ptr(), tuple(int(size) for size in tensor.shape)
+
+
+def packed_copy(matrix):
+    """The packed copy of an (out, in) PyTorch matrix that the function being
+    traced reads (`reading_out_in`), or None."""
+    return _PACKED.get().get(_pointer(matrix))
 
 
 def reads_out_in(dense):

@@ -649,11 +649,40 @@ def test_out_in_kernels_decoding_equals_full_forward(name, monkeypatch):
     assert len(calls) == traced + 7 * lm.backbone.config.num_layers  # a trace of the step
     gate = lm.backbone.blocks[0].feed_forward.gate._kernel
     old = to_numpy(gate.value)
-    copies = functions._kernels[1]
+    copies = functions._kernels[2]
     gate.assign(old[:, np.random.default_rng(3).permutation(old.shape[1])])
     _check_greedy_equals_full_forward(lm, prompt)
-    assert functions._kernels[1] is not copies
-    assert all(ref() is layer._kernel.value for ref, layer in zip(functions._kernels[0], functions.out_in))
+    assert functions._kernels[2] is not copies
+    assert all(ref() is variable.value for ref, (variable, _, _) in zip(functions._kernels[1], functions.out_in))
+
+
+@pytest.mark.skipif(backend() != "torch" or not products._packs(), reason="PyTorch with oneDNN packs its weights")
+def test_packed_kernels_decoding_equals_full_forward(monkeypatch):
+    """Decode steps of 3 rows on PyTorch read oneDNN-packed copies of every
+    kernel and of the head's table (`products.out_in_kernels`): tokens equal
+    uncached forward passes, generated and streamed; weights changed in
+    place make new copies; 2 rows read the weights as they are."""
+    lm = _hf_lm("gemma3")
+    layers = lm.backbone.config.num_layers
+    functions = lm._functions()
+    assert len(functions.out_in) == 7 * layers + 1
+    assert functions.kernels(2) == ()
+    hits = []
+    packed_copy = products.packed_copy
+    monkeypatch.setattr(products, "packed_copy", lambda m: (lambda p: hits.append(p is not None) or p)(packed_copy(m)))
+    prompts = _ragged_prompts()
+    _check_greedy_equals_full_forward(lm, prompts)
+    assert hits.count(True) == 7 * layers + 1  # one trace of the step, every product packed
+    inputs = _right_padded(prompts)
+    output = lm.generate(inputs, max_new_tokens=12, stop_token_ids=None, strip_prompt=True)
+    steps = list(lm.stream_token_ids(inputs, max_new_tokens=12, stop_token_ids=None))
+    assert np.stack(steps, axis=1).tolist() == output["token_ids"].tolist()
+    copies = functions._kernels[2]
+    gate = lm.backbone.blocks[0].feed_forward.gate._kernel
+    old = to_numpy(gate.value)
+    gate.assign(old[:, np.random.default_rng(3).permutation(old.shape[1])])
+    _check_greedy_equals_full_forward(lm, prompts)
+    assert functions._kernels[2] is not copies
 
 
 @pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step reads (out, in) kernel copies")

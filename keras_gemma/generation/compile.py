@@ -77,7 +77,7 @@ class GenerateFunctions:
         compiler = COMPILERS.get(keras.config.backend(), _Eager)
         self.compiler = compiler(self.variables, lm.backbone.compute_dtype)
 
-        out_in = products.out_in_kernels(lm, 1)
+        out_in = products.out_in_kernels(lm)
 
         def step(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
@@ -96,8 +96,11 @@ class GenerateFunctions:
         embedding = lm.backbone.token_embedding
         self._make_screen = self.compiler.prefill(lambda: products.screen_table(embedding.embeddings))
         self.out_in = out_in
-        self._kernels = None  # (weak references to the kernels they were made from, copies)
-        self._make_kernels = self.compiler.prefill(lambda: products.out_in_copies(out_in))
+        self._kernels = None  # (batch, stamps of the weights they were made from, copies)
+        self._make_kernels = functools.partial(products.out_in_copies, out_in)
+        if keras.config.backend() == "jax":
+            transposes = self.compiler.prefill(lambda: products.out_in_copies(out_in, 1))
+            self._make_kernels = lambda batch: transposes()
 
     def screen(self, batch):
         """The output head's int8 screen (`products.screen_table`) where a
@@ -120,20 +123,23 @@ class GenerateFunctions:
 
     def kernels(self, batch):
         """The `kernels` argument of `step` and `loop` for a batch of that
-        many rows: (out, in) copies of the kernels that such a decode step
-        reads so (`products.out_in_kernels`), else `()`.
+        many rows: copies of the weights that such a decode step reads
+        (`products.out_in_kernels`, `reads_copies`), else `()`.
 
-        Made on first use and kept while the kernels' values are the same
-        arrays, as `screen` is: ~0.1 s and 200 MB for Gemma 3 270M in
-        bfloat16.
+        Made on first use and kept while the weights are the same, as
+        `screen` is: JAX, bfloat16, batch 1: ~0.1 s and 200 MB for Gemma 3
+        270M; PyTorch, float32, batch 3 and up: ~0.3 s and 1.07 GB.
         """
-        if batch != 1 or not self.out_in:
+        if not self.out_in or not products.reads_copies(batch):
             return ()
-        values = [layer._kernel.value for layer in self.out_in]
-        if self._kernels is None or any(ref() is not value for ref, value in zip(self._kernels[0], values)):
+        stamps = [products.copies_stamp(variable) for variable, _, _ in self.out_in]
+        if self._kernels is None or self._kernels[0] != batch or not all(
+            _same(old, new) for old, new in zip(self._kernels[1], stamps)
+        ):
             self._kernels = None  # the old copies go before new ones are made
-            self._kernels = ([weakref.ref(value) for value in values], tuple(self._make_kernels()))
-        return self._kernels[1]
+            kept = [weakref.ref(stamp) if keras.config.backend() == "jax" else stamp for stamp in stamps]
+            self._kernels = (batch, kept, tuple(self._make_kernels(batch)))
+        return self._kernels[2]
 
     def start(self, cache_length):
         if cache_length not in self.starts:
@@ -400,6 +406,9 @@ def _onednn_products():
             return None
         if x.dtype != torch.float32 or w.dtype != torch.float32 or x.device.type != "cpu":
             return None
+        packed = products.packed_copy(w.T)
+        if packed is not None:  # a decode step of a few rows (`products.out_in_kernels`)
+            return linear(x.reshape(-1, x.shape[-1]), packed).reshape(*x.shape[:-1], w.shape[1])
         (i, o), blocks, rows = w.shape, math.gcd(w.shape[1], ROW_BLOCKS), x.shape[:-1].numel()
         few = rows == 1 or (rows <= FEW_ROWS and i <= FEW_ROWS_MAX_IN)
         if few and w.T.is_contiguous() and blocks > 1:
@@ -464,6 +473,12 @@ def _onednn_linear():
         return x.new_empty((x.shape[0], w.shape[0]))
 
     return linear
+
+
+def _same(kept, stamp):
+    """Whether a weight's `copies_stamp` is the one kept (by weak reference
+    where it is a JAX array)."""
+    return kept() is stamp if isinstance(kept, weakref.ref) else kept == stamp
 
 
 # A single row times an (o, i)-ordered float32 matrix goes to MKL as this
