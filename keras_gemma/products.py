@@ -330,6 +330,23 @@ def out_in_copies(pairs, batch):
         ]
 
 
+def copies_bytes(pairs):
+    """The size of `out_in_copies` of `pairs`, in bytes."""
+    return sum(math.prod(variable.shape) * np.dtype(variable.dtype).itemsize for variable, _, _ in pairs)
+
+
+def fits_in_memory(size):
+    """Whether `size` bytes are at most half of the memory the OS reports
+    available (Linux' `MemAvailable`; True where it reports none)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        available = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return True
+    return size <= available // 2
+
+
 def copies_stamp(variable):
     """What `out_in_copies` of `variable` stay valid for: its JAX array
     (replaced on every assignment), or its PyTorch tensor's storage and

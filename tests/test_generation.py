@@ -7,6 +7,7 @@ many times), and a tiny random model over a tiny SentencePiece vocabulary
 for text.
 """
 
+import math
 import re
 import warnings
 
@@ -683,6 +684,12 @@ def test_packed_kernels_decoding_equals_full_forward(monkeypatch):
     gate.assign(old[:, np.random.default_rng(3).permutation(old.shape[1])])
     _check_greedy_equals_full_forward(lm, prompts)
     assert functions._kernels[2] is not copies
+    # Copies that would take more than half the available memory are not made.
+    assert products.copies_bytes(functions.out_in) == 4 * sum(math.prod(w.shape) for w in lm.weights if len(w.shape) > 1)
+    monkeypatch.setattr(products, "fits_in_memory", lambda size: False)
+    gate.assign(old)
+    assert functions.kernels(3) == () and functions._kernels is None
+    _check_greedy_equals_full_forward(lm, prompts)
 
 
 @pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step reads (out, in) kernel copies")

@@ -128,15 +128,21 @@ class GenerateFunctions:
 
         Made on first use and kept while the weights are the same, as
         `screen` is: JAX, bfloat16, batch 1: ~0.1 s and 200 MB for Gemma 3
-        270M; PyTorch, float32, batch 3 and up: ~0.3 s and 1.07 GB.
+        270M; PyTorch, float32, batch 3 and up: ~0.3 s and 1.07 GB. Not made
+        (steps read the weights as they are) where they would take more than
+        half of the memory available (`products.fits_in_memory`), and let
+        go when a batch that reads none comes.
         """
         if not self.out_in or not products.reads_copies(batch):
+            self._kernels = None  # not held for a batch size that does not read them
             return ()
         stamps = [products.copies_stamp(variable) for variable, _, _ in self.out_in]
         if self._kernels is None or self._kernels[0] != batch or not all(
             _same(old, new) for old, new in zip(self._kernels[1], stamps)
         ):
             self._kernels = None  # the old copies go before new ones are made
+            if not products.fits_in_memory(products.copies_bytes(self.out_in)):
+                return ()
             kept = [weakref.ref(stamp) if keras.config.backend() == "jax" else stamp for stamp in stamps]
             self._kernels = (batch, kept, tuple(self._make_kernels(batch)))
         return self._kernels[2]
