@@ -8,8 +8,9 @@ memory, and how a decode step writes its cache slot.
 - `decode_logits`: the output head of a decode step, per compiler;
   `screened_logits` at batch 1 on JAX (`screens_head`).
 - `store_in_order`: PyTorch float32 kernels in (out, in) memory order.
-- `out_in_kernels`, `times_out_in`: a batch-1 bfloat16 decode step on JAX
-  (CPU) reads (out, in) copies of the kernels.
+- `out_in_kernels`: the weights some decode steps read from copies: JAX,
+  bfloat16, batch 1, (out, in)-ordered (`times_out_in`); PyTorch, float32,
+  3 rows or more, packed by oneDNN (`packed_copy`).
 - `attends_one_query_by_matmul`: a decode step's attention form.
 - `writes_in_place` (PyTorch), `orders_cache_write` (TensorFlow): the cache
   write.
@@ -228,8 +229,8 @@ def stored_in_order(dense, order):
 
 
 # While a decode function is traced: the ids of the kernels read from
-# (out, in) copies (JAX, `reads_out_in`), and PyTorch's packed copies by
-# (data pointer, size) of the tensor they copy (`packed_copy`).
+# (out, in) copies (JAX, `reads_out_in`), and PyTorch's packed copies by the
+# data pointer and (out, in) shape of the matrix they copy (`packed_copy`).
 _OUT_IN = contextvars.ContextVar("out_in", default=frozenset())
 _PACKED = contextvars.ContextVar("packed", default={})
 
@@ -280,8 +281,8 @@ def out_in_kernels(lm):
         if order is None or layer.quantization_mode is not None or layer.lora_enabled:
             continue
         dtype = keras.backend.standardize_dtype(layer._kernel.dtype)
-        jax = backend == "jax" and dtype in OUT_IN_DTYPES and layer.dtype_policy.compute_dtype == dtype
-        if jax or (backend == "torch" and stored_in_order(layer, order)):
+        transposed = backend == "jax" and dtype in OUT_IN_DTYPES and layer.dtype_policy.compute_dtype == dtype
+        if transposed or (backend == "torch" and stored_in_order(layer, order)):
             inputs, _, output = layer.equation.partition("->")
             kernel_letters = inputs.split(",")[1]
             out = math.prod(size for letter, size in zip(kernel_letters, layer._kernel.shape) if letter in output)

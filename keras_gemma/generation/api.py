@@ -131,7 +131,8 @@ class GenerationMixin:
         else:
             functions, batch, state, constants = self._start(prompts, limits, stop_ids)
             if limits.max() > 1:  # else the prefill's token is all there is
-                state = functions.loop(state, constants, functions.screen(len(limits)), functions.kernels(len(limits)))
+                size = len(limits)
+                state = functions.loop(state, constants, functions.screen(size), functions.kernels(size))
             out = ops.convert_to_numpy(state[4])
             rows = engine.finish_rows(out, limits, stop_ids)
         return engine.format_outputs(self, prompts, rows, strip_prompt)

@@ -24,7 +24,8 @@ here it becomes:
   (and in the eager long prefill), float32 products by a weight matrix are
   recorded as oneDNN's inner product, or at batch 1 as MKL's
   matrix-vector product in row blocks (`_onednn_products`): another
-  2x per decode step on an AMD CPU, then another 1.7x. The graphs run
+  2x per decode step on an AMD CPU, then another 1.7x. Decode steps of 3
+  rows or more read oneDNN-packed copies of the weights (`kernels`). The graphs run
   without TorchScript's optimizing executor
   (`torch.jit.optimized_execution(False)`), which profiled each graph's
   first call and optimized it during the second, for no gain after: Gemma 3
