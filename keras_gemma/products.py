@@ -38,6 +38,7 @@ do other backends and dtypes.
 import contextlib
 import contextvars
 import math
+import weakref
 
 import numpy as np
 
@@ -349,13 +350,20 @@ def fits_in_memory(size):
 
 
 def copies_stamp(variable):
-    """What `out_in_copies` of `variable` stay valid for: its JAX array
-    (replaced on every assignment), or its PyTorch tensor's storage and
-    version (changed in place)."""
+    """What `out_in_copies` of `variable` stay valid for (`copied_from`): a
+    weak reference to its JAX array (replaced on every assignment), or its
+    PyTorch tensor's storage and version (changed in place)."""
     value = variable.value
     if keras.config.backend() == "torch":
         return (value.data_ptr(), value._version)
-    return value
+    return weakref.ref(value)
+
+
+def copied_from(stamp, variable):
+    """Whether `variable` is as it was when `stamp` (`copies_stamp`) was taken."""
+    if isinstance(stamp, weakref.ref):
+        return stamp() is variable.value
+    return stamp == copies_stamp(variable)
 
 
 @contextlib.contextmanager

@@ -98,10 +98,11 @@ class GenerateFunctions:
         self._make_screen = self.compiler.prefill(lambda: products.screen_table(embedding.embeddings))
         self.out_in = out_in
         self._kernels = None  # (batch, stamps of the weights they were made from, copies)
-        self._make_kernels = functools.partial(products.out_in_copies, out_in)
         if keras.config.backend() == "jax":
             transposes = self.compiler.prefill(lambda: products.out_in_copies(out_in, 1))
             self._make_kernels = lambda batch: transposes()
+        else:
+            self._make_kernels = functools.partial(products.out_in_copies, out_in)
 
     def screen(self, batch):
         """The output head's int8 screen (`products.screen_table`) where a
@@ -137,15 +138,14 @@ class GenerateFunctions:
         if not self.out_in or not products.reads_copies(batch):
             self._kernels = None  # not held for a batch size that does not read them
             return ()
-        stamps = [products.copies_stamp(variable) for variable, _, _ in self.out_in]
         if self._kernels is None or self._kernels[0] != batch or not all(
-            _same(old, new) for old, new in zip(self._kernels[1], stamps)
+            products.copied_from(stamp, variable) for stamp, (variable, _, _) in zip(self._kernels[1], self.out_in)
         ):
             self._kernels = None  # the old copies go before new ones are made
             if not products.fits_in_memory(products.copies_bytes(self.out_in)):
                 return ()
-            kept = [weakref.ref(stamp) if keras.config.backend() == "jax" else stamp for stamp in stamps]
-            self._kernels = (batch, kept, tuple(self._make_kernels(batch)))
+            stamps = [products.copies_stamp(variable) for variable, _, _ in self.out_in]
+            self._kernels = (batch, stamps, tuple(self._make_kernels(batch)))
         return self._kernels[2]
 
     def start(self, cache_length):
@@ -480,12 +480,6 @@ def _onednn_linear():
         return x.new_empty((x.shape[0], w.shape[0]))
 
     return linear
-
-
-def _same(kept, stamp):
-    """Whether a weight's `copies_stamp` is the one kept (by weak reference
-    where it is a JAX array)."""
-    return kept() is stamp if isinstance(kept, weakref.ref) else kept == stamp
 
 
 # A single row times an (o, i)-ordered float32 matrix goes to MKL as this
