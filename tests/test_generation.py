@@ -873,11 +873,12 @@ def _compiled_loop(dtype, new_tokens):
     prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
     prompts, limits, stop_ids = lm._prepare(prompt, None, new_tokens, None)
     functions, _, state, constants = lm._start(prompts, limits, stop_ids)
+    kernels = functions.kernels(len(limits))  # as `generate` passes them (bfloat16 JAX: copies)
     if backend() == "tensorflow":
-        hlo = functions.loop.experimental_get_compiler_ir(state, constants, (), ())(stage="optimized_hlo")
+        hlo = functions.loop.experimental_get_compiler_ir(state, constants, (), kernels)(stage="optimized_hlo")
     else:
         values = [v.value for v in functions.variables]
-        hlo = functions.loop.jitted.lower(values, state, constants, (), ()).compile().as_text()
+        hlo = functions.loop.jitted.lower(values, state, constants, (), kernels).compile().as_text()
     return lm, prompt, state, hlo
 
 
