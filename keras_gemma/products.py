@@ -350,9 +350,10 @@ def fits_in_memory(size):
 
 
 def copies_stamp(variable):
-    """What `out_in_copies` of `variable` stay valid for (`copied_from`): a
-    weak reference to its JAX array (replaced on every assignment), or its
-    PyTorch tensor's storage and version (changed in place)."""
+    """What a copy made from `variable` (`out_in_copies`, the head's screen)
+    stays valid for (`copied_from`): a weak reference to its JAX array
+    (replaced on every assignment), or its PyTorch tensor's storage and
+    version (changed in place)."""
     value = variable.value
     if keras.config.backend() == "torch":
         return (value.data_ptr(), value._version)

@@ -43,7 +43,6 @@ import contextlib
 import functools
 import math
 import warnings
-import weakref
 
 import keras
 
@@ -93,7 +92,7 @@ class GenerateFunctions:
         self.step = self.compiler.step(step, donate=(0,))
         self.loop = self.compiler.loop(loop, self.step)
         self.starts = {}
-        self._screen = None  # (weak reference to the table it was made from, screen)
+        self._screen = None  # (stamp of the table it was made from, screen)
         embedding = lm.backbone.token_embedding
         self._make_screen = self.compiler.prefill(lambda: products.screen_table(embedding.embeddings))
         self.out_in = out_in
@@ -117,10 +116,10 @@ class GenerateFunctions:
         embedding = self.lm.backbone.token_embedding
         if self.sampler.top_logits is None or not products.screens_head(embedding, batch):
             return ()
-        table = embedding.embeddings.value
-        if self._screen is None or self._screen[0]() is not table:
+        table = embedding.embeddings
+        if self._screen is None or not products.copied_from(self._screen[0], table):
             self._screen = None  # the old screen goes before the new one is made
-            self._screen = (weakref.ref(table), self._make_screen())
+            self._screen = (products.copies_stamp(table), self._make_screen())
         return self._screen[1]
 
     def kernels(self, batch):
