@@ -104,7 +104,10 @@ class GemmaBackbone(keras.Model):
                 on either side; rotary positions count real tokens only.
             positions: (b, t) rotary positions; by default
                 `cumsum(padding_mask) - 1`, so a left-padded row sees the
-                same positions as the unpadded one.
+                same positions as the unpadded one. They must not decrease
+                along a row's real tokens: a query never sees a later
+                column (long self-attention skips those, see
+                `Attention._attend_blocks`).
             cache: None or the list from `init_cache`.
             cache_index: the index of `token_ids` in the padded sequence
                 (decode steps).

@@ -188,17 +188,22 @@ def test_norms_compute_in_float32():
     assert np.abs(actual - exact).max() < 0.05 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("window", [3, 8, 13])
-def test_sliding_window_blocks_equal_full_attention(window):
-    """A local layer's long self-attention by query blocks (training, prefill)
-    equals the full masked t x t form, ragged rows and a soft-cap included."""
-    from keras_gemma.layers import Attention
+@pytest.mark.parametrize("smallest", [2, 8], ids=["capped", "ragged"])
+@pytest.mark.parametrize("window", [None, 3, 8, 13])
+def test_attention_blocks_equal_full_attention(window, smallest, monkeypatch):
+    """Long self-attention by query blocks (training, prefill) equals the
+    full masked t x t form, for global and sliding-window layers, ragged
+    rows and a soft-cap included. Blocks of `ATTENTION_BLOCK` queries
+    (ragged: 8 blocks of 8, the last of 3), or more each where that would
+    make more than `MAX_ATTENTION_BLOCKS` (capped: 15 of 4)."""
+    from keras_gemma import layers
 
-    config = tiny_config(sliding_window_size=window)
-    layer = Attention(config, layer_index=0)
+    monkeypatch.setattr(layers, "ATTENTION_BLOCK", smallest)
+    config = tiny_config(sliding_window_size=window or 4)
+    layer = layers.Attention(config, layer_index=5 if window is None else 0)  # pattern: 5 local, 1 global
     b, t, k, h = 2, 59, config.num_key_value_heads, config.head_dim
-    block = layer._blocks()[0]
-    assert layer.window == window and layer._local_blocks(t) and (block == 1 or t % block)  # a ragged last block
+    assert layer.window == window and layer._by_blocks(t)
+    assert layers.attention_block(t) == {2: 4, 8: 8}[smallest]
     rng = np.random.default_rng(window)
     q = rng.normal(size=(b, t, config.num_query_heads, h)).astype("float32") * 2
     keys, values = (rng.normal(size=(b, k, h, t)).astype("float32") * 2 for _ in range(2))
@@ -207,7 +212,7 @@ def test_sliding_window_blocks_equal_full_attention(window):
     q, keys, values, query_positions, key_positions = map(
         keras.ops.convert_to_tensor, (q, keys, values, positions, key_positions)
     )
-    blocks = to_numpy(layer._attend_local_blocks(q, query_positions, keys, values, key_positions))
+    blocks = to_numpy(layer._attend_blocks(q, query_positions, keys, values, key_positions))
     full = to_numpy(layer._attend(q, query_positions, [(keys, values, key_positions)]))
     real = positions >= 0
     np.testing.assert_allclose(blocks[real], full[real], atol=1e-5, rtol=1e-5)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import keras_gemma
+from keras_gemma import layers
 from keras_gemma.layers import PER_HEAD_ROWS
 from conftest import to_numpy
 from hf_reference import (
@@ -34,6 +35,18 @@ def assert_parity(hf_model, seq_len=13):
     return ours, ids, mask, actual
 
 
+# Self-attention by blocks of queries (`Attention._attend_blocks`) starts at
+# 256 tokens by default; "blocks" runs these 13-token batches by blocks of 2
+# (7 blocks, the last of 1), global and sliding-window layers alike.
+BLOCKS = pytest.mark.parametrize("block", [None, 2], ids=["whole", "blocks"])
+
+
+def use_blocks(monkeypatch, block, seq_len=13):
+    if block is not None:
+        monkeypatch.setattr(layers, "ATTENTION_BLOCK", block)
+    assert (layers.attention_block(seq_len) * 2 <= seq_len) == (block is not None)
+
+
 def assert_mechanism_matters(model, ids, mask, logits, **changes):
     """Same weights, one mechanism changed: the logits must move well past tolerance."""
     config = model.config.replace(**changes)
@@ -54,7 +67,9 @@ def test_gemma1_gqa_matches_transformers():
     assert_parity(build_hf(gemma1_config(num_key_value_heads=2)))
 
 
-def test_gemma2_matches_transformers():
+@BLOCKS
+def test_gemma2_matches_transformers(block, monkeypatch):
+    use_blocks(monkeypatch, block)
     ours, ids, mask, logits = assert_parity(build_hf(gemma2_config(), seed=1), seq_len=13)
     config = ours.config
     assert config.layer_types == ("local", "global", "local", "global")
@@ -71,7 +86,9 @@ def test_gemma2_mqa_matches_transformers():
     assert_parity(build_hf(gemma2_config(num_key_value_heads=1), seed=2))
 
 
-def test_gemma3_matches_transformers():
+@BLOCKS
+def test_gemma3_matches_transformers(block, monkeypatch):
+    use_blocks(monkeypatch, block)
     ours, ids, mask, logits = assert_parity(build_hf(gemma3_config(), seed=3), seq_len=13)
     config = ours.config
     assert config.layer_types == ("local",) * 5 + ("global", "local")
