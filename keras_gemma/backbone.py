@@ -95,7 +95,9 @@ class GemmaBackbone(keras.Model):
         hidden, _ = self.hidden_states(inputs["token_ids"], inputs.get("padding_mask"), training=training)
         return hidden
 
-    def hidden_states(self, token_ids, padding_mask=None, positions=None, cache=None, cache_index=None, training=None):
+    def hidden_states(
+        self, token_ids, padding_mask=None, positions=None, cache=None, cache_index=None, training=None, last_only=False
+    ):
         """The decoder stack, with an optional cache (see `Attention.call`).
 
         Args:
@@ -111,6 +113,10 @@ class GemmaBackbone(keras.Model):
             cache: None or the list from `init_cache`.
             cache_index: the index of `token_ids` in the padded sequence
                 (decode steps).
+            last_only: the last column's hidden state only, (b, 1, d) (a
+                prompt chunk: the last block computes its keys and values
+                for every column, the rest for the last; Gemma 3 270M, a
+                512-token prompt: 1/18 fewer products).
 
         Returns:
             `(hidden (b, t, d), updated cache or None)`.
@@ -140,6 +146,7 @@ class GemmaBackbone(keras.Model):
                 cache=None if cache is None else cache[i],
                 cache_index=cache_index,
                 training=training,
+                last_only=last_only and i == len(self.blocks) - 1,
             )
             if cache is not None:
                 new_cache.append(layer_cache)

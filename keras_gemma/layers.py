@@ -166,7 +166,9 @@ class Attention(keras.layers.Layer):
         """Cache slots this layer needs: a window-sized ring for local layers."""
         return max_length if self.window is None else min(self.window, max_length)
 
-    def call(self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None):
+    def call(
+        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None, last_only=False
+    ):
         """Attends x (b, t, d) to itself, or to the cache.
 
         Args:
@@ -185,17 +187,23 @@ class Attention(keras.layers.Layer):
                 gradients (`products.writes_in_place`).
             cache_index: scalar int, the index of x's first position in the
                 padded sequence; None for the first chunk (index 0).
+            last_only: only x's last column queries (keys and values are
+                still every column's, for the cache): output (b, 1, d).
 
         Returns:
             `(output (b, t, d), updated cache or None)`.
         """
-        q = self._project_in(self.query_dense, x)  # (b, t, n, h)
+        q = self._project_in(self.query_dense, x[:, -1:] if last_only else x)  # (b, t, n, h)
         k = self._project_in(self.key_dense, x)  # (b, t, k, h)
         v = self._project_in(self.value_dense, x)  # (b, t, k, h)
         if self.query_norm is not None:
             q = self.query_norm(q)
             k = self.key_norm(k)
-        q = apply_rotary(q, rotary)
+        if last_only:
+            query_positions = query_positions[:, -1:]
+            q = apply_rotary(q, tuple(table[:, -1:] for table in rotary))
+        else:
+            q = apply_rotary(q, rotary)
         k = apply_rotary(k, rotary)
         q = q * ops.cast(self.query_scale, q.dtype)
         k = ops.transpose(k, (0, 2, 3, 1))  # (b, k, h, t), the cache's order
@@ -218,7 +226,7 @@ class Attention(keras.layers.Layer):
             # `engine.Batch.cache_length`) or `window` or more positions
             # back (a ring).
             segments = [cache] + segments
-        if len(segments) == 1 and self._by_blocks(x.shape[1]):
+        if len(segments) == 1 and self._by_blocks(q.shape[1]):
             out = self._attend_blocks(q, query_positions, *segments[0])
         else:
             out = self._attend(q, query_positions, segments)  # (b, t, n, h)
@@ -520,11 +528,19 @@ class DecoderBlock(keras.layers.Layer):
             h = self.dropout(h, training=training)
         return h
 
-    def call(self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None):
+    def call(
+        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None, last_only=False
+    ):
+        """`(x (b, t, d) through the block, updated cache)`; with `last_only`
+        (a prompt chunk's last block: what follows needs only the last
+        column's hidden state, and the cache every column's keys and
+        values) x's last column alone after the attention: (b, 1, d)."""
         h, cache = self.attention(
             self.pre_attention_norm(x), rotary, query_positions, key_positions,
-            cache=cache, cache_index=cache_index, training=training,
+            cache=cache, cache_index=cache_index, training=training, last_only=last_only,
         )
+        if last_only:
+            x = x[:, -1:]
         x = x + self._residual_branch(h, self.post_attention_norm, training)
         h = self.feed_forward(self.pre_ffw_norm(x))
         x = x + self._residual_branch(h, self.post_ffw_norm, training)

@@ -218,6 +218,24 @@ def test_attention_blocks_equal_full_attention(window, smallest, monkeypatch):
     np.testing.assert_allclose(blocks[real], full[real], atol=1e-5, rtol=1e-5)
 
 
+def test_last_only_hidden_state_equals_the_full_passes_last_column():
+    """A prompt chunk's pass (`hidden_states(last_only=True)`: the last block
+    queries from the last column only) gives the last column's hidden state
+    of the full pass, and the same cache; ragged rows (left padding)."""
+    model = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(tiny_config(num_layers=6)))
+    backbone = model.backbone
+    ids = batch(seq_len=11)["token_ids"]
+    mask = np.ones_like(ids, bool)
+    mask[1, :4] = False  # left padding
+    full, full_cache = backbone.hidden_states(ids, mask, cache=backbone.init_cache(2, 16))
+    last, last_cache = backbone.hidden_states(ids, mask, cache=backbone.init_cache(2, 16), last_only=True)
+    assert tuple(last.shape) == (2, 1, 32)
+    np.testing.assert_allclose(to_numpy(last), to_numpy(full)[:, -1:], atol=1e-5, rtol=1e-5)
+    for ours, theirs in zip(last_cache, full_cache):
+        for a, b in zip(ours, theirs):
+            np.testing.assert_array_equal(to_numpy(a), to_numpy(b))
+
+
 def test_fit_step_trains():
     model = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(tiny_config(num_layers=2, layer_types=("local", "global"))))
     inputs = batch()

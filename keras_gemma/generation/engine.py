@@ -90,7 +90,7 @@ def prefill_start(lm, cache_length, token_ids, padding_mask):
         on the 2-core CPU).
     """
     cache = lm.backbone.init_cache(token_ids.shape[0], cache_length)
-    hidden, cache = lm.backbone.hidden_states(token_ids, padding_mask, cache=cache)
+    hidden, cache = lm.backbone.hidden_states(token_ids, padding_mask, cache=cache, last_only=True)
     return cache, hidden[:, -1, :]
 
 
@@ -99,7 +99,7 @@ def prefill_chunk(lm, token_ids, padding_mask, positions, cache_index, cache):
     cache; `positions` (b, w) are its rotary positions (real tokens before
     each, counted over the whole prompt). Returns what `prefill_start` does."""
     hidden, cache = lm.backbone.hidden_states(
-        token_ids, padding_mask, positions=positions, cache=cache, cache_index=cache_index
+        token_ids, padding_mask, positions=positions, cache=cache, cache_index=cache_index, last_only=True
     )
     return cache, hidden[:, -1, :]
 
