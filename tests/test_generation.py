@@ -608,6 +608,23 @@ def test_screened_decoding_equals_full_forward(hf_lm, monkeypatch):
 
 
 @pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step screens the head")
+def test_first_token_goes_through_the_screen(hf_lm, monkeypatch):
+    """The prompt's first new token is found through the head's screen as
+    the decode steps' are (its tokens: `test_screened_decoding_equals_full_forward`)."""
+    monkeypatch.setattr(products, "SCREEN_ROWS", 2)  # the tiny vocabulary gets screened
+    calls = []
+    screened = products.screened_logits
+    monkeypatch.setattr(products, "screened_logits", lambda *args: calls.append(1) or screened(*args))
+    sampler = hf_lm.sampler
+    try:
+        hf_lm.compile(sampler="greedy")  # new functions, traced anew
+        hf_lm.generate(_right_padded(_ragged_prompts(lengths=(5,))), max_new_tokens=1, stop_token_ids=None)
+    finally:
+        hf_lm.compile(sampler=sampler)
+    assert calls
+
+
+@pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step screens the head")
 def test_screened_bfloat16_decoding_equals_full_head(monkeypatch):
     """A bfloat16 model's screened steps pick what its full head picks
     (its bfloat16 logits tie often; ties go to the lower index either way)."""

@@ -87,7 +87,7 @@ class GenerationMixin:
                 cache,
             )
         out = ops.zeros((len(prompts.ids), batch.new), "int32")
-        state = (cache, *functions.first_token(hidden, out, constants))
+        state = (cache, *functions.first_token(hidden, out, constants, functions.screen(len(prompts.ids))))
         return functions, batch, state, constants
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):

@@ -59,7 +59,7 @@ class GenerateFunctions:
       length.
     - `chunk(token_ids, padding_mask, positions, cache_index, cache) ->
       (cache, hidden)`: a later chunk (`engine.prefill_chunk`).
-    - `first_token(hidden, out, constants) -> (token, step, done, out)`.
+    - `first_token(hidden, out, constants, screen) -> (token, step, done, out)`.
     - `step(state, constants, screen, kernels) -> state`: one token per row
       (streaming).
     - `loop(state, constants, screen, kernels) -> state`: steps until every

@@ -104,7 +104,7 @@ def prefill_chunk(lm, token_ids, padding_mask, positions, cache_index, cache):
     return cache, hidden[:, -1, :]
 
 
-def first_token(lm, sampler, hidden, out, constants):
+def first_token(lm, sampler, hidden, out, constants, screen=()):
     """Samples the first new token from the prompt's last hidden state.
 
     Args:
@@ -112,13 +112,13 @@ def first_token(lm, sampler, hidden, out, constants):
             row's last prompt token (so only it needs logits, not every
             position over a 256k vocabulary).
         out: (b, n) int32 zeros, the buffer for new tokens.
-        constants: see `decode_step`.
+        constants, screen: see `decode_step`.
 
     Returns:
         `(token, step, done, out)`: with the cache, the decode state.
     """
     _, limits, stop_ids, seed, _ = constants
-    logits = lm.logits(hidden[:, None, :])[:, 0, :]  # (b, vocab) float32
+    logits = lm.decode_logits(hidden[:, None, :], screen, sampler.top_logits)  # (b, vocab) float32
     step = ops.zeros((), "int32")
     token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
     token = ops.where(limits > 0, token, PAD_ID)
