@@ -96,7 +96,15 @@ class GemmaBackbone(keras.Model):
         return hidden
 
     def hidden_states(
-        self, token_ids, padding_mask=None, positions=None, cache=None, cache_index=None, training=None, last_only=False
+        self,
+        token_ids,
+        padding_mask=None,
+        positions=None,
+        cache=None,
+        cache_index=None,
+        training=None,
+        last_only=False,
+        layer_intercept_fn=None,
     ):
         """The decoder stack, with an optional cache (see `Attention.call`).
 
@@ -117,6 +125,11 @@ class GemmaBackbone(keras.Model):
                 prompt chunk: the last block computes its keys and values
                 for every column, the rest for the last; Gemma 3 270M, a
                 512-token prompt: 1/18 fewer products).
+            layer_intercept_fn: `fn(x, i) -> x`, given the token embeddings
+                (b, t, d) as `i = -1` (before their `sqrt(hidden_dim)`
+                scaling), then each block's output as `i = 0, 1, ...`; what
+                it returns goes on (keras-hub's `score` argument, which drops
+                what it returns for the embeddings).
 
         Returns:
             `(hidden (b, t, d), updated cache or None)`.
@@ -130,7 +143,8 @@ class GemmaBackbone(keras.Model):
         positions = ops.cast(positions, "int32")
         key_positions = ops.where(padding_mask, positions, -1)  # (b, t)
 
-        x = self.token_embedding(token_ids)  # (b, t, d)
+        intercept = layer_intercept_fn or (lambda x, i: x)
+        x = intercept(self.token_embedding(token_ids), -1)  # (b, t, d)
         x = x * ops.cast(math.sqrt(self.config.hidden_dim), x.dtype)
         rotary = {
             rope: rotary_tables(positions, self.config.head_dim, *rope)
@@ -148,6 +162,7 @@ class GemmaBackbone(keras.Model):
                 training=training,
                 last_only=last_only and i == len(self.blocks) - 1,
             )
+            x = intercept(x, i)
             if cache is not None:
                 new_cache.append(layer_cache)
         return self.final_norm(x), new_cache

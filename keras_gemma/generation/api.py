@@ -223,48 +223,97 @@ class GenerationMixin:
 
     # -- score -----------------------------------------------------------------
 
-    def score(self, inputs, padding_mask=None):
-        """Log-probability of every token given the tokens before it.
+    def score(
+        self,
+        inputs=None,
+        padding_mask=None,
+        scoring_mode="log_probs",
+        layer_intercept_fn=None,
+        target_ids=None,
+        *,
+        token_ids=None,
+    ):
+        """Scores tokens: log-probabilities by default, or keras-hub's
+        `"logits"` and `"loss"` modes (same arguments, in the same order).
 
         Args:
             inputs: text (a string or list of strings; `<bos>` is added), or
                 token ids `(b, t)` / `{"token_ids", "padding_mask"}` with
-                either padding side.
+                either padding side (`token_ids=` as a keyword too).
             padding_mask: with token ids as an array, 1 for real tokens.
+            scoring_mode:
+                - `"log_probs"`: the log-probability of every token given the
+                  real tokens before it (below), as numpy.
+                - `"logits"`: float32 logits `(b, t, vocab)`, position j's
+                  for the token after j (token ids only).
+                - `"loss"`: `(b, t)` cross-entropy of `target_ids[:, j]`
+                  under position j's logits (token ids only; padding is not
+                  masked out).
+                `"logits"` and `"loss"` return backend tensors, so gradients
+                flow through them (to what `layer_intercept_fn` touches).
+            layer_intercept_fn: `fn(x, i) -> x`, called on the token
+                embeddings (`i = -1`, before their `sqrt(hidden_dim)`
+                scaling) and on each decoder block's output (`i = 0, 1,
+                ...`); what it returns goes on (for `i = -1` too, which
+                keras-hub drops). To read or steer activations.
+            target_ids: `(b, t)` int, for `"loss"`.
 
         Returns:
-            For token ids: float32 `(b, t)`, entry `[i, j]` the natural-log
-            probability of `token_ids[i, j]` after the real tokens before it;
-            0 for padding and for each row's first token (nothing predicts
-            it). For text: `{"token_ids", "padding_mask", "log_probs"}`
-            (right-padded). A single prompt drops the batch axis.
+            `"log_probs"` with token ids: float32 `(b, t)`, entry `[i, j]`
+            the natural-log probability of `token_ids[i, j]` after the real
+            tokens before it; 0 for padding and for each row's first token
+            (nothing predicts it). With text: `{"token_ids",
+            "padding_mask", "log_probs"}` (right-padded). A single prompt
+            drops the batch axis.
+
+        Rotary positions count real tokens only, so a left-padded row
+        scores as it would alone (keras-hub counts the padding).
 
         Example:
         ```python
         out = lm.score(["The sky is blue.", "The sky is cheese."])
         total = out["log_probs"].sum(axis=-1)  # higher: more likely
+        loss = lm.score(ids, mask, scoring_mode="loss", target_ids=np.roll(ids, -1, axis=1))
         ```
         """
-        if isinstance(inputs, dict) or hasattr(inputs, "shape"):
-            if not isinstance(inputs, dict):
-                inputs = {"token_ids": inputs, "padding_mask": padding_mask}
-            token_ids, mask, scalar = engine.token_arrays(inputs)
-            log_probs = self._score(token_ids, mask)
+        if token_ids is not None:
+            if inputs is not None:
+                raise ValueError("Pass the tokens to `score` once: as `inputs` or as `token_ids`, not both.")
+            inputs = token_ids
+        if inputs is None:
+            raise ValueError("`score` needs text or token ids to score.")
+        if scoring_mode not in ("log_probs", "logits", "loss"):
+            raise ValueError(f"`scoring_mode` must be 'log_probs', 'logits' or 'loss', got {scoring_mode!r}.")
+        if scoring_mode == "loss" and target_ids is None:
+            raise ValueError("`scoring_mode='loss'` needs `target_ids`: the ids each position's loss is taken against.")
+        tokens = isinstance(inputs, dict) or hasattr(inputs, "shape")
+        if tokens and not isinstance(inputs, dict):
+            inputs = {"token_ids": inputs, "padding_mask": padding_mask}
+        if scoring_mode != "log_probs":
+            if not tokens:
+                raise ValueError(
+                    f"`scoring_mode={scoring_mode!r}` takes token ids, as keras-hub's does; "
+                    "text is scored in the default 'log_probs' mode."
+                )
+            return self._score_logits(inputs, scoring_mode, layer_intercept_fn, target_ids)
+        if tokens:
+            ids, mask, scalar = engine.token_arrays(inputs)
+            log_probs = self._score(ids, mask, layer_intercept_fn)
             return log_probs[0] if scalar else log_probs
         prompts = engine.normalize_inputs(self, inputs)
         if prompts.form != "text":
             raise ValueError("`score` takes text or token ids.")
         width = max(len(row) for row in prompts.ids)
-        token_ids = np.zeros((len(prompts.ids), width), np.int32)
+        ids = np.zeros((len(prompts.ids), width), np.int32)
         mask = np.zeros((len(prompts.ids), width), bool)
         for i, row in enumerate(prompts.ids):
-            token_ids[i, : len(row)], mask[i, : len(row)] = row, True
-        log_probs = self._score(token_ids, mask)
-        result = {"token_ids": token_ids, "padding_mask": mask, "log_probs": log_probs}
+            ids[i, : len(row)], mask[i, : len(row)] = row, True
+        log_probs = self._score(ids, mask, layer_intercept_fn)
+        result = {"token_ids": ids, "padding_mask": mask, "log_probs": log_probs}
         return {k: v[0] for k, v in result.items()} if prompts.scalar else result
 
-    def _score(self, token_ids, mask):
-        hidden, _ = self.backbone.hidden_states(token_ids.astype(np.int32), mask)
+    def _score(self, token_ids, mask, layer_intercept_fn=None):
+        hidden, _ = self.backbone.hidden_states(token_ids.astype(np.int32), mask, layer_intercept_fn=layer_intercept_fn)
         targets = ops.convert_to_tensor(token_ids[:, 1:].astype(np.int32))
         chunks = []
         for start in range(0, token_ids.shape[1] - 1, SCORE_CHUNK):
@@ -278,6 +327,25 @@ class GenerationMixin:
             scores[:, 1:] = np.concatenate(chunks, axis=1)
         scores[:, 1:] *= mask[:, 1:] & mask[:, :-1]
         return scores
+
+    def _score_logits(self, inputs, scoring_mode, layer_intercept_fn, target_ids):
+        """`score`'s keras-hub modes, as backend tensors (differentiable)."""
+        token_ids = ops.cast(inputs["token_ids"], "int32")
+        if len(ops.shape(token_ids)) != 2:
+            raise ValueError(f"`token_ids` must be (batch, length), got shape {tuple(ops.shape(token_ids))}.")
+        hidden, _ = self.backbone.hidden_states(
+            token_ids, inputs.get("padding_mask"), layer_intercept_fn=layer_intercept_fn
+        )
+        logits = self.logits(hidden)
+        if scoring_mode == "logits":
+            return logits
+        target_ids = ops.cast(target_ids, "int32")
+        if tuple(ops.shape(target_ids)) != tuple(ops.shape(token_ids)):
+            raise ValueError(
+                f"`target_ids` must have the shape of `token_ids`, {tuple(ops.shape(token_ids))}; "
+                f"got {tuple(ops.shape(target_ids))}."
+            )
+        return keras.losses.sparse_categorical_crossentropy(target_ids, logits, from_logits=True)
 
 
 class _GenerationState:
