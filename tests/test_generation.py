@@ -270,6 +270,19 @@ def test_auto_stop_ids_without_tokenizer(gemma3_lm):
     assert engine.resolve_stop_ids(stand_in, "auto") == (1, 106)
 
 
+def test_stop_tokens_as_vocabulary_pieces(text_lm):
+    tokenizer = text_lm.preprocessor.tokenizer
+    turn, eos = tokenizer.token_to_id("<end_of_turn>"), tokenizer.eos_token_id
+    assert engine.resolve_stop_ids(text_lm, ["<end_of_turn>", eos, "<eos>"]) == tuple(sorted({turn, eos}))
+    free = [int(t[0]) for t in text_lm.stream_token_ids(["Hello"], max_new_tokens=12, stop_token_ids=None)]
+    stop = free[4]
+    by_piece = text_lm.stream_token_ids(["Hello"], max_new_tokens=12, stop_token_ids=[tokenizer.id_to_token(stop)])
+    assert [int(t[0]) for t in by_piece] == free[: free.index(stop) + 1]
+    for bad, message in (("no such piece", "not a piece"), (-1, r"\[0, "), (10**6, r"\[0, "), (1.5, r"\[0, ")):
+        with pytest.raises(ValueError, match=message):
+            text_lm.generate("Hello", max_new_tokens=2, stop_token_ids=[bad])
+
+
 # -- text, chat, streaming ---------------------------------------------------------
 
 

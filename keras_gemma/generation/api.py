@@ -105,8 +105,9 @@ class GenerationMixin:
                 given either.
             max_new_tokens: the most tokens each row may add.
             stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`), None
-                (never stop early), or a list of ids. Each row stops on its
-                own; the stop token ends the row.
+                (never stop early), or a list of ids and vocabulary pieces
+                (`[108, "<end_of_turn>"]`). Each row stops on its own; the
+                stop token ends the row.
             strip_prompt: return only the new text/tokens.
 
         Returns:
@@ -116,7 +117,8 @@ class GenerationMixin:
 
         Raises:
             ValueError: an empty prompt, a prompt longer than `max_length`, a
-                negative `max_new_tokens`, text without a tokenizer.
+                negative `max_new_tokens`, text without a tokenizer, a stop
+                token outside the vocabulary.
 
         Example:
         ```python

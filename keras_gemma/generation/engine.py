@@ -289,12 +289,15 @@ def _token_prompts(inputs):
 
 
 def resolve_stop_ids(lm, stop_token_ids):
-    """"auto": `<eos>` and `<end_of_turn>`; None: never stop; or the given ids."""
+    """"auto": `<eos>` and `<end_of_turn>`; None: never stop; or the given
+    ids and vocabulary pieces (`["<end_of_turn>", 108]`)."""
     if stop_token_ids is None:
         return ()
     if isinstance(stop_token_ids, str):
         if stop_token_ids != "auto":
-            raise ValueError(f'`stop_token_ids` must be "auto", None or a list of ids, got {stop_token_ids!r}.')
+            raise ValueError(
+                f'`stop_token_ids` must be "auto", None or a list of ids or pieces, got {stop_token_ids!r}.'
+            )
         tokenizer = tokenizer_of(lm)
         if tokenizer is not None and hasattr(tokenizer, "eos_token_id"):
             ids = (tokenizer.eos_token_id, getattr(tokenizer, "end_of_turn_id", None))
@@ -303,7 +306,31 @@ def resolve_stop_ids(lm, stop_token_ids):
         return tuple(sorted({i for i in ids if i is not None}))
     if isinstance(stop_token_ids, (int, np.integer)):
         stop_token_ids = [stop_token_ids]
-    return tuple(sorted({int(i) for i in stop_token_ids}))
+    vocabulary = lm.config.vocabulary_size
+    ids = set()
+    for item in stop_token_ids:
+        if isinstance(item, str):
+            ids.add(_piece_id(lm, item))
+        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < vocabulary:
+            ids.add(int(item))
+        else:
+            raise ValueError(
+                f"`stop_token_ids` holds {item!r}: each must be a token id in [0, {vocabulary}) "
+                'or a vocabulary piece such as "<end_of_turn>".'
+            )
+    return tuple(sorted(ids))
+
+
+def _piece_id(lm, piece):
+    """The id of one vocabulary piece (a stop token given as text)."""
+    tokenizer = _need_tokenizer(lm, f"A stop token given as text ({piece!r})")
+    token_id = int(tokenizer.token_to_id(piece))  # unknown pieces give <unk>'s id
+    if tokenizer.id_to_token(token_id) != piece:
+        raise ValueError(
+            f"Stop token {piece!r} is not a piece of the vocabulary; give its id, or a piece "
+            'such as "<end_of_turn>" (`lm.preprocessor.tokenizer.get_vocabulary()` lists them).'
+        )
+    return token_id
 
 
 def new_token_limits(lm, prompts, max_length, max_new_tokens):
