@@ -439,6 +439,10 @@ def attends_one_query_by_matmul():
 
 
 def on_cpu():
+    """Whether this backend computes on the CPU (PyTorch: where Keras puts
+    new tensors; `keras.distribution` does not exist there)."""
+    if keras.config.backend() == "torch":
+        return ops.convert_to_tensor(0).device.type == "cpu"
     return keras.distribution.list_devices()[0].startswith("cpu")
 
 

@@ -362,6 +362,13 @@ def test_products_accumulate_in_float32_and_round_once(equation, x_shape, y_shap
         )
 
 
+def test_on_cpu_answers_on_every_backend():
+    # CI's machines have no accelerator; PyTorch has no keras.distribution.
+    from keras_gemma import products
+
+    assert products.on_cpu()
+
+
 @pytest.mark.skipif(backend() != "jax", reason="the JAX form of products")
 def test_jax_bfloat16_products_take_float32_results_and_two_rows():
     """On JAX on CPU, a bfloat16 product asks XLA for a float32 result (its
