@@ -26,7 +26,7 @@ class GenerationMixin:
 
         Args:
             sampler: how `generate` picks tokens: `"greedy"`, `"random"`,
-                `"top_k"`, `"top_p"`, a `keras_gemma.samplers.Sampler`
+                `"top_k"`, `"top_p"`, `"beam"`, a `keras_gemma.samplers.Sampler`
                 (e.g. `TopKSampler(k=40, temperature=0.8, seed=1)`), or a
                 keras-hub sampler of one of those kinds.
             **kwargs: anything else `keras.Model.compile` takes.
@@ -86,6 +86,14 @@ class GenerationMixin:
                 ops.convert_to_tensor(np.int32(start)),
                 cache,
             )
+        if functions.beams:
+            lengths, limits, *rest = batch.constants
+            constants = tuple(
+                ops.convert_to_tensor(c) for c in (np.repeat(lengths, functions.beams), np.repeat(limits, functions.beams), *rest)
+            )
+            cache, hidden = functions.repeat_beams(cache, hidden)
+            out = ops.zeros((len(prompts.ids) * functions.beams, batch.new), "int32")
+            return functions, batch, functions.first_token(hidden, cache, out, constants), constants
         out = ops.zeros((len(prompts.ids), batch.new), "int32")
         state = (cache, *functions.first_token(hidden, out, constants, functions.screen(len(prompts.ids))))
         return functions, batch, state, constants
@@ -133,15 +141,22 @@ class GenerationMixin:
         else:
             functions, batch, state, constants = self._start(prompts, limits, stop_ids)
             if limits.max() > 1:  # else the prefill's token is all there is
-                size = len(limits)
+                size = len(limits) * (functions.beams or 1)
                 state = functions.loop(state, constants, functions.screen(size), functions.kernels(size))
             out = ops.convert_to_numpy(state[4])
+            if functions.beams:
+                out = out[:: functions.beams]  # each prompt's best beam
             rows = engine.finish_rows(out, limits, stop_ids)
         return engine.format_outputs(self, prompts, rows, strip_prompt)
 
     def stream_token_ids(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto"):
         """Yields each step's new token ids: `(b,)` int arrays, -1 for rows
         already finished. Takes what `generate` takes."""
+        if getattr(self.sampler, "num_beams", None):
+            raise ValueError(
+                "Beam search cannot stream: a later step may replace any earlier token. "
+                "Call `generate`, or compile with another sampler to stream."
+            )
         prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids)
         if limits.max() == 0:
             return

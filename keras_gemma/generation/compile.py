@@ -59,7 +59,9 @@ class GenerateFunctions:
       length.
     - `chunk(token_ids, padding_mask, positions, cache_index, cache) ->
       (cache, hidden)`: a later chunk (`engine.prefill_chunk`).
-    - `first_token(hidden, out, constants, screen) -> (token, step, done, out)`.
+    - `first_token(hidden, out, constants, screen) -> (token, step, done, out)`;
+      for a `BeamSampler`, `first_token(hidden, cache, out, constants) ->
+      state` after `repeat_beams(cache, hidden)` (`engine.beam_first`).
     - `step(state, constants, screen, kernels) -> state`: one token per row
       (streaming).
     - `loop(state, constants, screen, kernels) -> state`: steps until every
@@ -67,7 +69,9 @@ class GenerateFunctions:
     - `screen(batch)`, `kernels(batch)`: those arguments for a batch of that
       many rows.
 
-    `state` is `(cache, token, step, done, out)`; see `engine.decode_step`.
+    `state` is `(cache, token, step, done, out)`, see `engine.decode_step`;
+    for a `BeamSampler`, `(cache, token, step, done, out, scores)` over
+    `num_beams` rows per prompt, see `engine.beam_step`.
     """
 
     def __init__(self, lm, sampler):
@@ -78,17 +82,26 @@ class GenerateFunctions:
         self.compiler = compiler(self.variables, lm.backbone.compute_dtype)
 
         out_in = products.out_in_kernels(lm)
+        self.beams = getattr(sampler, "num_beams", None)
 
         def step(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
+                if self.beams:
+                    return engine.beam_step(lm, sampler, *state, constants)
                 return engine.decode_step(lm, sampler, *state, constants, screen)
 
         def loop(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
+                if self.beams:
+                    return engine.beam_loop(lm, sampler, *state, constants)
                 return engine.decode_loop(lm, sampler, *state, constants, screen)
 
         self.chunk = self.compiler.chunk(functools.partial(engine.prefill_chunk, lm), donate=(4,))
-        self.first_token = self.compiler.step(functools.partial(engine.first_token, lm, sampler), donate=(1,))
+        if self.beams:
+            self.repeat_beams = self.compiler.step(functools.partial(engine.repeat_beams, self.beams), donate=(0,))
+            self.first_token = self.compiler.step(functools.partial(engine.beam_first, lm, sampler), donate=(1, 2))
+        else:
+            self.first_token = self.compiler.step(functools.partial(engine.first_token, lm, sampler), donate=(1,))
         self.step = self.compiler.step(step, donate=(0,))
         self.loop = self.compiler.loop(loop, self.step)
         self.starts = {}

@@ -170,6 +170,75 @@ def decode_loop(lm, sampler, cache, token, step, done, out, constants, screen=()
     return ops.while_loop(cond, body, (cache, token, step, done, out))
 
 
+# Beam search (`samplers.BeamSampler`): each prompt runs as `num_beams`
+# consecutive rows of the batch, and the decode state gains the beams'
+# scores, `(cache, token, step, done, out, scores)`.
+
+
+def repeat_beams(beams, cache, hidden):
+    """The prefilled cache and last hidden states with each row repeated
+    `beams` times (the prompt is run once, not once per beam)."""
+    cache = [tuple(ops.repeat(array, beams, axis=0) for array in layer) for layer in cache]
+    return cache, ops.repeat(hidden, beams, axis=0)
+
+
+def beam_first(lm, sampler, hidden, cache, out, constants):
+    """The first beam step, from the prompts' last hidden states: every
+    beam of a prompt is the same prompt, so all but the first start at a
+    score that no continuation of it can reach, and the `num_beams` best
+    first tokens of the first become the beams."""
+    beams, limits = sampler.num_beams, constants[1]
+    first = ops.reshape(ops.one_hot(ops.zeros((1,), "int32"), beams), (1, beams))
+    scores = ops.reshape(ops.broadcast_to((first - 1.0) * 1e9, (ops.shape(hidden)[0] // beams, beams)), (-1,))
+    logits = lm.decode_logits(hidden[:, None, :])
+    return _beam_select(sampler, logits, cache, ops.zeros((), "int32"), limits <= 0, out, scores, constants)
+
+
+def beam_step(lm, sampler, cache, token, step, done, out, scores, constants):
+    """Feeds each beam's last token; keeps the `num_beams` best one-token
+    extensions of each prompt's beams (`decode_step`, for beams)."""
+    prompt_lengths, _, _, _, prefill_width = constants
+    positions = (prompt_lengths + step - 1)[:, None]
+    hidden, cache = lm.backbone.hidden_states(
+        token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
+    )
+    logits = lm.decode_logits(hidden)
+    return _beam_select(sampler, logits, cache, step, done, out, scores, constants)
+
+
+def _beam_select(sampler, logits, cache, step, done, out, scores, constants):
+    _, limits, stop_ids, _, _ = constants
+    rows, vocabulary = ops.shape(logits)
+    beams = sampler.num_beams
+    log_probs = ops.log_softmax(sampler.scaled(logits), axis=-1)
+    # A finished beam goes on only as padding, at no cost: its score stays.
+    finished = ops.where(ops.arange(vocabulary) == PAD_ID, 0.0, -np.inf)
+    log_probs = ops.where(done[:, None], finished[None, :], log_probs)
+    totals = ops.reshape(scores[:, None] + log_probs, (rows // beams, beams * vocabulary))
+    scores, index = ops.top_k(totals, beams)  # (prompts, beams), best first
+    parents = ops.reshape(ops.arange(rows // beams, dtype="int32")[:, None] * beams, (-1, 1))
+    parents = ops.reshape(parents + ops.cast(ops.floor_divide(index, vocabulary), "int32"), (-1,))
+    cache = [tuple(ops.take(array, parents, axis=0) for array in layer) for layer in cache]
+    done, out = ops.take(done, parents, axis=0), ops.take(out, parents, axis=0)
+    token = ops.where(done, PAD_ID, ops.cast(ops.reshape(ops.mod(index, vocabulary), (-1,)), "int32"))
+    out = ops.slice_update(out, (ops.zeros((), "int32"), step), token[:, None])
+    done = ops.logical_or(done, ops.logical_or(_is_stop(token, stop_ids), step + 1 >= limits))
+    return cache, token, step + 1, done, out, ops.reshape(scores, (-1,))
+
+
+def beam_loop(lm, sampler, cache, token, step, done, out, scores, constants):
+    """`beam_step` until every beam is done (or `out` is full)."""
+    max_steps = ops.minimum(ops.max(constants[1]), out.shape[1])
+
+    def cond(cache, token, step, done, out, scores):
+        return ops.logical_and(step < max_steps, ops.logical_not(ops.all(done)))
+
+    def body(cache, token, step, done, out, scores):
+        return beam_step(lm, sampler, cache, token, step, done, out, scores, constants)
+
+    return ops.while_loop(cond, body, (cache, token, step, done, out, scores))
+
+
 # -- Host side -----------------------------------------------------------------
 
 

@@ -237,11 +237,46 @@ class TopPSampler(Sampler):
         return {**super().get_config(), "p": self.p, "k": self.k}
 
 
+class BeamSampler(Sampler):
+    """Beam search: keeps the `num_beams` likeliest continuations of each
+    prompt (by the sum of their tokens' log-probabilities under
+    `softmax(logits / temperature)`) and returns the likeliest.
+
+    A beam that reaches a stop token or its budget is finished: it keeps
+    its score and competes with the unfinished ones to the end (keras-hub's
+    `BeamSampler` goes on adding tokens' log-probabilities after a stop).
+    There is no length penalty, so a shorter finished beam can win. Not for
+    streaming: a later step can replace any earlier token.
+
+    Args:
+        num_beams: how many continuations each prompt keeps.
+
+    Example:
+    ```python
+    lm.compile(sampler=keras_gemma.samplers.BeamSampler(num_beams=4))
+    lm.generate("The capital of France is", max_new_tokens=8)
+    ```
+    """
+
+    def __init__(self, num_beams=5, temperature=1.0, seed=None):
+        super().__init__(temperature, seed)
+        if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
+            raise ValueError(f"`num_beams` must be a positive integer, got {num_beams!r}.")
+        self.num_beams = num_beams
+
+    def __call__(self, logits, key):
+        raise TypeError("BeamSampler picks tokens for whole beams inside `generate`, not per row.")
+
+    def get_config(self):
+        return {**super().get_config(), "num_beams": self.num_beams}
+
+
 SAMPLERS = {
     "greedy": GreedySampler,
     "random": RandomSampler,
     "top_k": TopKSampler,
     "top_p": TopPSampler,
+    "beam": BeamSampler,
 }
 
 # keras-hub sampler classes we can stand in for, read through their configs.
@@ -250,6 +285,7 @@ _KERAS_HUB_NAMES = {
     "RandomSampler": "random",
     "TopKSampler": "top_k",
     "TopPSampler": "top_p",
+    "BeamSampler": "beam",
 }
 
 
@@ -285,7 +321,9 @@ def get(identifier):
     hub_name = _KERAS_HUB_NAMES.get(type(identifier).__name__)
     if hub_name is not None and hasattr(identifier, "get_config"):
         config = dict(identifier.get_config())
-        config = {key: value for key, value in config.items() if key in ("temperature", "seed", "k", "p")}
+        if config.get("return_all_beams"):
+            raise ValueError("keras-hub's `BeamSampler(return_all_beams=True)` has no keras_gemma equivalent.")
+        config = {key: value for key, value in config.items() if key in ("temperature", "seed", "k", "p", "num_beams")}
         if hub_name in ("greedy",):
             config = {}
         elif hub_name == "random":
