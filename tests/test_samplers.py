@@ -131,7 +131,7 @@ def test_get():
     custom = samplers.TopKSampler(k=3, temperature=0.5, seed=2)
     assert samplers.get(custom) is custom
     with pytest.raises(ValueError, match="Valid names"):
-        samplers.get("beam")
+        samplers.get("contrastive")
     with pytest.raises(ValueError):
         samplers.TopPSampler(p=0)
     with pytest.raises(ValueError):
