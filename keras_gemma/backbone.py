@@ -96,15 +96,8 @@ class GemmaBackbone(keras.Model):
         return hidden
 
     def hidden_states(
-        self,
-        token_ids,
-        padding_mask=None,
-        positions=None,
-        cache=None,
-        cache_index=None,
-        training=None,
-        last_only=False,
-        layer_intercept_fn=None,
+        self, token_ids, padding_mask=None, positions=None, cache=None, cache_index=None, training=None,
+        last_only=False, layer_intercept_fn=None,
     ):
         """The decoder stack, with an optional cache (see `Attention.call`).
 
