@@ -143,9 +143,10 @@ class GenerationMixin:
             if limits.max() > 1:  # else the prefill's token is all there is
                 size = len(limits) * (functions.beams or 1)
                 state = functions.loop(state, constants, functions.screen(size), functions.kernels(size))
-            out = ops.convert_to_numpy(state[4])
-            if functions.beams:
-                out = out[:: functions.beams]  # each prompt's best beam
+            if functions.beams:  # each prompt's best finished beam
+                out = ops.convert_to_numpy(state[6])[:: functions.beams]
+            else:
+                out = ops.convert_to_numpy(state[4])
             rows = engine.finish_rows(out, limits, stop_ids)
         return engine.format_outputs(self, prompts, rows, strip_prompt)
 

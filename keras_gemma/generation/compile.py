@@ -70,8 +70,8 @@ class GenerateFunctions:
       many rows.
 
     `state` is `(cache, token, step, done, out)`, see `engine.decode_step`;
-    for a `BeamSampler`, `(cache, token, step, done, out, scores)` over
-    `num_beams` rows per prompt, see `engine.beam_step`.
+    for a `BeamSampler`, that over `num_beams` rows per prompt and then the
+    beams' scores and each prompt's finished beams, see `engine.beam_first`.
     """
 
     def __init__(self, lm, sampler):
@@ -87,13 +87,13 @@ class GenerateFunctions:
         def step(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
                 if self.beams:
-                    return engine.beam_step(lm, sampler, *state, constants)
+                    return engine.beam_step(lm, sampler, *state, constants=constants)
                 return engine.decode_step(lm, sampler, *state, constants, screen)
 
         def loop(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
                 if self.beams:
-                    return engine.beam_loop(lm, sampler, *state, constants)
+                    return engine.beam_loop(lm, sampler, *state, constants=constants)
                 return engine.decode_loop(lm, sampler, *state, constants, screen)
 
         self.chunk = self.compiler.chunk(functools.partial(engine.prefill_chunk, lm), donate=(4,))

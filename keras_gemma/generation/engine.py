@@ -170,9 +170,18 @@ def decode_loop(lm, sampler, cache, token, step, done, out, constants, screen=()
     return ops.while_loop(cond, body, (cache, token, step, done, out))
 
 
-# Beam search (`samplers.BeamSampler`): each prompt runs as `num_beams`
-# consecutive rows of the batch, and the decode state gains the beams'
-# scores, `(cache, token, step, done, out, scores)`.
+# Beam search (`samplers.BeamSampler`), transformers' algorithm
+# (`GenerationMixin._beam_search`, `early_stopping=False`) in fixed shapes:
+# each prompt runs as `num_beams` consecutive rows of the batch. The decode
+# state is `(cache, token, step, done, out, scores, best, best_scores,
+# best_filled, open)`: the running beams as `decode_step`'s state plus their
+# summed log-probabilities, then each prompt's best finished beams (b * n, n_out)
+# with their length-penalised scores (b, n) and which of them are filled
+# (b, n), and whether a prompt's running beams may still beat its finished
+# ones (b,). A finished beam is one that emitted a stop token or filled its
+# budget. `done` marks the rows of prompts that have nothing left to gain.
+
+NOT_A_BEAM = -1.0e9  # transformers' score for what may not be chosen
 
 
 def repeat_beams(beams, cache, hidden):
@@ -183,60 +192,88 @@ def repeat_beams(beams, cache, hidden):
 
 
 def beam_first(lm, sampler, hidden, cache, out, constants):
-    """The first beam step, from the prompts' last hidden states: every
-    beam of a prompt is the same prompt, so all but the first start at a
-    score that no continuation of it can reach, and the `num_beams` best
-    first tokens of the first become the beams."""
-    beams, limits = sampler.num_beams, constants[1]
+    """The first beam step, from the prompts' last hidden states. Every
+    beam of a prompt is the same prompt, so all but the first start at
+    `NOT_A_BEAM`, and the first's best tokens become the beams."""
+    beams = sampler.num_beams
+    prompts = ops.shape(hidden)[0] // beams
     first = ops.reshape(ops.one_hot(ops.zeros((1,), "int32"), beams), (1, beams))
-    scores = ops.reshape(ops.broadcast_to((first - 1.0) * 1e9, (ops.shape(hidden)[0] // beams, beams)), (-1,))
-    logits = lm.decode_logits(hidden[:, None, :])
-    return _beam_select(sampler, logits, cache, ops.zeros((), "int32"), limits <= 0, out, scores, constants)
+    scores = ops.reshape(ops.broadcast_to((1.0 - first) * NOT_A_BEAM, (prompts, beams)), (-1,))
+    state = (
+        cache, None, ops.zeros((), "int32"), None, out, scores,
+        ops.zeros_like(out), ops.full((prompts, beams), NOT_A_BEAM, "float32"),
+        ops.zeros((prompts, beams), "bool"), ops.ones((prompts,), "bool"),
+    )
+    return _beam_select(sampler, lm.decode_logits(hidden[:, None, :]), state, constants)
 
 
-def beam_step(lm, sampler, cache, token, step, done, out, scores, constants):
-    """Feeds each beam's last token; keeps the `num_beams` best one-token
-    extensions of each prompt's beams (`decode_step`, for beams)."""
+def beam_step(lm, sampler, cache, token, step, done, out, *rest, constants):
+    """Feeds each running beam's last token, then `_beam_select`."""
     prompt_lengths, _, _, _, prefill_width = constants
     positions = (prompt_lengths + step - 1)[:, None]
     hidden, cache = lm.backbone.hidden_states(
         token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
     )
-    logits = lm.decode_logits(hidden)
-    return _beam_select(sampler, logits, cache, step, done, out, scores, constants)
+    return _beam_select(sampler, lm.decode_logits(hidden), (cache, token, step, done, out, *rest), constants)
 
 
-def _beam_select(sampler, logits, cache, step, done, out, scores, constants):
+def _beam_select(sampler, logits, state, constants):
+    """One step of transformers' beam search from the running beams' next-token logits."""
+    cache, _, step, _, out, scores, best, best_scores, best_filled, still_open = state
     _, limits, stop_ids, _, _ = constants
     rows, vocabulary = ops.shape(logits)
     beams = sampler.num_beams
-    log_probs = ops.log_softmax(sampler.scaled(logits), axis=-1)
-    # A finished beam goes on only as padding, at no cost: its score stays.
-    finished = ops.where(ops.arange(vocabulary) == PAD_ID, 0.0, -np.inf)
-    log_probs = ops.where(done[:, None], finished[None, :], log_probs)
-    totals = ops.reshape(scores[:, None] + log_probs, (rows // beams, beams * vocabulary))
-    scores, index = ops.top_k(totals, beams)  # (prompts, beams), best first
-    parents = ops.reshape(ops.arange(rows // beams, dtype="int32")[:, None] * beams, (-1, 1))
-    parents = ops.reshape(parents + ops.cast(ops.floor_divide(index, vocabulary), "int32"), (-1,))
-    cache = [tuple(ops.take(array, parents, axis=0) for array in layer) for layer in cache]
-    done, out = ops.take(done, parents, axis=0), ops.take(out, parents, axis=0)
-    token = ops.where(done, PAD_ID, ops.cast(ops.reshape(ops.mod(index, vocabulary), (-1,)), "int32"))
-    out = ops.slice_update(out, (ops.zeros((), "int32"), step), token[:, None])
-    done = ops.logical_or(done, ops.logical_or(_is_stop(token, stop_ids), step + 1 >= limits))
-    return cache, token, step + 1, done, out, ops.reshape(scores, (-1,))
+    prompts = rows // beams
+    # Enough candidates that `beams` of them are not stopped (each beam can
+    # stop on each stop id at most once).
+    keep = max(2, 1 + ops.shape(stop_ids)[0]) * beams
+    log_probs = ops.log_softmax(sampler.scaled(logits), axis=-1) + scores[:, None]
+    candidate_scores, index = ops.top_k(ops.reshape(log_probs, (prompts, beams * vocabulary)), keep)
+    first_row = ops.arange(prompts, dtype="int32")[:, None] * beams
+    parents = ops.reshape(first_row + ops.cast(ops.floor_divide(index, vocabulary), "int32"), (-1,))  # (b * keep,)
+    tokens = ops.reshape(ops.cast(ops.mod(index, vocabulary), "int32"), (-1,))
+    candidates = ops.slice_update(ops.take(out, parents, axis=0), (ops.zeros((), "int32"), step), tokens[:, None])
+    row_limits = ops.take(limits, parents, axis=0)
+    stopped = ops.reshape(ops.logical_or(_is_stop(tokens, stop_ids), step + 1 >= row_limits), (prompts, keep))
+    # The best `beams` candidates that did not stop run on.
+    scores, chosen = ops.top_k(candidate_scores + ops.cast(stopped, "float32") * NOT_A_BEAM, beams)
+    chosen = ops.reshape(chosen + ops.arange(prompts, dtype="int32")[:, None] * keep, (-1,))
+    cache = [tuple(ops.take(array, ops.take(parents, chosen), axis=0) for array in layer) for layer in cache]
+    out, token = ops.take(candidates, chosen, axis=0), ops.take(tokens, chosen)
+    # Stopped candidates among the best `beams` join the finished ones, scored per token.
+    length = ops.cast(step + 1, "float32")
+    finished = ops.logical_and(stopped, ops.arange(keep)[None, :] < beams)
+    penalised = candidate_scores / length**sampler.length_penalty
+    penalised = penalised + ops.cast(ops.logical_not(still_open), "float32")[:, None] * NOT_A_BEAM
+    penalised = penalised + ops.cast(ops.logical_not(finished), "float32") * NOT_A_BEAM
+    merged = ops.concatenate([best_scores, penalised], axis=1)  # (b, beams + keep)
+    best_scores, picked = ops.top_k(merged, beams)
+    best_filled = ops.take_along_axis(ops.concatenate([best_filled, finished], axis=1), picked, axis=1)
+    merged_rows = ops.concatenate([best, candidates], axis=0)  # finished rows, then candidate rows
+    from_best = first_row + picked
+    from_candidates = rows + ops.arange(prompts, dtype="int32")[:, None] * keep + picked - beams
+    best = ops.take(merged_rows, ops.reshape(ops.where(picked < beams, from_best, from_candidates), (-1,)), axis=0)
+    # Whether the best running beam, scored at this length, beats the worst finished one.
+    worst = ops.where(best_filled, ops.min(best_scores, axis=1, keepdims=True), NOT_A_BEAM)
+    hopeful = ops.any(scores[:, :1] / length**sampler.length_penalty > worst, axis=1)
+    still_open = ops.logical_and(still_open, hopeful)
+    prompt_done = ops.logical_or(ops.logical_not(still_open), ops.all(stopped, axis=1))
+    done = ops.repeat(prompt_done, beams, axis=0)
+    scores = ops.reshape(scores, (-1,))
+    return cache, token, step + 1, done, out, scores, best, best_scores, best_filled, still_open
 
 
-def beam_loop(lm, sampler, cache, token, step, done, out, scores, constants):
-    """`beam_step` until every beam is done (or `out` is full)."""
-    max_steps = ops.minimum(ops.max(constants[1]), out.shape[1])
+def beam_loop(lm, sampler, *state, constants):
+    """`beam_step` until every prompt is done (or `out` is full)."""
+    max_steps = ops.minimum(ops.max(constants[1]), state[4].shape[1])
 
-    def cond(cache, token, step, done, out, scores):
-        return ops.logical_and(step < max_steps, ops.logical_not(ops.all(done)))
+    def cond(*state):
+        return ops.logical_and(state[2] < max_steps, ops.logical_not(ops.all(state[3])))
 
-    def body(cache, token, step, done, out, scores):
-        return beam_step(lm, sampler, cache, token, step, done, out, scores, constants)
+    def body(*state):
+        return beam_step(lm, sampler, *state, constants=constants)
 
-    return ops.while_loop(cond, body, (cache, token, step, done, out, scores))
+    return ops.while_loop(cond, body, state)
 
 
 # -- Host side -----------------------------------------------------------------

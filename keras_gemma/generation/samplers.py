@@ -238,18 +238,22 @@ class TopPSampler(Sampler):
 
 
 class BeamSampler(Sampler):
-    """Beam search: keeps the `num_beams` likeliest continuations of each
-    prompt (by the sum of their tokens' log-probabilities under
-    `softmax(logits / temperature)`) and returns the likeliest.
+    """Beam search, as transformers' `generate(num_beams=...)` runs it
+    (with its default `early_stopping=False`): the `num_beams` likeliest
+    unfinished continuations of each prompt run on, by the sum of their
+    tokens' log-probabilities under `softmax(logits / temperature)`; a
+    continuation that emits a stop token, or fills its budget, is finished
+    and scored by that sum over `new_tokens ** length_penalty`; the best
+    finished one is returned.
 
-    A beam that reaches a stop token or its budget is finished: it keeps
-    its score and competes with the unfinished ones to the end (keras-hub's
-    `BeamSampler` goes on adding tokens' log-probabilities after a stop).
-    There is no length penalty, so a shorter finished beam can win. Not for
-    streaming: a later step can replace any earlier token.
+    keras-hub's `BeamSampler` instead keeps adding log-probabilities after a
+    beam stops. Not for streaming: a later step can replace any earlier
+    token.
 
     Args:
         num_beams: how many continuations each prompt keeps.
+        length_penalty: the exponent of the length a finished continuation's
+            score is divided by (above 0 favours longer ones, 0 none).
 
     Example:
     ```python
@@ -258,17 +262,18 @@ class BeamSampler(Sampler):
     ```
     """
 
-    def __init__(self, num_beams=5, temperature=1.0, seed=None):
+    def __init__(self, num_beams=5, length_penalty=1.0, temperature=1.0, seed=None):
         super().__init__(temperature, seed)
         if not isinstance(num_beams, int) or isinstance(num_beams, bool) or num_beams < 1:
             raise ValueError(f"`num_beams` must be a positive integer, got {num_beams!r}.")
         self.num_beams = num_beams
+        self.length_penalty = float(length_penalty)
 
     def __call__(self, logits, key):
         raise TypeError("BeamSampler picks tokens for whole beams inside `generate`, not per row.")
 
     def get_config(self):
-        return {**super().get_config(), "num_beams": self.num_beams}
+        return {**super().get_config(), "num_beams": self.num_beams, "length_penalty": self.length_penalty}
 
 
 SAMPLERS = {
