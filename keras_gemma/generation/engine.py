@@ -143,17 +143,24 @@ def decode_step(lm, sampler, cache, token, step, done, out, constants, screen=()
             only the logits the sampler reads are computed exactly
             (`sampler.top_logits`, `products.screened_logits`).
     """
-    prompt_lengths, limits, stop_ids, seed, prefill_width = constants
-    positions = (prompt_lengths + step - 1)[:, None]  # (b, 1) real tokens before
-    hidden, cache = lm.backbone.hidden_states(
-        token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
-    )
+    _, limits, stop_ids, seed, _ = constants
+    hidden, cache = _feed(lm, cache, token, step, constants)
     logits = lm.decode_logits(hidden, screen, sampler.top_logits)  # (b, vocab)
     token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
     token = ops.where(done, PAD_ID, token)
     out = ops.slice_update(out, (ops.zeros((), "int32"), step), token[:, None])
     done = ops.logical_or(done, ops.logical_or(_is_stop(token, stop_ids), step + 1 >= limits))
     return cache, token, step + 1, done, out
+
+
+def _feed(lm, cache, token, step, constants):
+    """Each row's last token (index `p + step - 1`) through the decoder into
+    the cache: `(hidden (b, 1, d), cache)`."""
+    prompt_lengths, _, _, _, prefill_width = constants
+    positions = (prompt_lengths + step - 1)[:, None]  # (b, 1) real tokens before
+    return lm.backbone.hidden_states(
+        token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
+    )
 
 
 def decode_loop(lm, sampler, cache, token, step, done, out, constants, screen=()):
@@ -209,11 +216,7 @@ def beam_first(lm, sampler, hidden, cache, out, constants):
 
 def beam_step(lm, sampler, cache, token, step, done, out, *rest, constants):
     """Feeds each running beam's last token, then `_beam_select`."""
-    prompt_lengths, _, _, _, prefill_width = constants
-    positions = (prompt_lengths + step - 1)[:, None]
-    hidden, cache = lm.backbone.hidden_states(
-        token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
-    )
+    hidden, cache = _feed(lm, cache, token, step, constants)
     return _beam_select(sampler, lm.decode_logits(hidden), (cache, token, step, done, out, *rest), constants)
 
 
@@ -238,12 +241,13 @@ def _beam_select(sampler, logits, state, constants):
     # The best `beams` candidates that did not stop run on.
     scores, chosen = ops.top_k(candidate_scores + ops.cast(stopped, "float32") * NOT_A_BEAM, beams)
     chosen = ops.reshape(chosen + ops.arange(prompts, dtype="int32")[:, None] * keep, (-1,))
-    cache = [tuple(ops.take(array, ops.take(parents, chosen), axis=0) for array in layer) for layer in cache]
+    chosen_parents = ops.take(parents, chosen)
+    cache = [tuple(ops.take(array, chosen_parents, axis=0) for array in layer) for layer in cache]
     out, token = ops.take(candidates, chosen, axis=0), ops.take(tokens, chosen)
     # Stopped candidates among the best `beams` join the finished ones, scored per token.
-    length = ops.cast(step + 1, "float32")
+    per_length = ops.cast(step + 1, "float32") ** sampler.length_penalty
     finished = ops.logical_and(stopped, ops.arange(keep)[None, :] < beams)
-    penalised = candidate_scores / length**sampler.length_penalty
+    penalised = candidate_scores / per_length
     penalised = penalised + ops.cast(ops.logical_not(still_open), "float32")[:, None] * NOT_A_BEAM
     penalised = penalised + ops.cast(ops.logical_not(finished), "float32") * NOT_A_BEAM
     merged = ops.concatenate([best_scores, penalised], axis=1)  # (b, beams + keep)
@@ -255,7 +259,7 @@ def _beam_select(sampler, logits, state, constants):
     best = ops.take(merged_rows, ops.reshape(ops.where(picked < beams, from_best, from_candidates), (-1,)), axis=0)
     # Whether the best running beam, scored at this length, beats the worst finished one.
     worst = ops.where(best_filled, ops.min(best_scores, axis=1, keepdims=True), NOT_A_BEAM)
-    hopeful = ops.any(scores[:, :1] / length**sampler.length_penalty > worst, axis=1)
+    hopeful = ops.any(scores[:, :1] / per_length > worst, axis=1)
     still_open = ops.logical_and(still_open, hopeful)
     prompt_done = ops.logical_or(ops.logical_not(still_open), ops.all(stopped, axis=1))
     done = ops.repeat(prompt_done, beams, axis=0)
