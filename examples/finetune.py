@@ -32,9 +32,9 @@ def parse_args(argv=None):
     parser = _common.parser(__doc__.splitlines()[0])
     _common.add_model_flags(parser)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="examples per step")
     parser.add_argument("--sequence-length", type=int, default=36, help="tokens per training example (prompt + answer)")
-    parser.add_argument("--learning-rate", type=float, default=1e-3)
+    parser.add_argument("--learning-rate", type=float, default=1e-3, help="AdamW's learning rate")
     parser.add_argument("--rank", type=int, default=8, help="LoRA rank")
     parser.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
     parser.add_argument("--target-layers", default="query,value", help='comma-separated projections, or "all"')
@@ -43,7 +43,7 @@ def parse_args(argv=None):
     parser.add_argument("--show", type=int, default=6, help="held-out questions answered before and after")
     parser.add_argument("--max-new-tokens", type=int, default=20, help="tokens per shown answer")
     parser.add_argument("--save-lora", default=None, help="write the trained adapter here (a .npz file)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed for the LoRA weights and the data order")
     return parser.parse_args(argv)
 
 
@@ -105,6 +105,8 @@ def training_stream(train, steps, batch_size, seed):
 
 def main(argv=None, lm=None):
     args = parse_args(argv)
+    if lm is None:
+        _common.stderr(f"Starting {args.backend or _common.configured_backend()} (importing Keras) ...")
     _common.set_backend(args.backend)
     import keras
 

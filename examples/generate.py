@@ -23,8 +23,8 @@ DEFAULT_PROMPT = "The three most useful things to pack for a long hike are"
 def parse_args(argv=None):
     parser = _common.parser(__doc__.splitlines()[0])
     _common.add_model_flags(parser)
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="the text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="the most tokens to add")
     parser.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn (instruction-tuned models)")
     parser.add_argument("--lora", default=None, help="a LoRA adapter saved by finetune.py --save-lora")
     _common.add_sampler_flags(parser)

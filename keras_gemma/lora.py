@@ -216,7 +216,8 @@ def load_lora_weights(backbone, path):
         differences = {key: (theirs.get(key), ours[key]) for key in ours if theirs.get(key) != ours[key] and key != "dropout"}
         raise ValueError(
             f"The LoRA adapter in {path} was trained for a different model; "
-            f"config fields that differ (adapter, this model): {differences}."
+            f"config fields that differ (adapter, this model): {differences}. Load it into the "
+            "model it was trained on (the same preset), or train a new adapter for this one."
         )
     rank, alpha, targets = metadata["rank"], metadata["alpha"], tuple(metadata["targets"])
     if backbone.lora is None:
@@ -224,7 +225,9 @@ def load_lora_weights(backbone, path):
     elif (backbone.lora.rank, backbone.lora.alpha, backbone.lora.targets) != (rank, alpha, targets):
         raise ValueError(
             f"The LoRA adapter in {path} has rank {rank}, alpha {alpha}, targets "
-            f"{list(targets)}, but this model's LoRA is {_describe(backbone.lora)}."
+            f"{list(targets)}, but this model's LoRA is {_describe(backbone.lora)}. Load it "
+            "into a model without LoRA enabled (loading enables LoRA as the adapter needs), or "
+            "into one whose `enable_lora` used the adapter's rank, alpha and targets."
         )
     for name, layer in targeted_layers(backbone, targets):
         for suffix, variable in (("lora_a", layer.lora_kernel_a), ("lora_b", layer.lora_kernel_b)):
@@ -233,7 +236,8 @@ def load_lora_weights(backbone, path):
                 raise ValueError(
                     f"The LoRA adapter in {path} has no matching `{name}.{suffix}` "
                     f"of shape {tuple(variable.shape)} (found "
-                    f"{None if value is None else tuple(value.shape)})."
+                    f"{None if value is None else tuple(value.shape)}). The file is incomplete or was "
+                    "saved by another version: save the adapter again with `save_lora_weights`."
                 )
             variable.assign(value)
 

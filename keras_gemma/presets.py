@@ -161,4 +161,6 @@ def get_preset(name):
         raise ValueError(
             f"Unknown preset {name!r}. Valid presets are: "
             + ", ".join(list_presets())
+            + ". `from_preset` also takes a local directory or .gguf file path, "
+            "kaggle://<owner>/<model>/keras/<variation>[/<version>] and hf://<org>/<name>."
         ) from None

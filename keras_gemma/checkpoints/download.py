@@ -2,7 +2,9 @@
 
 kagglehub's own errors say little about why a Gemma download fails; the two
 usual reasons are an unaccepted license (Gemma is gated: HTTP 403) and no
-network. We turn those into errors that say what to do.
+network. We turn those into errors that say what to do, with a one-line
+cause instead of the chain of urllib3/requests/kagglehub tracebacks behind it
+(`raise ... from None`).
 """
 
 KAGGLE_SCHEME = "kaggle://"
@@ -41,6 +43,21 @@ def parse_kaggle_handle(handle):
     return "/".join(parts)
 
 
+def _cause(error, limit=200):
+    """` (cause: <innermost exception>)`: the chain's root in one short line."""
+    seen = set()
+    while id(error) not in seen:
+        seen.add(id(error))
+        inner = error.__cause__ or error.__context__
+        if inner is None:
+            break
+        error = inner
+    text = " ".join(str(error).split()) or "no message"
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f" (cause: {type(error).__name__}: {text})"
+
+
 def _is_connection_error(error):
     import requests
 
@@ -73,25 +90,29 @@ def kaggle_download(handle):
                 f"Kaggle refused to serve {KAGGLE_SCHEME}{path} (HTTP {status}). Gemma models are gated: "
                 f"sign in to Kaggle, accept the license on the model's page {url} , and give kagglehub "
                 "your credentials (KAGGLE_USERNAME and KAGGLE_KEY, or ~/.kaggle/kaggle.json)."
-            ) from e
+                + _cause(e)
+            ) from None
         if status == 404:
             raise DownloadError(
                 f"Kaggle has no model {KAGGLE_SCHEME}{path} (HTTP 404). Check the handle; the model's "
                 f"variations and versions are listed on {url} ."
-            ) from e
-        raise DownloadError(f"Downloading {KAGGLE_SCHEME}{path} from Kaggle failed (HTTP {status}): {e}") from e
+                + _cause(e)
+            ) from None
+        raise DownloadError(f"Downloading {KAGGLE_SCHEME}{path} from Kaggle failed (HTTP {status}).{_cause(e)}") from None
     except kaggle_errors.UnauthenticatedError as e:
         raise GatedModelError(
             f"Kaggle needs credentials for {KAGGLE_SCHEME}{path}: set KAGGLE_USERNAME and KAGGLE_KEY "
             f"(or ~/.kaggle/kaggle.json) and accept the license on {url} ."
-        ) from e
+            + _cause(e)
+        ) from None
     except Exception as e:
         if _is_connection_error(e):
             raise NoNetworkError(
                 f"Cannot download {KAGGLE_SCHEME}{path}: Kaggle could not be reached (no network "
                 "connection?). Connect to the internet, or load a local copy of the preset by its "
                 "directory path. A versioned handle already in kagglehub's cache loads offline."
-            ) from e
+                + _cause(e)
+            ) from None
         raise
 
 
@@ -110,15 +131,21 @@ def hf_download(handle):
         raise GatedModelError(
             f"Hugging Face refused to serve {handle}: the repository is gated. Accept its license on "
             f"https://huggingface.co/{repo} and log in (`huggingface-cli login` or HF_TOKEN)."
-        ) from e
+            + _cause(e)
+        ) from None
     except hf_errors.RepositoryNotFoundError as e:
-        raise DownloadError(f"Hugging Face has no repository {repo!r} (or it is private).") from e
+        raise DownloadError(f"Hugging Face has no repository {repo!r} (or it is private).{_cause(e)}") from None
     except hf_errors.LocalEntryNotFoundError as e:
         raise NoNetworkError(
             f"Cannot download {handle}: the Hugging Face Hub could not be reached (no network, or "
             "HF_HUB_OFFLINE is set) and the files are not in the local cache."
-        ) from e
+            + _cause(e)
+        ) from None
     except Exception as e:
         if _is_connection_error(e):
-            raise NoNetworkError(f"Cannot download {handle}: the Hugging Face Hub could not be reached.") from e
+            raise NoNetworkError(
+                f"Cannot download {handle}: the Hugging Face Hub could not be reached (no network "
+                "connection?). Connect to the internet, or load a local copy by its directory path."
+                + _cause(e)
+            ) from None
         raise

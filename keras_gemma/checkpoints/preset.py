@@ -12,6 +12,10 @@ A handle is one of:
   writes for an int8/int4 model; see `quantized_format.py`);
 - a `.gguf` file (llama.cpp; needs `gguf`), or a directory holding one.
 
+The model classes come from the caller (`GemmaCausalLM.from_preset` passes
+itself; its `backbone_cls` and `preprocessor_cls` name the rest, as in
+keras-hub), so this module imports none of them.
+
 Weights stream into the model one tensor at a time (`LazyTensor`), so peak
 memory is about one copy of the model; a progress bar appears for large
 checkpoints.
@@ -157,49 +161,59 @@ def _arrays(source, config):
 
 
 def _with_progress(arrays, label):
-    """Wraps each `LazyTensor` so loading it ticks a progress bar (large checkpoints only)."""
-    lazy = {k: v for k, v in arrays.items() if isinstance(v, LazyTensor) and v.load is not None}
-    total = sum(4 * math.prod(v.shape) for v in lazy.values())
+    """Wraps each `LazyTensor` so loading it advances a progress bar (large
+    checkpoints only), counted in bytes: tensors differ in size by 1000x (the
+    embedding table is most of a Gemma 3 270M), so a count of tensors
+    predicts the time left badly."""
+    sizes = {k: 4 * math.prod(v.shape) for k, v in arrays.items() if isinstance(v, LazyTensor) and v.load is not None}
+    total = sum(sizes.values())
     if total < PROGRESS_THRESHOLD_BYTES:
         return arrays
-    bar = _progress_bar(len(lazy), label)
+    bar = _progress_bar(total, label)
     done = [0]
 
-    def wrap(tensor):
+    def wrap(tensor, size):
         def load():
             value = tensor.load()
-            done[0] += 1
+            done[0] += size
             bar.update(done[0])
             return value
 
         return LazyTensor(tensor.shape, load)
 
-    return {k: wrap(v) if k in lazy else v for k, v in arrays.items()}
+    return {k: wrap(v, sizes[k]) if k in sizes else v for k, v in arrays.items()}
 
 
-def _progress_bar(total, label):
+def _progress_bar(total_bytes, label):
+    """A bar over `total_bytes` (float32 bytes) with Progbar's `update(current)`.
+
+    The time left is the average rate so far (tqdm's `smoothing=0`), and
+    reads `?` until the first tensor is in, instead of extrapolating from the
+    first instant.
+    """
     try:
         from tqdm.auto import tqdm
     except ImportError:
         import keras
 
-        print(label)
-        return keras.utils.Progbar(total, unit_name="tensor")
-    bar = tqdm(total=total, desc=label, unit="tensor")
+        print(f"{label} ({total_bytes / 2**20:,.0f} MiB in float32)")
+        return keras.utils.Progbar(total_bytes, unit_name="byte")
+    bar = tqdm(
+        total=total_bytes, desc=label, unit="B", unit_scale=True, unit_divisor=1024, smoothing=0,
+        bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {remaining} left]",
+    )
 
     class Bar:  # Progbar's interface: update(current)
         def update(self, current):
             bar.update(current - bar.n)
-            if current >= total:
+            if current >= total_bytes:
                 bar.close()
 
     return Bar()
 
 
-def load_backbone(handle, dtype=None, load_weights=True, cls=None):
-    """A `GemmaBackbone` from `handle` (see the module docstring)."""
-    if cls is None:
-        from keras_gemma.backbone import GemmaBackbone as cls
+def load_backbone(handle, cls, dtype=None, load_weights=True):
+    """A backbone of class `cls` (`GemmaBackbone`) from `handle` (see the module docstring)."""
     source = resolve(handle)
     return _backbone(source, dtype, load_weights, cls)
 
@@ -227,8 +241,6 @@ def _keras_hub_layout(source):
 
 
 def _tokenizer(source, cls):
-    if cls is None:
-        from keras_gemma.tokenizer import GemmaTokenizer as cls
     if source.kind == GGUF:
         return cls.from_gguf(source.path)
     path = source.file(kh.VOCABULARY_PATH if _keras_hub_layout(source) else HF_TOKENIZER_FILE)
@@ -240,15 +252,13 @@ def _tokenizer(source, cls):
         raise CheckpointError(f"Cannot read the tokenizer {path} (truncated or corrupt?): {e}") from None
 
 
-def load_tokenizer(handle, cls=None):
-    """A `GemmaTokenizer` from `handle`."""
+def load_tokenizer(handle, cls):
+    """A tokenizer of class `cls` (`GemmaTokenizer`) from `handle`."""
     return _tokenizer(resolve(handle), cls)
 
 
-def _preprocessor(source, cls, tokenizer_cls=None, **kwargs):
-    if cls is None:
-        from keras_gemma.preprocessor import GemmaCausalLMPreprocessor as cls
-    tokenizer = _tokenizer(source, tokenizer_cls)
+def _preprocessor(source, cls, **kwargs):
+    tokenizer = _tokenizer(source, cls.tokenizer_cls)
     if _keras_hub_layout(source) and os.path.exists(source.file(kh.PREPROCESSOR_FILE)):
         saved = _read_json(source.file(kh.PREPROCESSOR_FILE)).get("config", {})
         for key in ("sequence_length", "add_start_token", "add_end_token"):
@@ -257,8 +267,10 @@ def _preprocessor(source, cls, tokenizer_cls=None, **kwargs):
     return cls(tokenizer, **kwargs)
 
 
-def load_preprocessor(handle, cls=None, **kwargs):
-    """A `GemmaCausalLMPreprocessor` from `handle` (sequence length from preprocessor.json if saved)."""
+def load_preprocessor(handle, cls, **kwargs):
+    """A preprocessor of class `cls` (`GemmaCausalLMPreprocessor`, its
+    tokenizer a `cls.tokenizer_cls`) from `handle` (sequence length from
+    preprocessor.json if saved)."""
     return _preprocessor(resolve(handle), cls, **kwargs)
 
 
@@ -269,16 +281,16 @@ def _has_tokenizer(source):
     return os.path.exists(source.file(name))
 
 
-def load_causal_lm(handle, dtype=None, load_weights=True, cls=None, preprocessor=True):
-    """A `GemmaCausalLM` from `handle`, with a preprocessor when the preset has a tokenizer."""
-    if cls is None:
-        from keras_gemma.causal_lm import GemmaCausalLM as cls
-    from keras_gemma.backbone import GemmaBackbone
-
+def load_causal_lm(handle, cls, dtype=None, load_weights=True, preprocessor=True):
+    """A model of class `cls` (`GemmaCausalLM`, built from a `cls.backbone_cls`
+    and a `cls.preprocessor_cls`) from `handle`, with a preprocessor when the
+    preset has a tokenizer."""
     source = resolve(handle)
-    backbone = _backbone(source, dtype, load_weights, GemmaBackbone)
-    pre = _preprocessor(source, None) if preprocessor and _has_tokenizer(source) else None
-    return cls(backbone, preprocessor=pre)
+    backbone = _backbone(source, dtype, load_weights, cls.backbone_cls)
+    pre = _preprocessor(source, cls.preprocessor_cls) if preprocessor and _has_tokenizer(source) else None
+    lm = cls(backbone, preprocessor=pre)
+    lm.preset_handle = source.handle  # where it came from: `chat` warns on a base model
+    return lm
 
 
 # -- saving -------------------------------------------------------------------
