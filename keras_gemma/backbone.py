@@ -8,7 +8,9 @@ from keras import ops
 
 from keras_gemma import distribution as distribution_lib
 from keras_gemma import lora as lora_lib
+from keras_gemma import precision
 from keras_gemma import quantization as quantization_lib
+from keras_gemma.checkpoints import preset
 from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import DecoderBlock, RMSNorm, TiedEmbedding, rotary_tables
 
@@ -108,9 +110,7 @@ class GemmaBackbone(keras.Model):
             positions: (b, t) rotary positions; by default
                 `cumsum(padding_mask) - 1`, so a left-padded row sees the
                 same positions as the unpadded one. They must not decrease
-                along a row's real tokens: a query never sees a later
-                column (long self-attention skips those, see
-                `Attention._attend_blocks`).
+                along a row's real tokens.
             cache: None or the list from `init_cache`.
             cache_index: the index of `token_ids` in the padded sequence
                 (decode steps).
@@ -127,6 +127,14 @@ class GemmaBackbone(keras.Model):
         Returns:
             `(hidden (b, t, d), updated cache or None)`.
         """
+        with precision.matmul_precision(self.compute_dtype):
+            return self._hidden_states(
+                token_ids, padding_mask, positions, cache, cache_index, training, last_only, layer_intercept_fn
+            )
+
+    def _hidden_states(
+        self, token_ids, padding_mask, positions, cache, cache_index, training, last_only, layer_intercept_fn
+    ):
         token_ids = ops.convert_to_tensor(token_ids)
         if padding_mask is None:
             padding_mask = ops.ones(ops.shape(token_ids), "bool")
@@ -161,16 +169,17 @@ class GemmaBackbone(keras.Model):
         return self.final_norm(x), new_cache
 
     def init_cache(self, batch_size, max_length, dtype=None):
-        """An empty cache: per layer `(keys, values, key_positions)`.
+        """An empty cache: per layer `(keys, values, key_positions)`, keys
+        and values (b, slots, k, h), positions (b, slots).
 
-        Global layers hold `max_length` slots, sliding-window layers a ring of
-        `min(window, max_length)` slots. Empty slots have position -1.
+        Global layers hold `max_length` slots, sliding-window layers a ring
+        (`layers.ring_length`). Empty slots have position -1.
         """
         dtype = dtype or self.compute_dtype
         cache = []
         for block in self.blocks:
             slots = block.attention.cache_length(max_length)
-            kv_shape = (batch_size, self.config.num_key_value_heads, self.config.head_dim, slots)
+            kv_shape = (batch_size, slots, self.config.num_key_value_heads, self.config.head_dim)
             cache.append(
                 (
                     ops.zeros(kv_shape, dtype),
@@ -237,9 +246,7 @@ class GemmaBackbone(keras.Model):
         backbone = keras_gemma.GemmaBackbone.from_preset("gemma3_270m", dtype="bfloat16")
         ```
         """
-        from keras_gemma.checkpoints import preset
-
-        return preset.load_backbone(handle, dtype=dtype, load_weights=load_weights, cls=cls)
+        return preset.load_backbone(handle, cls, dtype=dtype, load_weights=load_weights)
 
     def save_to_preset(self, directory):
         """Writes a keras-hub preset (config.json, model.weights.h5, metadata.json).
@@ -251,8 +258,6 @@ class GemmaBackbone(keras.Model):
         LoRA enabled this raises: call `merge_lora_weights()` first, or save
         the adapters with `save_lora_weights`.
         """
-        from keras_gemma.checkpoints import preset
-
         preset.save_backbone(self, directory)
 
     def export_to_transformers(self, directory, tokenizer=None):
@@ -261,8 +266,6 @@ class GemmaBackbone(keras.Model):
         Float models only: a quantized model, or one with LoRA enabled (call
         `merge_lora_weights()` first), raises ValueError.
         """
-        from keras_gemma.checkpoints import preset
-
         preset.export_to_transformers(self, directory, tokenizer=tokenizer)
 
     # -- LoRA, quantization, sharding (keras_gemma/lora.py, quantization.py, distribution.py)

@@ -3,10 +3,12 @@
 import keras
 from keras import ops
 
-from keras_gemma import products, quantization
+from keras_gemma import precision, products, quantization
 from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.checkpoints import preset
 from keras_gemma.generation import GenerationMixin
 from keras_gemma.layers import soft_cap
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -28,6 +30,10 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
     ```
     """
 
+    # The classes `from_preset` builds (keras-hub's names).
+    backbone_cls = GemmaBackbone
+    preprocessor_cls = GemmaCausalLMPreprocessor
+
     def __init__(self, backbone, preprocessor=None, **kwargs):
         super().__init__(**kwargs)
         self.backbone = backbone
@@ -44,7 +50,8 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
 
     def logits(self, hidden):
         """Output logits (b, t, vocab) in float32 from hidden states (b, t, d)."""
-        logits = self.backbone.token_embedding.reverse(hidden)
+        with precision.matmul_precision(self.backbone.compute_dtype):
+            logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
 
     def decode_logits(self, hidden, screen=(), top=None):
@@ -103,9 +110,7 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         lm = keras_gemma.GemmaCausalLM.from_preset("gemma-3-270m-q4_k_m.gguf")
         ```
         """
-        from keras_gemma.checkpoints import preset
-
-        return preset.load_causal_lm(handle, dtype=dtype, load_weights=load_weights, cls=cls)
+        return preset.load_causal_lm(handle, cls, dtype=dtype, load_weights=load_weights)
 
     def save_to_preset(self, directory):
         """Writes a keras-hub task preset; `keras_hub.models.GemmaCausalLM.from_preset` loads it.
@@ -121,8 +126,6 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         lm = keras_gemma.GemmaCausalLM.from_preset("gemma_int8")
         ```
         """
-        from keras_gemma.checkpoints import preset
-
         preset.save_causal_lm(self, directory)
 
     def export_to_transformers(self, directory):

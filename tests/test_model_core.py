@@ -115,37 +115,6 @@ def test_saved_model_round_trip(tmp_path):
     np.testing.assert_array_equal(to_numpy(restored(inputs)), expected)
 
 
-@pytest.mark.skipif(backend() != "torch", reason="a PyTorch storage order")
-def test_torch_kernels_stay_out_in_ordered_through_assignment():
-    """PyTorch keeps float32 projection kernels in (out, in) memory order,
-    the order its generation multiplies by fastest; loading weights keeps
-    it, and the values are the assigned ones."""
-    backbone = keras_gemma.GemmaBackbone(tiny_config())
-    arrays = {name: np.asarray(keras.ops.convert_to_numpy(v)) for name, v in backbone.weight_map().items()}
-    rng = np.random.default_rng(0)
-    arrays = {name: rng.standard_normal(a.shape).astype(a.dtype) for name, a in arrays.items()}
-    assign_weights(backbone, arrays)
-    config = backbone.config
-    d, f, h = config.hidden_dim, config.intermediate_dim, config.head_dim
-    n, k = config.num_query_heads, config.num_key_value_heads
-    strides = {  # (out, in) matrices: the "in" axis has stride 1
-        "feed_forward.gate": (1, d),
-        "feed_forward.up": (1, d),
-        "feed_forward.down": (1, f),
-        "attention.query": (h * d, 1, d),
-        "attention.key": (h * d, 1, d),
-        "attention.value": (h * d, 1, d),
-        "attention.output": (h, 1, n * h),
-    }
-    for i, block in enumerate(backbone.blocks):
-        for path, stride in strides.items():
-            layer, name = path.split(".")
-            kernel = getattr(getattr(block, layer), f"{name}_dense" if layer == "attention" else name).kernel
-            assert tuple(kernel.value.stride()) == stride, (i, path)
-            np.testing.assert_array_equal(keras.ops.convert_to_numpy(kernel), arrays[f"blocks.{i}.{path}"])
-    assert len({d, f, h, n, k}) > 2
-
-
 @pytest.mark.parametrize("dtype", ["bfloat16", "mixed_bfloat16"])
 def test_reduced_precision(dtype):
     config = tiny_config()
@@ -188,34 +157,88 @@ def test_norms_compute_in_float32():
     assert np.abs(actual - exact).max() < 0.05 * np.abs(exact).max()
 
 
-@pytest.mark.parametrize("smallest", [2, 8], ids=["capped", "ragged"])
-@pytest.mark.parametrize("window", [None, 3, 8, 13])
-def test_attention_blocks_equal_full_attention(window, smallest, monkeypatch):
-    """Long self-attention by query blocks (training, prefill) equals the
-    full masked t x t form, for global and sliding-window layers, ragged
-    rows and a soft-cap included. Blocks of `ATTENTION_BLOCK` queries
-    (ragged: 8 blocks of 8, the last of 3), or more each where that would
-    make more than `MAX_ATTENTION_BLOCKS` (capped: 15 of 4)."""
+def reference_attention(q, keys, values, query_positions, key_positions, window, scale, cap):
+    """Masked softmax attention in float64 numpy, one query head at a time."""
+    b, t, n, h = q.shape
+    k = keys.shape[2]
+    out = np.zeros((b, t, n, h))
+    for head in range(n):
+        kv = head // (n // k)  # query heads of a group share a key/value head
+        logits = np.einsum("bth,bsh->bts", q[:, :, head] * scale, keys[:, :, kv])
+        if cap is not None:
+            logits = cap * np.tanh(logits / cap)
+        qp, kp = query_positions[:, :, None], key_positions[:, None, :]
+        visible = (kp >= 0) & (kp <= qp) & ((qp - kp < window) if window else True)
+        logits = np.where(visible, logits, -1e9)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        out[:, :, head] = np.einsum("bts,bsh->bth", probs, values[:, :, kv])
+    return out
+
+
+@pytest.mark.parametrize("cap", [None, 2.0], ids=["fused", "soft-capped"])
+@pytest.mark.parametrize("num_key_value_heads", [1, 2, 4], ids=["mqa", "gqa", "mha"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_attention_equals_masked_softmax(window, num_key_value_heads, cap):
+    """`Attention.attend` (Keras' `dot_product_attention` without a soft-cap,
+    einsums with one; query heads folded per key/value head) equals masked
+    softmax attention computed head by head: global and sliding-window
+    layers, MQA/GQA/MHA, a left-padded row, keys from a cache (positions out
+    of order, empty slots)."""
     from keras_gemma import layers
 
-    monkeypatch.setattr(layers, "ATTENTION_BLOCK", smallest)
-    config = tiny_config(sliding_window_size=window or 4)
-    layer = layers.Attention(config, layer_index=5 if window is None else 0)  # pattern: 5 local, 1 global
-    b, t, k, h = 2, 59, config.num_key_value_heads, config.head_dim
-    assert layer.window == window and layer._by_blocks(t)
-    assert layers.attention_block(t) == {2: 4, 8: 8}[smallest]
-    rng = np.random.default_rng(window)
-    q = rng.normal(size=(b, t, config.num_query_heads, h)).astype("float32") * 2
-    keys, values = (rng.normal(size=(b, k, h, t)).astype("float32") * 2 for _ in range(2))
-    positions = np.stack([np.arange(t), np.arange(t) - 11]).astype("int32")  # row 1: 11 left-padding slots
-    key_positions = np.where(positions >= 0, positions, -1).astype("int32")
-    q, keys, values, query_positions, key_positions = map(
-        keras.ops.convert_to_tensor, (q, keys, values, positions, key_positions)
+    config = tiny_config(
+        sliding_window_size=window or 4, num_key_value_heads=num_key_value_heads, attention_logit_softcap=cap
     )
-    blocks = to_numpy(layer._attend_blocks(q, query_positions, keys, values, key_positions))
-    full = to_numpy(layer._attend(q, query_positions, [(keys, values, key_positions)]))
-    real = positions >= 0
-    np.testing.assert_allclose(blocks[real], full[real], atol=1e-5, rtol=1e-5)
+    layer = layers.Attention(config, layer_index=5 if window is None else 0)  # pattern: 5 local, 1 global
+    assert layer.window == window
+    b, t, s, n, h = 2, 9, 13, config.num_query_heads, config.head_dim
+    rng = np.random.default_rng(num_key_value_heads)
+    q = rng.normal(size=(b, t, n, h)).astype("float32") * 2
+    keys, values = (rng.normal(size=(b, s, num_key_value_heads, h)).astype("float32") * 2 for _ in range(2))
+    query_positions = np.stack([np.arange(t) + 4, np.maximum(np.arange(t) - 3, 0)]).astype("int32")
+    key_positions = np.stack([rng.permutation(s) - 1, np.where(np.arange(s) < 5, -1, np.arange(s) - 5)]).astype("int32")
+    out = to_numpy(layer.attend(*map(keras.ops.convert_to_tensor, (q, query_positions, keys, values, key_positions))))
+    expected = reference_attention(q, keys, values, query_positions, key_positions, window, layer.query_scale, cap)
+    np.testing.assert_allclose(out, expected, atol=2e-5, rtol=2e-5)
+
+
+@pytest.mark.parametrize("window", [3, 4, None])
+def test_cache_writes_put_index_i_at_slot_i_mod_length(window):
+    """`write_cache`: a first chunk longer than a ring keeps its last c keys,
+    rolled so index i sits at slot `i % c`; later chunks and decode steps
+    (aligned as the engine makes them) overwrite the oldest."""
+    from keras_gemma import layers
+
+    slots = layers.ring_length(window, 16)
+    assert slots == {3: 4, 4: 4, None: 16}[window]
+    cache = (np.zeros((1, slots, 1, 1), "float32"), np.zeros((1, slots, 1, 1), "float32"), -np.ones((1, slots), "int32"))
+    written = np.full(slots, -1)
+    for start, size in [(0, 8), (8, 4), (12, 2), (14, 1), (15, 1)]:  # the engine's chunks, then decode steps
+        index = np.arange(start, start + size)
+        values = index.astype("float32").reshape(1, size, 1, 1)
+        cache = layers.write_cache(cache, values, values, index[None].astype("int32"), start)
+        written[index[-slots:] % slots] = index[-slots:]
+        np.testing.assert_array_equal(to_numpy(cache[2])[0], written)
+        np.testing.assert_array_equal(to_numpy(cache[0])[0, :, 0, 0], np.maximum(written, 0))
+
+
+def test_layers_are_plain_keras_ops():
+    """`layers.py` imports no device- or backend-specific module and attends
+    through Keras' `dot_product_attention`."""
+    import ast
+
+    from keras_gemma import layers
+
+    source = open(layers.__file__).read()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            imported.add(node.module)
+    assert imported == {"numpy", "keras", "keras_gemma.quantization"}
+    assert "ops.dot_product_attention(" in source and "backend()" not in source
 
 
 def test_last_only_hidden_state_equals_the_full_passes_last_column():
@@ -316,81 +339,3 @@ def test_no_tensorflow_under_jax_or_torch():
         env = {**os.environ, "KERAS_BACKEND": target, "PYTHONPATH": ROOT}
         result = subprocess.run([sys.executable, "-c", NO_TENSORFLOW_SCRIPT], env=env, capture_output=True, text=True)
         assert result.returncode == 0, result.stderr[-2000:]
-
-
-# The model's products (`keras_gemma/products.py`): every equation the layers
-# use, with one row (a batch-1 decode step) and several.
-PRODUCTS = [
-    ("btd,ndh->btnh", (1, 1, 32), (4, 32, 8)),
-    ("btd,ndh->btnh", (2, 5, 32), (4, 32, 8)),
-    ("btNh,Nhd->btd", (1, 1, 4, 8), (4, 8, 32)),
-    ("btd,df->btf", (1, 1, 32), (32, 48)),
-    ("btf,fd->btd", (3, 2, 48), (48, 32)),
-    ("bd,vd->bv", (1, 32), (64, 32)),
-    ("bd,vd->bv", (8, 32), (64, 32)),
-    ("bkhs,btkgh->bkgts", (2, 2, 8, 7), (2, 1, 2, 2, 8)),
-    ("bkgts,bkhs->btkgh", (1, 2, 2, 1, 7), (1, 2, 8, 7)),
-]
-
-
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("equation,x_shape,y_shape", PRODUCTS)
-def test_products_accumulate_in_float32_and_round_once(equation, x_shape, y_shape, dtype):
-    """`products.einsum` is `ops.einsum` in float32 and, in bfloat16, the
-    float32 product of the bfloat16 operands rounded once (to within the
-    last bit: ops.einsum's own bfloat16 product on TensorFlow/PyTorch)."""
-    from keras_gemma import products
-
-    rng = np.random.default_rng(0)
-    x, y = (keras.ops.cast(rng.normal(size=s).astype("float32"), dtype) for s in (x_shape, y_shape))
-    out = products.einsum(equation, x, y)
-    assert keras.backend.standardize_dtype(out.dtype) == dtype
-    x32, y32 = (np.asarray(to_numpy(keras.ops.cast(a, "float32")), np.float64) for a in (x, y))
-    exact = np.einsum(equation, x32, y32)
-    if dtype == "float32":
-        np.testing.assert_allclose(to_numpy(out), to_numpy(keras.ops.einsum(equation, x, y)), rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(to_numpy(out), exact, rtol=1e-5, atol=1e-5)
-    else:
-        rounded = to_numpy(keras.ops.cast(keras.ops.cast(exact.astype("float32"), "bfloat16"), "float32"))
-        np.testing.assert_allclose(to_numpy(keras.ops.cast(out, "float32")), rounded, rtol=2**-7, atol=1e-6)
-    if len(x_shape) == 3 and len(y_shape) == 3 and equation.startswith("btd,ndh"):  # the per-head form
-        heads = keras.ops.broadcast_to(keras.ops.reshape(x, (1, -1, x_shape[-1])), (y_shape[0], x_shape[0] * x_shape[1], x_shape[-1]))
-        per_head = keras.ops.transpose(products.matmul(heads, y), (1, 0, 2))
-        np.testing.assert_allclose(
-            to_numpy(keras.ops.cast(per_head, "float32")),
-            to_numpy(keras.ops.cast(keras.ops.reshape(out, per_head.shape), "float32")), rtol=2**-7, atol=1e-6,
-        )
-
-
-def test_on_cpu_answers_on_every_backend():
-    # CI's machines have no accelerator; PyTorch has no keras.distribution.
-    from keras_gemma import products
-
-    assert products.on_cpu()
-
-
-@pytest.mark.skipif(backend() != "jax", reason="the JAX form of products")
-def test_jax_bfloat16_products_take_float32_results_and_two_rows():
-    """On JAX on CPU, a bfloat16 product asks XLA for a float32 result (its
-    bfloat16 kernel; a bfloat16 result converts both operands to float32
-    first) and a single row goes in as two (XLA's matrix-vector path is
-    ~10x slower in bfloat16); float32 and float16 products are Keras' own."""
-    import jax
-
-    from keras_gemma import products
-
-    def dots(fn, *shapes, dtype="bfloat16"):
-        args = [jax.numpy.zeros(s, dtype) for s in shapes]
-        jaxpr = jax.make_jaxpr(fn)(*args)
-        return [(e.params["preferred_element_type"], tuple(e.invars[0].aval.shape)) for e in jaxpr.eqns if e.primitive.name == "dot_general"]
-
-    one_row = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48))
-    assert [(str(t), s) for t, s in one_row] == [("float32", (2, 1, 32))]
-    rows = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (2, 3, 32), (32, 48))
-    assert [(str(t), s) for t, s in rows] == [("float32", (2, 3, 32))]
-    heads = dots(products.matmul, (4, 1, 32), (4, 32, 8))
-    assert [(str(t), s) for t, s in heads] == [("float32", (4, 2, 32))]
-    full = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48), dtype="float32")
-    assert [s for _, s in full] == [(1, 1, 32)]
-    half = dots(lambda x, w: products.einsum("btd,df->btf", x, w), (1, 1, 32), (32, 48), dtype="float16")
-    assert [(str(t), s) for t, s in half] == [("float16", (1, 1, 32))]
