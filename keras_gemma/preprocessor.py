@@ -11,7 +11,8 @@ import keras
 import numpy as np
 
 from keras_gemma import chat_template
-from keras_gemma.tokenizer import _as_text, _is_batch
+from keras_gemma.checkpoints import preset
+from keras_gemma.tokenizer import GemmaTokenizer, _as_text, _is_batch
 
 
 class DroppedSampleWarning(UserWarning):
@@ -64,6 +65,8 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     prompt = preprocessor.generate_preprocess(["The quick"], sequence_length=32)
     ```
     """
+
+    tokenizer_cls = GemmaTokenizer  # the class `from_preset` builds (keras-hub's name)
 
     def __init__(
         self,
@@ -270,14 +273,10 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     def from_preset(cls, handle, dtype=None, load_weights=True, **kwargs):
         """The preprocessor of a preset (name, `kaggle://`, `hf://`, directory or
         `.gguf`); `sequence_length` comes from its preprocessor.json unless given."""
-        from keras_gemma.checkpoints import preset
-
-        return preset.load_preprocessor(handle, cls=cls, **kwargs)
+        return preset.load_preprocessor(handle, cls, **kwargs)
 
     def save_to_preset(self, directory):
         """Writes preprocessor.json, tokenizer.json and the vocabulary (keras-hub layout)."""
-        from keras_gemma.checkpoints import preset
-
         preset.save_preprocessor(self, directory)
 
     @classmethod

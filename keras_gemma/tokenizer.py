@@ -14,6 +14,8 @@ import keras
 import numpy as np
 import sentencepiece
 
+from keras_gemma.checkpoints import preset
+
 VOCABULARY_FILENAME = "vocabulary.spm"  # keras-hub's name, under assets/tokenizer/
 
 
@@ -291,14 +293,10 @@ class GemmaTokenizer(keras.layers.Layer):
     @classmethod
     def from_preset(cls, handle, dtype=None, load_weights=True):
         """The tokenizer of a preset (name, `kaggle://`, `hf://`, directory or `.gguf`)."""
-        from keras_gemma.checkpoints import preset
-
-        return preset.load_tokenizer(handle, cls=cls)
+        return preset.load_tokenizer(handle, cls)
 
     def save_to_preset(self, directory):
         """Writes tokenizer.json and assets/tokenizer/vocabulary.spm (keras-hub layout)."""
-        from keras_gemma.checkpoints import preset
-
         preset.save_tokenizer(self, directory)
 
     def get_config(self):
