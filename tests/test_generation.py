@@ -357,12 +357,17 @@ def test_chat_reply_drops_markers_and_stops_at_end_of_turn(text_lm):
     text_lm.compile(sampler=ScriptedSampler(script))
     try:
         messages = [{"role": "user", "content": "Hello world"}]
+        # A chat's reply ends where the model opens a new turn (issue 28)...
         reply = text_lm.chat(messages, max_new_tokens=20)
-        assert reply == tokenizer.detokenize(words)  # <start_of_turn> dropped, ends at <end_of_turn>
-        assert _reply_is_clean(reply)
+        assert reply == tokenizer.detokenize(words[:1])
         assert "".join(text_lm.chat(messages, max_new_tokens=20, stream=True)) == reply
+        # ...generate's "auto" goes on past <start_of_turn> (dropped from the text) to <end_of_turn>.
+        assert text_lm.generate(messages, max_new_tokens=20, strip_prompt=True) == tokenizer.detokenize(words)
         ids = np.concatenate(list(text_lm.stream_token_ids(messages, max_new_tokens=20)))
         assert ids.tolist() == script[: len(words) + 2]
+        text_lm.compile(sampler=ScriptedSampler([*words, end] + [words[0]] * 10))
+        reply = text_lm.chat(messages, max_new_tokens=20)
+        assert reply == tokenizer.detokenize(words) and _reply_is_clean(reply)  # ends at <end_of_turn>
     finally:
         text_lm.compile(sampler="greedy")
 

@@ -1,6 +1,8 @@
 """`compile(sampler=...)`, `generate`, `chat`, streaming and `score` for
 `GemmaCausalLM` (a mixin, so the model file stays about the model)."""
 
+import warnings
+
 import numpy as np
 
 import keras
@@ -206,10 +208,22 @@ class GenerationMixin:
     def chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto", stream=False):
         """The model's reply to a conversation, as text.
 
+        A base (pretrained, not instruction-tuned) model has never seen the
+        chat format: the first `chat` on one warns once and names the
+        instruct preset of its size.
+
         Args:
             messages: a list of `{"role": "user"|"assistant"|"system",
                 "content": str}` dicts, or one user message as a string.
-            max_new_tokens, max_length, stop_token_ids: as in `generate`.
+            max_new_tokens, max_length: as in `generate`.
+            stop_token_ids: as in `generate`, except that `"auto"` also
+                ends the reply where the model opens a new turn, as well as
+                on `<end_of_turn>` and `<eos>`: on `<start_of_turn>`, or a
+                turn header written as text (the piece "user" or "model",
+                then a newline), as a base model writes it. One
+                conversation's reply is decoded step by step so that it
+                stops there; a batch of conversations, or beam search, runs
+                `generate` (stop tokens only).
             stream: return a generator of text pieces instead (see
                 `stream_chat`).
 
@@ -227,17 +241,25 @@ class GenerationMixin:
         ```
         """
         messages = _as_conversation(messages)
+        _warn_once_if_base_model(self)
         if stream:
             return self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids)
-        return self.generate(
-            messages, max_length=max_length, max_new_tokens=max_new_tokens,
-            stop_token_ids=stop_token_ids, strip_prompt=True,
-        )
+        if getattr(self.sampler, "num_beams", None) or not _is_one_conversation(messages):
+            return self.generate(
+                messages, max_length=max_length, max_new_tokens=max_new_tokens,
+                stop_token_ids=_chat_stop_ids(self, stop_token_ids), strip_prompt=True,
+            )
+        return "".join(self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids))
 
     def stream_chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto"):
         """Yields the reply to a conversation piece by piece; the pieces join
-        to what `chat` returns."""
-        yield from self.stream_generate(_as_conversation(messages), max_length, max_new_tokens, stop_token_ids)
+        to what `chat` returns (same stop tokens, same base-model warning)."""
+        messages = _as_conversation(messages)
+        _warn_once_if_base_model(self)
+        stop_ids = _chat_stop_ids(self, stop_token_ids)
+        if not _is_one_conversation(messages):
+            return self.stream_generate(messages, max_length, max_new_tokens, stop_ids)
+        return _stream_reply(self, messages, max_length, max_new_tokens, stop_ids, _is_auto(stop_token_ids))
 
     # -- score -----------------------------------------------------------------
 
@@ -376,5 +398,143 @@ class _GenerationState:
 
 def _as_conversation(messages):
     if isinstance(messages, str):
-        return [{"role": "user", "content": messages}]
+        messages = [{"role": "user", "content": messages}]
+    if isinstance(messages, (list, tuple)) and not messages:
+        raise ValueError(
+            "The conversation is empty: pass at least one user message, e.g. "
+            '`lm.chat([{"role": "user", "content": "Hi!"}])` or `lm.chat("Hi!")`.'
+        )
     return messages
+
+
+def _is_one_conversation(messages):
+    return isinstance(messages, (list, tuple)) and all(isinstance(m, dict) for m in messages)
+
+
+def _stream_reply(lm, messages, max_length, max_new_tokens, stop_ids, end_at_written_turn):
+    """One conversation's reply, piece by piece. With `end_at_written_turn`,
+    it also ends where the model writes a turn header as plain text: the
+    piece "user" or "model" (no leading space) followed by a newline, which is
+    how a base model that never learnt the `<start_of_turn>` token opens the
+    user's next turn ("Hello mendatanguser\nHello ..." on the base 270M)."""
+    tokenizer = engine.tokenizer_of(lm)
+    stream = engine.TextStream(lm)
+    roles, newline = set(), None
+    if end_at_written_turn and hasattr(tokenizer, "token_to_id"):
+        unk = getattr(tokenizer, "unk_token_id", None)
+        roles = {tokenizer.token_to_id(role) for role in ("user", "model")} - {unk}
+        newline = tokenizer.token_to_id("\n")
+        newline = None if newline == unk else newline
+    held = None  # a role piece, until the next token shows whether a newline follows
+    for tokens in lm.stream_token_ids(messages, max_length, max_new_tokens, stop_ids):
+        token = int(tokens[0])
+        if token < 0:
+            break
+        if held is not None:
+            if token == newline:
+                held = None
+                break  # the model opened the next turn
+            piece, held = stream.push(held), None
+            if piece:
+                yield piece
+        if token in roles and newline is not None:
+            held = token
+            continue
+        piece = stream.push(token)
+        if piece:
+            yield piece
+    if held is not None:
+        stream.push(held)
+    piece = stream.finish()
+    if piece:
+        yield piece
+
+
+def _is_auto(stop_token_ids):
+    return isinstance(stop_token_ids, str) and stop_token_ids == "auto"
+
+
+def _chat_stop_ids(lm, stop_token_ids):
+    """`"auto"` for a chat: `<eos>`, `<end_of_turn>`, and `<start_of_turn>`
+    (a reply also ends where the model opens the next turn)."""
+    if not _is_auto(stop_token_ids):
+        return stop_token_ids
+    tokenizer = engine.tokenizer_of(lm)
+    ids = [getattr(tokenizer, name, None) for name in ("eos_token_id", "end_of_turn_id", "start_of_turn_id")]
+    if tokenizer is None or None in ids:
+        return stop_token_ids  # no tokenizer to ask: `generate`'s "auto"
+    return sorted(set(ids))
+
+
+def base_model_warning(lm):
+    """The warning `chat` gives on a base (not instruction-tuned) model, or
+    None: for a model built from a config, or where instruct or not is unknown."""
+    handle = getattr(lm, "preset_handle", None)
+    if handle is None or _is_instruct(handle) is not False:
+        return None
+    instruct = _instruct_presets_like(lm.config)
+    advice = f"an instruction-tuned checkpoint ({', '.join(instruct)})" if instruct else "an instruction-tuned checkpoint"
+    return (
+        f"{handle} is a base (pretrained) model, not instruction-tuned: it has never seen the chat "
+        f"format, so its replies ramble or go on to write the user's next turn. For chat, load "
+        f"{advice}, or teach this one with LoRA (examples/finetune.py)."
+    )
+
+
+def _warn_once_if_base_model(lm):
+    """Warns on a base model's first `chat`."""
+    if getattr(lm, "_chat_kind_checked", False):
+        return
+    lm._chat_kind_checked = True
+    message = base_model_warning(lm)
+    if message:
+        warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def _is_instruct(handle):
+    """True or False where the handle's preset or GGUF metadata says, else None.
+
+    A built-in name or Kaggle handle: the registry's `instruct`. A GGUF file:
+    llama.cpp writes `general.finetune` ("it") for instruction-tuned Gemma,
+    and the name carries "it"/"instruct"; without either it is taken as base.
+    Other directories and `hf://` names: "-it"/"instruct" in the name, else
+    unknown (None).
+    """
+    import os
+    import re
+
+    from keras_gemma.presets import PRESETS
+
+    handle = os.fspath(handle)
+    name = handle.rstrip("/").split("/")
+    if handle.startswith("kaggle://") and len(name) >= 6:  # kaggle://owner/model/keras/<variation>/<version>
+        variation = name[5]
+    else:
+        variation = handle
+    if variation in PRESETS:
+        return PRESETS[variation].instruct
+    instruct_words = re.compile(r"(^|[-_. ])(it|instruct)([-_. ]|$)", re.IGNORECASE)
+    words = [os.path.basename(handle.rstrip("/"))]
+    path = os.path.expanduser(handle)
+    if path.endswith(".gguf") and os.path.isfile(path):
+        try:
+            from keras_gemma.checkpoints import gguf_format
+
+            metadata = gguf_format.open_reader(path).metadata
+            words += [str(metadata[key]) for key in ("general.finetune", "general.name") if key in metadata]
+        except Exception:  # unreadable metadata: decide from the file name alone
+            pass
+        return any(instruct_words.search(w) for w in words)
+    return True if any(instruct_words.search(w) for w in words) else None
+
+
+def _instruct_presets_like(config):
+    """Names of the instruct presets with `config`'s architecture."""
+    from keras_gemma.presets import PRESETS
+
+    key = (config.num_layers, config.hidden_dim, config.vocabulary_size)
+    return [
+        p.name for p in PRESETS.values()
+        if p.instruct and (p.config.num_layers, p.config.hidden_dim, p.config.vocabulary_size) == key
+        and "shieldgemma" not in p.name and "code_gemma" not in p.name
+    ]
