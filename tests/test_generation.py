@@ -7,6 +7,8 @@ many times), and a tiny random model over a tiny SentencePiece vocabulary
 for text.
 """
 
+import ast
+import inspect
 import math
 import re
 import warnings
@@ -22,6 +24,7 @@ from conftest import backend, to_numpy
 from keras_gemma import products
 from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
+from keras_gemma.generation import prompts as prompts_lib
 from keras_gemma.generation import samplers
 from keras_gemma.layers import Attention, soft_cap
 from keras_gemma.products import decode_logits
@@ -104,7 +107,7 @@ def test_chunked_prompt_equals_full_forward(hf_lm, traced, monkeypatch):
     if traced:
         monkeypatch.setattr(compile_module, "TRACE_CHUNK_AFTER", 0)
         hf_lm.compile(sampler="greedy")  # fresh compiled functions
-    assert engine.chunks(engine.bucket(max(CHUNKED_LENGTHS))) == [(0, 128), (128, 64)]
+    assert prompts_lib.chunks(prompts_lib.bucket(max(CHUNKED_LENGTHS))) == [(0, 128), (128, 64)]
     _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(CHUNKED_LENGTHS, seed=2), new_tokens=12)
 
 
@@ -114,7 +117,7 @@ def test_chunk_wrapping_the_ring_equals_full_forward():
     the ring, in a ragged batch and alone."""
     hf_config = hf_reference.gemma3_config(sliding_window=100, max_position_embeddings=512)
     lm = hf_reference.ours_from_hf(hf_reference.build_hf(hf_config, seed=1, scale=WEIGHT_SCALE["gemma3"]))
-    assert engine.chunks(320) == [(0, 256), (256, 64)]
+    assert prompts_lib.chunks(320) == [(0, 256), (256, 64)]
     _check_greedy_equals_full_forward(lm, _ragged_prompts((300, 270)), new_tokens=12)
     _check_greedy_equals_full_forward(lm, _ragged_prompts((300,), seed=2), new_tokens=12)
 
@@ -124,7 +127,7 @@ def test_cache_shorter_than_padded_prompt_and_new_tokens(hf_lm):
     and 40-token prompts padded to 128 columns, 30 new tokens, 128 slots.
     The global layer's writes wrap onto slots that held padding only."""
     prompts = _ragged_prompts((65, 40), seed=4)
-    assert engine.bucket(65) == 128 and engine.bucket(65 + NEW_TOKENS, engine.COARSE_BUCKET) == 128
+    assert prompts_lib.bucket(65) == 128 and prompts_lib.bucket(65 + NEW_TOKENS, prompts_lib.COARSE_BUCKET) == 128
     _check_greedy_equals_full_forward(hf_lm, prompts)
 
 
@@ -148,10 +151,11 @@ def test_torch_traces_short_prefills_only(gemma3_lm, monkeypatch):
     traced, trace = [], torch.jit.trace
 
     def counting_trace(fn, example_inputs, **kwargs):
-        # Traced on (weights, *args): a prompt chunk's args start with token
-        # ids, the first token's with a hidden state, a step's with a state.
+        # Traced on (weights, *tensors): a prompt chunk's start with token
+        # ids, the first token's with a hidden state (b, d), a step's with
+        # the state's first cache array.
         first = example_inputs[1]
-        kind = "step" if not isinstance(first, torch.Tensor) else "prefill" if first.dtype == torch.int32 else "first"
+        kind = "prefill" if first.dtype == torch.int32 else "first" if first.ndim == 2 else "step"
         traced.append(kind)
         return trace(fn, example_inputs, **kwargs)
 
@@ -261,19 +265,19 @@ def test_stop_tokens_end_each_row_independently(gemma3_lm):
 
 
 def test_auto_stop_ids_without_tokenizer(gemma3_lm):
-    assert engine.resolve_stop_ids(gemma3_lm, "auto") == (1,)
-    assert engine.resolve_stop_ids(gemma3_lm, None) == ()
-    assert engine.resolve_stop_ids(gemma3_lm, [5, 3, 5]) == (3, 5)
+    assert prompts_lib.resolve_stop_ids(gemma3_lm, "auto") == (1,)
+    assert prompts_lib.resolve_stop_ids(gemma3_lm, None) == ()
+    assert prompts_lib.resolve_stop_ids(gemma3_lm, [5, 3, 5]) == (3, 5)
     # Gemma 3's vocabulary size tells us <end_of_turn> without a tokenizer.
     config = gemma3_lm.config.replace(vocabulary_size=262_144)
     stand_in = type("LM", (), {"preprocessor": None, "config": config})()
-    assert engine.resolve_stop_ids(stand_in, "auto") == (1, 106)
+    assert prompts_lib.resolve_stop_ids(stand_in, "auto") == (1, 106)
 
 
 def test_stop_tokens_as_vocabulary_pieces(text_lm):
     tokenizer = text_lm.preprocessor.tokenizer
     turn, eos = tokenizer.token_to_id("<end_of_turn>"), tokenizer.eos_token_id
-    assert engine.resolve_stop_ids(text_lm, ["<end_of_turn>", eos, "<eos>"]) == tuple(sorted({turn, eos}))
+    assert prompts_lib.resolve_stop_ids(text_lm, ["<end_of_turn>", eos, "<eos>"]) == tuple(sorted({turn, eos}))
     free = [int(t[0]) for t in text_lm.stream_token_ids(["Hello"], max_new_tokens=12, stop_token_ids=None)]
     stop = free[4]
     by_piece = text_lm.stream_token_ids(["Hello"], max_new_tokens=12, stop_token_ids=[tokenizer.id_to_token(stop)])
@@ -324,7 +328,7 @@ def test_chat_reply_and_stream(text_lm):
     tokenizer = text_lm.preprocessor.tokenizer
     messages = [{"role": "user", "content": "Hello world"}]
     # Force the stop behaviour: "auto" stops on <eos> and <end_of_turn>.
-    assert engine.resolve_stop_ids(text_lm, "auto") == tuple(sorted((tokenizer.eos_token_id, tokenizer.end_of_turn_id)))
+    assert prompts_lib.resolve_stop_ids(text_lm, "auto") == tuple(sorted((tokenizer.eos_token_id, tokenizer.end_of_turn_id)))
     reply = text_lm.chat(messages, max_new_tokens=24)
     assert isinstance(reply, str) and _reply_is_clean(reply)
     pieces = list(text_lm.chat(messages, max_new_tokens=24, stream=True))
@@ -461,7 +465,7 @@ def test_new_prompt_widths_reuse_compiled_chunks(gemma3_lm, monkeypatch):
     for length, new in ((100, 30), (160, 20), (130, 60)):  # cache length 256
         gemma3_lm.generate({"token_ids": np.array(_ragged_prompts((length,))[0])}, max_new_tokens=new, stop_token_ids=None)
     assert not traces
-    assert engine.bucket(33 + 20, engine.COARSE_BUCKET) != 256
+    assert prompts_lib.bucket(33 + 20, prompts_lib.COARSE_BUCKET) != 256
     gemma3_lm.generate({"token_ids": np.arange(4, 37)}, max_new_tokens=20, stop_token_ids=None)
     assert traces  # a 64-column prompt and a shorter cache: compiled anew
 
@@ -510,7 +514,45 @@ def test_bad_inputs(gemma3_lm, text_lm):
 
 
 def test_bucket():
-    assert [engine.bucket(n) for n in (1, 16, 17, 33, 64, 65, 200)] == [16, 16, 32, 64, 64, 128, 256]
+    assert [prompts_lib.bucket(n) for n in (1, 16, 17, 33, 64, 65, 200)] == [16, 16, 32, 64, 64, 128, 256]
+
+
+def test_generation_state_is_named(gemma3_lm):
+    """The compiled functions pass named tuples (`engine.DecodeState`,
+    `BeamState`, `Constants`), and get them back from a compiled step and
+    loop on every backend (PyTorch's traces take and give plain tuples)."""
+    prompts, limits, stop_ids = gemma3_lm._prepare({"token_ids": np.array([[5, 6, 7], [8, 9, 10]])}, None, 3, None)
+    functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
+    assert engine.DecodeState._fields == ("cache", "token", "step", "done", "out")
+    assert isinstance(state, engine.DecodeState) and isinstance(constants, engine.Constants)
+    state = functions.step(state, constants)
+    assert isinstance(state, engine.DecodeState) and int(to_numpy(state.step)) == 2
+    state = functions.loop(state, constants)
+    assert isinstance(state, engine.DecodeState) and int(to_numpy(state.step)) == 3
+    assert to_numpy(state.out).shape[0] == 2 and to_numpy(state.done).all()
+    gemma3_lm.compile(sampler=samplers.BeamSampler(num_beams=2))
+    try:
+        functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
+        assert isinstance(state, engine.BeamState) and to_numpy(state.best).shape[0] == 4
+        state = functions.loop(state, constants)
+        assert isinstance(state, engine.BeamState) and to_numpy(state.best_filled).any(axis=1).all()
+    finally:
+        gemma3_lm.compile(sampler="greedy")
+
+
+def test_prompt_handling_is_host_only():
+    """Text, stop ids, budgets and batches live in `prompts.py`, which
+    imports neither the engine nor the compiler; `engine.py` keeps the math."""
+    host = ("normalize_inputs", "Prompts", "token_arrays", "resolve_stop_ids", "new_token_limits", "Batch",
+            "finish_rows", "detokenize", "format_outputs", "TextStream", "tokenizer_of", "render_chat",
+            "encode_text", "bucket", "chunks")
+    assert all(hasattr(prompts_lib, name) and not hasattr(engine, name) for name in host)
+    tree = ast.parse(inspect.getsource(prompts_lib))
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {
+        f"{node.module}.{alias.name}" for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    assert not [name for name in imported if "generation" in name or "products" in name], imported
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -871,11 +913,11 @@ def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
     checks that on ragged batches)."""
     prompts, limits, stop_ids = gemma3_lm._prepare({"token_ids": np.array([[5, 6, 7]])}, None, 6, None)
     functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
-    storage = [[a.data_ptr() for a in layer] for layer in state[0]]
-    before = [[to_numpy(a).copy() for a in layer] for layer in state[0]]
+    storage = [[a.data_ptr() for a in layer] for layer in state.cache]
+    before = [[to_numpy(a).copy() for a in layer] for layer in state.cache]
     state = functions.step(state, constants, (), ())
-    assert [[a.data_ptr() for a in layer] for layer in state[0]] == storage
-    changed = [any(not np.array_equal(to_numpy(a), b) for a, b in zip(layer, old)) for layer, old in zip(state[0], before)]
+    assert [[a.data_ptr() for a in layer] for layer in state.cache] == storage
+    changed = [any(not np.array_equal(to_numpy(a), b) for a, b in zip(layer, old)) for layer, old in zip(state.cache, before)]
     assert all(changed), changed  # every layer wrote its slot
 
 
@@ -922,7 +964,7 @@ def _copied_cache_arrays(state, hlo, in_entry):
     `in_entry=False` only inside the loop, where a copy is paid on every
     step (TensorFlow copies its arguments, which it does not donate, once
     per call in the entry computation)."""
-    cache_shapes = {tuple(a.shape) for layer in state[0] for a in layer}
+    cache_shapes = {tuple(a.shape) for layer in state.cache for a in layer}
     assert len(cache_shapes) == 4  # keys/values and positions, ring and global
     computations = hlo.split("\n\n")
     inner = "\n\n".join(c for c in computations if in_entry or not c.lstrip().startswith("ENTRY"))

@@ -9,6 +9,7 @@ import keras
 from keras import ops
 
 from keras_gemma.generation import engine
+from keras_gemma.generation import prompts as prompts_lib
 from keras_gemma.generation import samplers as samplers_lib
 from keras_gemma.generation.compile import GenerateFunctions
 
@@ -68,16 +69,23 @@ class GenerationMixin:
     # -- generate --------------------------------------------------------------
 
     def _prepare(self, inputs, max_length, max_new_tokens, stop_token_ids):
-        prompts = engine.normalize_inputs(self, inputs)
-        limits = engine.new_token_limits(self, prompts, max_length, max_new_tokens)
-        stop_ids = engine.resolve_stop_ids(self, stop_token_ids)
+        prompts = prompts_lib.normalize_inputs(self, inputs)
+        limits = prompts_lib.new_token_limits(self, prompts, max_length, max_new_tokens)
+        stop_ids = prompts_lib.resolve_stop_ids(self, stop_token_ids)
         return prompts, limits, stop_ids
 
     def _start(self, prompts, limits, stop_ids):
         functions = self._functions()
-        batch = engine.Batch(prompts, limits, stop_ids, functions.sampler.next_seed())
-        constants = tuple(ops.convert_to_tensor(c) for c in batch.constants)
-        (_, width), *later = engine.chunks(batch.width)
+        batch = prompts_lib.Batch(prompts, limits, stop_ids, functions.sampler.next_seed())
+        beams = functions.beams or 1
+        constants = engine.Constants(
+            prompt_lengths=ops.convert_to_tensor(np.repeat(batch.lengths, beams)),
+            limits=ops.convert_to_tensor(np.repeat(batch.limits, beams)),
+            stop_ids=ops.convert_to_tensor(batch.stop_row),
+            seed=ops.convert_to_tensor(batch.seed),
+            prefill_width=ops.convert_to_tensor(np.int32(batch.width)),
+        )
+        (_, width), *later = prompts_lib.chunks(batch.width)
         cache, hidden = functions.start(batch.cache_length)(
             ops.convert_to_tensor(batch.token_ids[:, :width]), ops.convert_to_tensor(batch.padding_mask[:, :width])
         )
@@ -89,15 +97,11 @@ class GenerationMixin:
                 cache,
             )
         if functions.beams:
-            lengths, limits, *rest = batch.constants
-            constants = tuple(
-                ops.convert_to_tensor(c) for c in (np.repeat(lengths, functions.beams), np.repeat(limits, functions.beams), *rest)
-            )
             cache, hidden = functions.repeat_beams(cache, hidden)
             out = ops.zeros((len(prompts.ids) * functions.beams, batch.new), "int32")
             return functions, batch, functions.first_token(hidden, cache, out, constants), constants
         out = ops.zeros((len(prompts.ids), batch.new), "int32")
-        state = (cache, *functions.first_token(hidden, out, constants, functions.screen(len(prompts.ids))))
+        state = functions.first_token(hidden, out, constants, functions.screen(len(prompts.ids)))._replace(cache=cache)
         return functions, batch, state, constants
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
@@ -146,11 +150,11 @@ class GenerationMixin:
                 size = len(limits) * (functions.beams or 1)
                 state = functions.loop(state, constants, functions.screen(size), functions.kernels(size))
             if functions.beams:  # each prompt's best finished beam
-                out = ops.convert_to_numpy(state[6])[:: functions.beams]
+                out = ops.convert_to_numpy(state.best)[:: functions.beams]
             else:
-                out = ops.convert_to_numpy(state[4])
-            rows = engine.finish_rows(out, limits, stop_ids)
-        return engine.format_outputs(self, prompts, rows, strip_prompt)
+                out = ops.convert_to_numpy(state.out)
+            rows = prompts_lib.finish_rows(out, limits, stop_ids)
+        return prompts_lib.format_outputs(self, prompts, rows, strip_prompt)
 
     def stream_token_ids(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto"):
         """Yields each step's new token ids: `(b,)` int arrays, -1 for rows
@@ -171,8 +175,8 @@ class GenerationMixin:
         for step in range(max_steps):
             if step:
                 state = functions.step(state, constants, screen, kernels)
-            token = ops.convert_to_numpy(state[1]).astype(np.int64)
-            done = np.array(ops.convert_to_numpy(state[3]))  # copies: `step` donates state
+            token = ops.convert_to_numpy(state.token).astype(np.int64)
+            done = np.array(ops.convert_to_numpy(state.done))  # copies: `step` donates state
             yield np.where(finished, -1, token)
             finished = finished | done
             if finished.all():
@@ -191,10 +195,10 @@ class GenerationMixin:
             print(piece, end="", flush=True)
         ```
         """
-        prompts = engine.normalize_inputs(self, inputs)
+        prompts = prompts_lib.normalize_inputs(self, inputs)
         if prompts.form != "text":
             raise ValueError("`stream_generate` streams text; use `stream_token_ids` for token ids.")
-        streams = [engine.TextStream(self) for _ in prompts.ids]
+        streams = [prompts_lib.TextStream(self) for _ in prompts.ids]
         for tokens in self.stream_token_ids(inputs, max_length, max_new_tokens, stop_token_ids):
             pieces = [stream.push(t) if t >= 0 else "" for stream, t in zip(streams, tokens)]
             if any(pieces):
@@ -337,10 +341,10 @@ class GenerationMixin:
                 )
             return self._score_logits(inputs, scoring_mode, layer_intercept_fn, target_ids)
         if tokens:
-            ids, mask, scalar = engine.token_arrays(inputs)
+            ids, mask, scalar = prompts_lib.token_arrays(inputs)
             log_probs = self._score(ids, mask, layer_intercept_fn)
             return log_probs[0] if scalar else log_probs
-        prompts = engine.normalize_inputs(self, inputs)
+        prompts = prompts_lib.normalize_inputs(self, inputs)
         if prompts.form != "text":
             raise ValueError("`score` takes text or token ids.")
         width = max(len(row) for row in prompts.ids)
@@ -417,8 +421,8 @@ def _stream_reply(lm, messages, max_length, max_new_tokens, stop_ids, end_at_wri
     piece "user" or "model" (no leading space) followed by a newline, which is
     how a base model that never learnt the `<start_of_turn>` token opens the
     user's next turn ("Hello mendatanguser\nHello ..." on the base 270M)."""
-    tokenizer = engine.tokenizer_of(lm)
-    stream = engine.TextStream(lm)
+    tokenizer = prompts_lib.tokenizer_of(lm)
+    stream = prompts_lib.TextStream(lm)
     roles, newline = set(), None
     if end_at_written_turn and hasattr(tokenizer, "token_to_id"):
         unk = getattr(tokenizer, "unk_token_id", None)
@@ -459,7 +463,7 @@ def _chat_stop_ids(lm, stop_token_ids):
     (a reply also ends where the model opens the next turn)."""
     if not _is_auto(stop_token_ids):
         return stop_token_ids
-    tokenizer = engine.tokenizer_of(lm)
+    tokenizer = prompts_lib.tokenizer_of(lm)
     ids = [getattr(tokenizer, name, None) for name in ("eos_token_id", "end_of_turn_id", "start_of_turn_id")]
     if tokenizer is None or None in ids:
         return stop_token_ids  # no tokenizer to ask: `generate`'s "auto"

@@ -59,9 +59,10 @@ class GenerateFunctions:
       length.
     - `chunk(token_ids, padding_mask, positions, cache_index, cache) ->
       (cache, hidden)`: a later chunk (`engine.prefill_chunk`).
-    - `first_token(hidden, out, constants, screen) -> (token, step, done, out)`;
-      for a `BeamSampler`, `first_token(hidden, cache, out, constants) ->
-      state` after `repeat_beams(cache, hidden)` (`engine.beam_first`).
+    - `first_token(hidden, out, constants, screen) -> state` without its
+      cache (`engine.first_token`); for a `BeamSampler`,
+      `first_token(hidden, cache, out, constants) -> state` after
+      `repeat_beams(cache, hidden)` (`engine.beam_first`).
     - `step(state, constants, screen, kernels) -> state`: one token per row
       (streaming).
     - `loop(state, constants, screen, kernels) -> state`: steps until every
@@ -69,9 +70,8 @@ class GenerateFunctions:
     - `screen(batch)`, `kernels(batch)`: those arguments for a batch of that
       many rows.
 
-    `state` is `(cache, token, step, done, out)`, see `engine.decode_step`;
-    for a `BeamSampler`, that over `num_beams` rows per prompt and then the
-    beams' scores and each prompt's finished beams, see `engine.beam_first`.
+    `state` is an `engine.DecodeState`, or for a `BeamSampler` an
+    `engine.BeamState`; `constants` an `engine.Constants`.
     """
 
     def __init__(self, lm, sampler):
@@ -87,14 +87,14 @@ class GenerateFunctions:
         def step(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
                 if self.beams:
-                    return engine.beam_step(lm, sampler, *state, constants=constants)
-                return engine.decode_step(lm, sampler, *state, constants, screen)
+                    return engine.beam_step(lm, sampler, state, constants)
+                return engine.decode_step(lm, sampler, state, constants, screen)
 
         def loop(state, constants, screen=(), kernels=()):
             with products.reading_out_in(out_in, kernels):
                 if self.beams:
-                    return engine.beam_loop(lm, sampler, *state, constants=constants)
-                return engine.decode_loop(lm, sampler, *state, constants, screen)
+                    return engine.beam_loop(lm, sampler, state, constants)
+                return engine.decode_loop(lm, sampler, state, constants, screen)
 
         self.chunk = self.compiler.chunk(functools.partial(engine.prefill_chunk, lm), donate=(4,))
         if self.beams:
@@ -320,29 +320,44 @@ class _Torch:
         return self._traced(fn)
 
     def _traced(self, fn):
+        """`torch.jit.trace` takes and gives only tensors in plain tuples (a
+        NamedTuple would come back as a tuple, a None not at all), so each
+        graph runs over the flattened arguments, and its outputs go back
+        into the structure `fn` returned while tracing."""
         import torch
+        from torch.utils import _pytree as pytree
 
         variables, graphs = self.variables, {}
 
-        def stateless(values, *args):
-            with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                return _as_tuples(fn(*args))
+        def trace(values, args, leaves):
+            structure = []
+
+            def stateless(values, *leaves):
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    out, spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(leaves, args)))
+                structure.append((spec, [x is None for x in out]))
+                return tuple(x for x in out if x is not None)
+
+            with warnings.catch_warnings(), _onednn_products():
+                # Shape checks (`x.shape[1] == 1`) become constants:
+                # right, as each trace serves one set of shapes.
+                warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+                # torch 2.9+ marks jit.trace deprecated; it still is
+                # the fastest correct option here (see above).
+                warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
+                graph = torch.jit.trace(stateless, (values, *leaves), check_trace=False)
+            return graph, structure[0]
 
         def call(*args):
-            args = _as_tuples(args)
+            leaves, args = pytree.tree_flatten(args)
             values = tuple(v.value for v in variables)
-            key = _shapes(args)
+            key = _shapes(leaves)
             with torch.inference_mode(), torch.jit.optimized_execution(False):
                 if key not in graphs:
-                    with warnings.catch_warnings(), _onednn_products():
-                        # Shape checks (`x.shape[1] == 1`) become constants:
-                        # right, as each trace serves one set of shapes.
-                        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-                        # torch 2.9+ marks jit.trace deprecated; it still is
-                        # the fastest correct option here (see above).
-                        warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
-                        graphs[key] = torch.jit.trace(stateless, (values, *args), check_trace=False)
-                return graphs[key](values, *args)
+                    graphs[key] = trace(values, args, leaves)
+                graph, (structure, nones) = graphs[key]
+                out = iter(graph(values, *leaves))
+                return pytree.tree_unflatten([None if none else next(out) for none in nones], structure)
 
         return call
 
@@ -352,7 +367,7 @@ class _Torch:
         traced, eager, calls = self._traced(fn), self._eager(fn), {}
 
         def call(token_ids, *args):
-            key = _shapes(_as_tuples((token_ids, *args)))
+            key = _shapes((token_ids, *args))
             calls[key] = calls.get(key, 0) + 1
             eager_calls = TRACE_CHUNK_AFTER if later_chunk else 0
             trace = token_ids.shape[1] <= LONG_PREFILL_TORCH and calls[key] > eager_calls
@@ -369,7 +384,7 @@ class _Torch:
 
         def eager(*args):
             with torch.inference_mode(), _onednn_products():
-                return _as_tuples(fn(*args))
+                return fn(*args)
 
         return eager
 
@@ -377,8 +392,8 @@ class _Torch:
         def python_loop(state, constants, screen=(), kernels=()):
             # The loop itself stays in Python: a host check per token is
             # cheap next to a forward pass on CPU.
-            max_steps = min(int(constants[1].max()), state[4].shape[1])
-            while int(state[2]) < max_steps and not bool(state[3].all()):
+            max_steps = min(int(constants.limits.max()), state.out.shape[1])
+            while int(state.step) < max_steps and not bool(state.done.all()):
                 state = step(state, constants, screen, kernels)
             return state
 
@@ -542,13 +557,6 @@ def _shapes(args):
     import torch
 
     return tuple((tuple(x.shape), x.dtype) for x in torch.utils._pytree.tree_leaves(args))
-
-
-def _as_tuples(tree):
-    """Lists as tuples, all the way down (what `torch.jit.trace` takes and gives)."""
-    if isinstance(tree, (list, tuple)):
-        return tuple(_as_tuples(x) for x in tree)
-    return tree
 
 
 class _Eager:

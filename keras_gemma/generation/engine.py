@@ -7,68 +7,74 @@ chunk, attending to the cache so far), `first_token` (logits at the
 prompt's last position only, the first token sampled), `decode_step` (one
 token per row through the same `hidden_states`, written at cache slot
 `index % slots`), and `decode_loop` (`decode_step` in `ops.while_loop`
-until every row is done).
+until every row is done); beam search has its own `beam_first`,
+`beam_step` and `beam_loop`.
+
+What they carry between calls are named tuples (pytrees on every backend,
+as google-deepmind/gemma's `SamplingState`): `DecodeState`, `BeamState`,
+and the per-call `Constants`.
 
 Ragged batches are LEFT padded: every row's prompt ends at the same index,
 so one cache index serves the whole batch, and rotary positions count real
-tokens only, so a padded row decodes exactly as it would alone.
+tokens only, so a padded row decodes exactly as it would alone. A prompt
+runs as power-of-two chunks (`prompts.chunks`); the first chunk, the
+largest, attends to itself alone, so a prompt of a power-of-two width runs
+as one pass with no attention over empty slots.
 
-Shapes are bucketed so that compiled functions get reused: the prompt width
-to 16, 32, 64, then multiples of 64; the cache length (real prompt and new
-tokens, also the new-token buffer's) coarsely, to powers of two up to 512
-and then multiples of 512. A padded prompt runs as chunks whose widths are
-powers of two (`chunks`: 448 = 256 + 128 + 64), so a growing chat, whose
-prompt widens by a bucket or more every turn, reuses the same few chunk
-functions and the same decode loop instead of compiling new ones per turn.
-The first chunk, the largest, attends to itself alone, so a prompt of a
-power-of-two width runs as one pass with no attention over empty slots.
-
-Everything else here is host-side: turning strings, conversations and token
-arrays into prompts, per-row budgets and stop tokens, and turning the output
-buffer back into text.
+Turning text into prompts and the output buffer back into text is host
+work, in `prompts.py`.
 """
 
-import numpy as np
+from typing import Any
+from typing import NamedTuple
 
 from keras import ops
 
-from keras_gemma import chat_template
-
-PAD_ID = 0
-EOS_ID = 1
-BUCKET = 64
-COARSE_BUCKET = 512  # cache length and new-token buffer
-STOP_SLOTS = 4  # stop-id vector padded to a multiple of this (fewer shapes)
-DEFAULT_MAX_LENGTH = 1024
-# <end_of_turn> where there is no tokenizer to ask, known from the vocabulary
-# size (../../shared/REFERENCE.md section 4).
-END_OF_TURN_BY_VOCABULARY = {256_000: 107, 262_144: 106}
+from keras_gemma.generation.prompts import PAD_ID
 
 
-def bucket(n, multiple=BUCKET):
-    """A static size for `n`: 16, 32 or 64, then a multiple of `multiple`.
+class Constants(NamedTuple):
+    """What every step of one `generate` call reads, all int32 tensors."""
 
-    Few enough sizes that compiled functions get reused, fine enough that
-    padding wastes little (a 16-token prompt is not run as 64).
-    """
-    if n <= multiple:
-        return max(16, 1 << (max(n, 1) - 1).bit_length())
-    return -(-n // multiple) * multiple
-
-
-def chunks(width):
-    """`(start, size)` of the chunks a padded prompt width runs as: the
-    largest power of two first, then what is left as decreasing powers of
-    two (each start a multiple of its size)."""
-    out, start = [], 0
-    while start < width:
-        size = 1 << ((width - start).bit_length() - 1)
-        out.append((start, size))
-        start += size
-    return out
+    prompt_lengths: Any  # (b,) real tokens in each prompt
+    limits: Any  # (b,) each row's budget of new tokens
+    stop_ids: Any  # (s,) stop tokens, padded with -1
+    seed: Any  # () the sampler's seed for this call
+    prefill_width: Any  # () the padded prompt width: the first decode step's cache index
 
 
-# -- The math: compiled by compile.py ----------------------------------------
+class DecodeState(NamedTuple):
+    """The decode loop's state (`first_token`, `decode_step`)."""
+
+    cache: Any  # per layer, the backbone's cache arrays (`backbone.init_cache`)
+    token: Any  # (b,) int32, the token sampled last
+    step: Any  # () int32, how many tokens each row has sampled
+    done: Any  # (b,) bool, rows that hit a stop token or their budget
+    out: Any  # (b, n) int32, sampled tokens so far (PAD_ID once a row is done)
+
+
+class BeamState(NamedTuple):
+    """Beam search's state (`beam_first`, `beam_step`): the running beams as
+    `DecodeState`'s fields over `num_beams` rows per prompt, then each
+    prompt's finished beams."""
+
+    cache: Any
+    token: Any  # (b * beams,)
+    step: Any
+    done: Any  # (b * beams,) the rows of prompts that have nothing left to gain
+    out: Any  # (b * beams, n)
+    scores: Any  # (b * beams,) float32, the running beams' summed log-probabilities
+    best: Any  # (b * beams, n) int32, each prompt's best finished beams
+    best_scores: Any  # (b, beams) float32, their length-penalised scores
+    best_filled: Any  # (b, beams) bool, which of them hold a beam
+    open: Any  # (b,) bool, whether a prompt's running beams may still beat its finished ones
+
+
+def _while(cond, body, state):
+    """`ops.while_loop` over one named state: Keras unpacks a tuple of loop
+    variables into arguments (and a NamedTuple is a tuple), so the state
+    goes in as the only one."""
+    return ops.while_loop(cond, lambda state: (body(state),), (state,))[0]
 
 
 def _is_stop(token, stop_ids):
@@ -115,78 +121,72 @@ def first_token(lm, sampler, hidden, out, constants, screen=()):
         constants, screen: see `decode_step`.
 
     Returns:
-        `(token, step, done, out)`: with the cache, the decode state.
+        A `DecodeState` without its cache (`cache=None`: the caller holds
+        the prefilled cache and puts it in, `state._replace(cache=cache)`).
     """
-    _, limits, stop_ids, seed, _ = constants
     logits = lm.decode_logits(hidden[:, None, :], screen, sampler.top_logits)  # (b, vocab) float32
     step = ops.zeros((), "int32")
-    token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
-    token = ops.where(limits > 0, token, PAD_ID)
+    token = ops.cast(sampler(logits, ops.stack([constants.seed, step])), "int32")
+    token = ops.where(constants.limits > 0, token, PAD_ID)
     out = ops.slice_update(out, (0, 0), token[:, None])
-    done = ops.logical_or(limits <= 1, _is_stop(token, stop_ids))
-    return token, step + 1, done, out
+    done = ops.logical_or(constants.limits <= 1, _is_stop(token, constants.stop_ids))
+    return DecodeState(cache=None, token=token, step=step + 1, done=done, out=out)
 
 
-def decode_step(lm, sampler, cache, token, step, done, out, constants, screen=()):
+def decode_step(lm, sampler, state, constants, screen=()):
     """Feeds the last token of each row, samples the next into `out[:, step]`.
 
     Args:
-        cache: the cache after the prompt and `step - 1` decode steps.
-        token: (b,) the token sampled last, at index `p + step - 1`.
-        step: scalar int32, how many tokens each row has sampled.
-        done: (b,) bool, rows that hit a stop token or their budget.
-        out: (b, n) sampled tokens so far (PAD_ID once a row is done).
-        constants: `(prompt_lengths (b,), limits (b,), stop_ids (s,),
-            seed (), prefill_width ())`, all int32; `limits` is each row's
-            budget of new tokens, `stop_ids` is padded with -1.
+        state: a `DecodeState`, its cache after the prompt and `step - 1`
+            decode steps, its `token` at index `p + step - 1`.
+        constants: the call's `Constants`.
         screen: `()`, or the output head's int8 screen (`GenerateFunctions.screen`):
             only the logits the sampler reads are computed exactly
             (`sampler.top_logits`, `products.screened_logits`).
+
+    Returns:
+        The next `DecodeState`.
     """
-    _, limits, stop_ids, seed, _ = constants
-    hidden, cache = _feed(lm, cache, token, step, constants)
+    hidden, cache = _feed(lm, state, constants)
     logits = lm.decode_logits(hidden, screen, sampler.top_logits)  # (b, vocab)
-    token = ops.cast(sampler(logits, ops.stack([seed, step])), "int32")
-    token = ops.where(done, PAD_ID, token)
-    out = ops.slice_update(out, (ops.zeros((), "int32"), step), token[:, None])
-    done = ops.logical_or(done, ops.logical_or(_is_stop(token, stop_ids), step + 1 >= limits))
-    return cache, token, step + 1, done, out
+    token = ops.cast(sampler(logits, ops.stack([constants.seed, state.step])), "int32")
+    token = ops.where(state.done, PAD_ID, token)
+    out = ops.slice_update(state.out, (ops.zeros((), "int32"), state.step), token[:, None])
+    stopped = ops.logical_or(_is_stop(token, constants.stop_ids), state.step + 1 >= constants.limits)
+    done = ops.logical_or(state.done, stopped)
+    return DecodeState(cache=cache, token=token, step=state.step + 1, done=done, out=out)
 
 
-def _feed(lm, cache, token, step, constants):
+def _feed(lm, state, constants):
     """Each row's last token (index `p + step - 1`) through the decoder into
     the cache: `(hidden (b, 1, d), cache)`."""
-    prompt_lengths, _, _, _, prefill_width = constants
-    positions = (prompt_lengths + step - 1)[:, None]  # (b, 1) real tokens before
+    positions = (constants.prompt_lengths + state.step - 1)[:, None]  # (b, 1) real tokens before
+    cache_index = constants.prefill_width + state.step - 1
     return lm.backbone.hidden_states(
-        token[:, None], None, positions=positions, cache=cache, cache_index=prefill_width + step - 1
+        state.token[:, None], None, positions=positions, cache=state.cache, cache_index=cache_index
     )
 
 
-def decode_loop(lm, sampler, cache, token, step, done, out, constants, screen=()):
+def _unfinished(state, constants):
+    """The loops' condition: steps left in the budget and the buffer, and a row not done."""
+    max_steps = ops.minimum(ops.max(constants.limits), state.out.shape[1])
+    return ops.logical_and(state.step < max_steps, ops.logical_not(ops.all(state.done)))
+
+
+def decode_loop(lm, sampler, state, constants, screen=()):
     """`decode_step` until every row is done (or `out` is full)."""
-    limits = constants[1]
-    max_steps = ops.minimum(ops.max(limits), out.shape[1])
-
-    def cond(cache, token, step, done, out):
-        return ops.logical_and(step < max_steps, ops.logical_not(ops.all(done)))
-
-    def body(cache, token, step, done, out):
-        return decode_step(lm, sampler, cache, token, step, done, out, constants, screen)
-
-    return ops.while_loop(cond, body, (cache, token, step, done, out))
+    return _while(
+        lambda state: _unfinished(state, constants),
+        lambda state: decode_step(lm, sampler, state, constants, screen),
+        state,
+    )
 
 
 # Beam search (`samplers.BeamSampler`), transformers' algorithm
 # (`GenerationMixin._beam_search`, `early_stopping=False`) in fixed shapes:
-# each prompt runs as `num_beams` consecutive rows of the batch. The decode
-# state is `(cache, token, step, done, out, scores, best, best_scores,
-# best_filled, open)`: the running beams as `decode_step`'s state plus their
-# summed log-probabilities, then each prompt's best finished beams (b * n, n_out)
-# with their length-penalised scores (b, n) and which of them are filled
-# (b, n), and whether a prompt's running beams may still beat its finished
-# ones (b,). A finished beam is one that emitted a stop token or filled its
-# budget. `done` marks the rows of prompts that have nothing left to gain.
+# each prompt runs as `num_beams` consecutive rows of the batch, its state a
+# `BeamState`. A finished beam is one that emitted a stop token or filled
+# its budget.
 
 NOT_A_BEAM = -1.0e9  # transformers' score for what may not be chosen
 
@@ -206,384 +206,72 @@ def beam_first(lm, sampler, hidden, cache, out, constants):
     prompts = ops.shape(hidden)[0] // beams
     first = ops.reshape(ops.one_hot(ops.zeros((1,), "int32"), beams), (1, beams))
     scores = ops.reshape(ops.broadcast_to((1.0 - first) * NOT_A_BEAM, (prompts, beams)), (-1,))
-    state = (
-        cache, None, ops.zeros((), "int32"), None, out, scores,
-        ops.zeros_like(out), ops.full((prompts, beams), NOT_A_BEAM, "float32"),
-        ops.zeros((prompts, beams), "bool"), ops.ones((prompts,), "bool"),
+    state = BeamState(
+        cache=cache, token=None, step=ops.zeros((), "int32"), done=None, out=out, scores=scores,
+        best=ops.zeros_like(out), best_scores=ops.full((prompts, beams), NOT_A_BEAM, "float32"),
+        best_filled=ops.zeros((prompts, beams), "bool"), open=ops.ones((prompts,), "bool"),
     )
     return _beam_select(sampler, lm.decode_logits(hidden[:, None, :]), state, constants)
 
 
-def beam_step(lm, sampler, cache, token, step, done, out, *rest, constants):
+def beam_step(lm, sampler, state, constants):
     """Feeds each running beam's last token, then `_beam_select`."""
-    hidden, cache = _feed(lm, cache, token, step, constants)
-    return _beam_select(sampler, lm.decode_logits(hidden), (cache, token, step, done, out, *rest), constants)
+    hidden, cache = _feed(lm, state, constants)
+    return _beam_select(sampler, lm.decode_logits(hidden), state._replace(cache=cache), constants)
 
 
 def _beam_select(sampler, logits, state, constants):
     """One step of transformers' beam search from the running beams' next-token logits."""
-    cache, _, step, _, out, scores, best, best_scores, best_filled, still_open = state
-    _, limits, stop_ids, _, _ = constants
+    step, stop_ids = state.step, constants.stop_ids
     rows, vocabulary = ops.shape(logits)
     beams = sampler.num_beams
     prompts = rows // beams
     # Enough candidates that `beams` of them are not stopped (each beam can
     # stop on each stop id at most once).
     keep = max(2, 1 + ops.shape(stop_ids)[0]) * beams
-    log_probs = ops.log_softmax(sampler.scaled(logits), axis=-1) + scores[:, None]
+    log_probs = ops.log_softmax(sampler.scaled(logits), axis=-1) + state.scores[:, None]
     candidate_scores, index = ops.top_k(ops.reshape(log_probs, (prompts, beams * vocabulary)), keep)
     first_row = ops.arange(prompts, dtype="int32")[:, None] * beams
     parents = ops.reshape(first_row + ops.cast(ops.floor_divide(index, vocabulary), "int32"), (-1,))  # (b * keep,)
     tokens = ops.reshape(ops.cast(ops.mod(index, vocabulary), "int32"), (-1,))
-    candidates = ops.slice_update(ops.take(out, parents, axis=0), (ops.zeros((), "int32"), step), tokens[:, None])
-    row_limits = ops.take(limits, parents, axis=0)
+    candidates = ops.slice_update(ops.take(state.out, parents, axis=0), (ops.zeros((), "int32"), step), tokens[:, None])
+    row_limits = ops.take(constants.limits, parents, axis=0)
     stopped = ops.reshape(ops.logical_or(_is_stop(tokens, stop_ids), step + 1 >= row_limits), (prompts, keep))
     # The best `beams` candidates that did not stop run on.
     scores, chosen = ops.top_k(candidate_scores + ops.cast(stopped, "float32") * NOT_A_BEAM, beams)
     chosen = ops.reshape(chosen + ops.arange(prompts, dtype="int32")[:, None] * keep, (-1,))
     chosen_parents = ops.take(parents, chosen)
-    cache = [tuple(ops.take(array, chosen_parents, axis=0) for array in layer) for layer in cache]
+    cache = [tuple(ops.take(array, chosen_parents, axis=0) for array in layer) for layer in state.cache]
     out, token = ops.take(candidates, chosen, axis=0), ops.take(tokens, chosen)
     # Stopped candidates among the best `beams` join the finished ones, scored per token.
     per_length = ops.cast(step + 1, "float32") ** sampler.length_penalty
     finished = ops.logical_and(stopped, ops.arange(keep)[None, :] < beams)
     penalised = candidate_scores / per_length
-    penalised = penalised + ops.cast(ops.logical_not(still_open), "float32")[:, None] * NOT_A_BEAM
+    penalised = penalised + ops.cast(ops.logical_not(state.open), "float32")[:, None] * NOT_A_BEAM
     penalised = penalised + ops.cast(ops.logical_not(finished), "float32") * NOT_A_BEAM
-    merged = ops.concatenate([best_scores, penalised], axis=1)  # (b, beams + keep)
+    merged = ops.concatenate([state.best_scores, penalised], axis=1)  # (b, beams + keep)
     best_scores, picked = ops.top_k(merged, beams)
-    best_filled = ops.take_along_axis(ops.concatenate([best_filled, finished], axis=1), picked, axis=1)
-    merged_rows = ops.concatenate([best, candidates], axis=0)  # finished rows, then candidate rows
+    best_filled = ops.take_along_axis(ops.concatenate([state.best_filled, finished], axis=1), picked, axis=1)
+    merged_rows = ops.concatenate([state.best, candidates], axis=0)  # finished rows, then candidate rows
     from_best = first_row + picked
     from_candidates = rows + ops.arange(prompts, dtype="int32")[:, None] * keep + picked - beams
     best = ops.take(merged_rows, ops.reshape(ops.where(picked < beams, from_best, from_candidates), (-1,)), axis=0)
     # Whether the best running beam, scored at this length, beats the worst finished one.
     worst = ops.where(best_filled, ops.min(best_scores, axis=1, keepdims=True), NOT_A_BEAM)
     hopeful = ops.any(scores[:, :1] / per_length > worst, axis=1)
-    still_open = ops.logical_and(still_open, hopeful)
+    still_open = ops.logical_and(state.open, hopeful)
     prompt_done = ops.logical_or(ops.logical_not(still_open), ops.all(stopped, axis=1))
-    done = ops.repeat(prompt_done, beams, axis=0)
-    scores = ops.reshape(scores, (-1,))
-    return cache, token, step + 1, done, out, scores, best, best_scores, best_filled, still_open
-
-
-def beam_loop(lm, sampler, *state, constants):
-    """`beam_step` until every prompt is done (or `out` is full)."""
-    max_steps = ops.minimum(ops.max(constants[1]), state[4].shape[1])
-
-    def cond(*state):
-        return ops.logical_and(state[2] < max_steps, ops.logical_not(ops.all(state[3])))
-
-    def body(*state):
-        return beam_step(lm, sampler, *state, constants=constants)
-
-    return ops.while_loop(cond, body, state)
-
-
-# -- Host side -----------------------------------------------------------------
-
-
-def tokenizer_of(lm):
-    """The tokenizer behind `lm.preprocessor` (or a tokenizer set there), or None."""
-    preprocessor = getattr(lm, "preprocessor", None)
-    if preprocessor is None:
-        return None
-    return getattr(preprocessor, "tokenizer", preprocessor)
-
-
-def _need_tokenizer(lm, what):
-    tokenizer = tokenizer_of(lm)
-    if tokenizer is None or not hasattr(tokenizer, "tokenize"):
-        raise ValueError(
-            f"{what} needs a tokenizer: build the model with "
-            "`preprocessor=GemmaCausalLMPreprocessor(tokenizer)`, or pass "
-            "pre-tokenized `{'token_ids': ..., 'padding_mask': ...}`."
-        )
-    return tokenizer
-
-
-def _allow_system(lm):
-    preprocessor = getattr(lm, "preprocessor", None)
-    return getattr(preprocessor, "allow_system", True)
-
-
-def render_chat(lm, messages):
-    """A conversation as prompt text, `<bos>` left to `encode_text`."""
-    return chat_template.apply_chat_template(
-        messages, add_generation_prompt=True, bos_token="", allow_system=_allow_system(lm)
+    return BeamState(
+        cache=cache, token=token, step=step + 1, done=ops.repeat(prompt_done, beams, axis=0), out=out,
+        scores=ops.reshape(scores, (-1,)), best=best, best_scores=best_scores, best_filled=best_filled,
+        open=still_open,
     )
 
 
-def encode_text(lm, texts):
-    """Token ids of each text with `<bos>` first (not doubled if present)."""
-    tokenizer = _need_tokenizer(lm, "Text input")
-    bos = tokenizer.bos_token_id
-    ids = [list(row) for row in tokenizer.tokenize(list(texts))]
-    if not getattr(lm.preprocessor, "add_start_token", True):
-        return ids
-    return [row if row[:1] == [bos] else [bos] + row for row in ids]
-
-
-class Prompts:
-    """Prompts as host lists, and how to give results back.
-
-    Attributes:
-        ids: list of token-id lists (real tokens only).
-        texts: the prompt texts (text input) or None.
-        form: "text" or "tokens".
-        scalar: the input was one prompt, not a batch.
-    """
-
-    def __init__(self, ids, texts, form, scalar):
-        self.ids, self.texts, self.form, self.scalar = ids, texts, form, scalar
-
-
-def normalize_inputs(lm, inputs):
-    """Strings, conversations, or `{"token_ids", "padding_mask"}` as `Prompts`."""
-    if isinstance(inputs, (str, bytes)):
-        inputs, scalar = [inputs], True
-    elif chat_template.is_conversation(inputs):
-        inputs, scalar = [inputs], True
-    elif isinstance(inputs, dict):
-        return _token_prompts(inputs)
-    elif hasattr(inputs, "shape") and not isinstance(inputs, (list, tuple)):
-        return _token_prompts({"token_ids": inputs})
-    elif isinstance(inputs, (list, tuple)) and inputs and all(
-        isinstance(x, (str, bytes)) or chat_template.is_conversation(x) for x in inputs
-    ):
-        inputs, scalar = list(inputs), False
-    else:
-        raise ValueError(
-            "`inputs` must be a string, a list of strings, a conversation "
-            "(list of {'role', 'content'} dicts), a list of conversations, or "
-            f"a dict of 'token_ids' and 'padding_mask'; got {inputs!r:.200}."
-        )
-    texts = []
-    for i, item in enumerate(inputs):
-        if isinstance(item, bytes):
-            item = item.decode("utf-8")
-        if isinstance(item, str):
-            if not item:
-                raise ValueError(f"Prompt {i} is an empty string: give the model some text to continue.")
-            texts.append(item)
-        else:
-            texts.append(render_chat(lm, item))
-    return Prompts(encode_text(lm, texts), texts, "text", scalar)
-
-
-def token_arrays(inputs):
-    """`(token_ids (b, t), padding_mask (b, t) bool, scalar)` as numpy from
-    `{"token_ids", "padding_mask"}` (a missing mask: every token real)."""
-    token_ids = np.asarray(ops.convert_to_numpy(inputs["token_ids"]))
-    mask = inputs.get("padding_mask")
-    mask = np.ones(token_ids.shape, bool) if mask is None else np.asarray(ops.convert_to_numpy(mask)).astype(bool)
-    scalar = token_ids.ndim == 1
-    if scalar:
-        token_ids, mask = token_ids[None], mask[None]
-    return token_ids, mask, scalar
-
-
-def _token_prompts(inputs):
-    if "token_ids" not in inputs:
-        raise ValueError(f"A dict input needs 'token_ids' (and optionally 'padding_mask'); got keys {sorted(inputs)}.")
-    token_ids, mask, scalar = token_arrays(inputs)
-    if token_ids.ndim != 2 or mask.shape != token_ids.shape:
-        raise ValueError(
-            "'token_ids' must be (batch, length) or (length,), with a "
-            f"'padding_mask' of the same shape; got {token_ids.shape} and {mask.shape}."
-        )
-    if not np.issubdtype(token_ids.dtype, np.integer):
-        raise ValueError(f"'token_ids' must be integers, got {token_ids.dtype}.")
-    ids = [row[keep].astype(int).tolist() for row, keep in zip(token_ids, mask)]
-    return Prompts(ids, None, "tokens", scalar)
-
-
-def resolve_stop_ids(lm, stop_token_ids):
-    """"auto": `<eos>` and `<end_of_turn>`; None: never stop; or the given
-    ids and vocabulary pieces (`["<end_of_turn>", 108]`)."""
-    if stop_token_ids is None:
-        return ()
-    if isinstance(stop_token_ids, str):
-        if stop_token_ids != "auto":
-            raise ValueError(
-                f'`stop_token_ids` must be "auto", None or a list of ids or pieces, got {stop_token_ids!r}.'
-            )
-        tokenizer = tokenizer_of(lm)
-        if tokenizer is not None and hasattr(tokenizer, "eos_token_id"):
-            ids = (tokenizer.eos_token_id, getattr(tokenizer, "end_of_turn_id", None))
-        else:
-            ids = (EOS_ID, END_OF_TURN_BY_VOCABULARY.get(lm.config.vocabulary_size))
-        return tuple(sorted({i for i in ids if i is not None}))
-    if isinstance(stop_token_ids, (int, np.integer)):
-        stop_token_ids = [stop_token_ids]
-    vocabulary = lm.config.vocabulary_size
-    ids = set()
-    for item in stop_token_ids:
-        if isinstance(item, str):
-            ids.add(_piece_id(lm, item))
-        elif isinstance(item, (int, np.integer)) and not isinstance(item, bool) and 0 <= item < vocabulary:
-            ids.add(int(item))
-        else:
-            raise ValueError(
-                f"`stop_token_ids` holds {item!r}: each must be a token id in [0, {vocabulary}) "
-                'or a vocabulary piece such as "<end_of_turn>".'
-            )
-    return tuple(sorted(ids))
-
-
-def _piece_id(lm, piece):
-    """The id of one vocabulary piece (a stop token given as text)."""
-    tokenizer = _need_tokenizer(lm, f"A stop token given as text ({piece!r})")
-    token_id = int(tokenizer.token_to_id(piece))  # unknown pieces give <unk>'s id
-    if tokenizer.id_to_token(token_id) != piece:
-        raise ValueError(
-            f"Stop token {piece!r} is not a piece of the vocabulary; give its id, or a piece "
-            'such as "<end_of_turn>" (`lm.preprocessor.tokenizer.get_vocabulary()` lists them).'
-        )
-    return token_id
-
-
-def new_token_limits(lm, prompts, max_length, max_new_tokens):
-    """How many tokens each row may add (a row stops early on a stop token)."""
-    lengths = np.array([len(row) for row in prompts.ids])
-    for i, row in enumerate(prompts.ids):
-        if not row:
-            raise ValueError(f"Prompt {i} is empty: it has no real (unpadded) tokens.")
-    for name, value in (("max_length", max_length), ("max_new_tokens", max_new_tokens)):
-        if value is not None and (not isinstance(value, (int, np.integer)) or isinstance(value, bool)):
-            raise ValueError(f"`{name}` must be an integer or None, got {value!r}.")
-    if max_new_tokens is not None and max_new_tokens < 0:
-        raise ValueError(f"`max_new_tokens` must be >= 0, got {max_new_tokens}.")
-    if max_length is not None and max_length < 1:
-        raise ValueError(f"`max_length` must be positive, got {max_length}.")
-    if max_length is None and max_new_tokens is None:
-        max_length = getattr(getattr(lm, "preprocessor", None), "sequence_length", None) or DEFAULT_MAX_LENGTH
-        max_length = min(max_length, lm.config.max_sequence_length)
-        if lengths.max() >= max_length:
-            raise ValueError(
-                f"The longest prompt has {lengths.max()} tokens, which leaves no room "
-                f"under the default max_length={max_length}: pass `max_new_tokens` or a larger `max_length`."
-            )
-    limits = np.full(len(lengths), np.iinfo(np.int32).max, np.int64)
-    if max_length is not None:
-        too_long = np.flatnonzero(lengths > max_length)
-        if too_long.size:
-            i = int(too_long[0])
-            raise ValueError(
-                f"Prompt {i} has {lengths[i]} tokens, more than max_length={max_length} "
-                "(prompt and generated tokens together)."
-            )
-        limits = np.minimum(limits, max_length - lengths)
-    if max_new_tokens is not None:
-        limits = np.minimum(limits, max_new_tokens)
-    needed = int((lengths + limits).max())
-    if needed > lm.config.max_sequence_length:
-        raise ValueError(
-            f"Prompt and new tokens need {needed} positions, more than the "
-            f"model's max_sequence_length={lm.config.max_sequence_length}."
-        )
-    return limits.astype(np.int32)
-
-
-class Batch:
-    """Left-padded prompts and the buffers one compiled call needs."""
-
-    def __init__(self, prompts, limits, stop_ids, seed):
-        lengths = np.array([len(row) for row in prompts.ids], np.int32)
-        self.width = bucket(int(lengths.max()))  # p
-        # Slots for the longest prompt's real tokens and every new token:
-        # indices run to `width + max(limits) - 2` (the last token is never
-        # fed), and an index past the cache's end lands on the slot of one
-        # `cache_length` earlier, which no row holds a real token at (all
-        # are left padding there). So a chat with a fixed `max_length` keeps
-        # one cache length (and one decode loop) however its prompt is
-        # padded.
-        self.cache_length = bucket(int(lengths.max()) + int(limits.max()), COARSE_BUCKET)
-        # The new-token buffer (n) as long as the cache: one decode loop per
-        # cache length, whatever the budget (int32, 4 bytes a slot and row).
-        self.new = self.cache_length
-        batch = len(lengths)
-        self.token_ids = np.full((batch, self.width), PAD_ID, np.int32)
-        self.padding_mask = np.zeros((batch, self.width), bool)
-        for i, row in enumerate(prompts.ids):
-            self.token_ids[i, self.width - len(row):] = row
-            self.padding_mask[i, self.width - len(row):] = True
-        # Rotary positions, as `backbone.hidden_states` counts them.
-        self.positions = np.maximum(np.cumsum(self.padding_mask, axis=1, dtype=np.int32) - 1, 0)
-        size = max(STOP_SLOTS, -(-len(stop_ids) // STOP_SLOTS) * STOP_SLOTS)
-        stop = list(stop_ids) + [-1] * (size - len(stop_ids))
-        self.constants = (
-            lengths,
-            limits.astype(np.int32),
-            np.array(stop, np.int32),
-            np.array(seed, np.int32),
-            np.array(self.width, np.int32),
-        )
-        self.limits = limits
-        self.stop_ids = stop_ids
-
-
-def finish_rows(out, limits, stop_ids):
-    """Host: each row's new tokens, cut after its first stop token (kept)."""
-    rows = []
-    for tokens, limit in zip(np.asarray(out), limits):
-        tokens = tokens[: int(limit)].tolist()
-        for j, token in enumerate(tokens):
-            if token in stop_ids:
-                tokens = tokens[: j + 1]
-                break
-        rows.append(tokens)
-    return rows
-
-
-def detokenize(lm, ids):
-    """Text of new tokens: control tokens (stop tokens, turn markers) dropped."""
-    tokenizer = _need_tokenizer(lm, "Text output")
-    return tokenizer.detokenize(list(ids), skip_special_tokens=True)
-
-
-def format_outputs(lm, prompts, rows, strip_prompt):
-    """Text in, text out; tokens in, `{"token_ids", "padding_mask"}` out."""
-    if prompts.form == "text":
-        texts = [detokenize(lm, row) for row in rows]
-        if not strip_prompt:
-            texts = [prompt + text for prompt, text in zip(prompts.texts, texts)]
-        return texts[0] if prompts.scalar else texts
-    sequences = rows if strip_prompt else [p + r for p, r in zip(prompts.ids, rows)]
-    width = max(1, max(len(s) for s in sequences))
-    token_ids = np.full((len(sequences), width), PAD_ID, np.int32)
-    padding_mask = np.zeros((len(sequences), width), bool)
-    for i, sequence in enumerate(sequences):
-        token_ids[i, : len(sequence)] = sequence
-        padding_mask[i, : len(sequence)] = True
-    if prompts.scalar:
-        token_ids, padding_mask = token_ids[0], padding_mask[0]
-    return {"token_ids": token_ids, "padding_mask": padding_mask}
-
-
-class TextStream:
-    """Turns token ids into text pieces as they come.
-
-    Decodes the whole reply so far each time and hands out what is new, but
-    holds text back while it ends in an incomplete UTF-8 byte sequence (a
-    byte-fallback character split over tokens) or while a later token
-    rewrote it, so the pieces always join to the final text.
-    """
-
-    def __init__(self, lm):
-        self.lm = lm
-        self.ids = []
-        self.sent = ""
-
-    def push(self, token_id):
-        self.ids.append(int(token_id))
-        text = detokenize(self.lm, self.ids)
-        if text.endswith("\ufffd") or not text.startswith(self.sent):
-            return ""
-        piece, self.sent = text[len(self.sent):], text
-        return piece
-
-    def finish(self):
-        text = detokenize(self.lm, self.ids)
-        piece, self.sent = text[len(self.sent):], text
-        return piece
+def beam_loop(lm, sampler, state, constants):
+    """`beam_step` until every prompt is done (or `out` is full)."""
+    return _while(
+        lambda state: _unfinished(state, constants),
+        lambda state: beam_step(lm, sampler, state, constants),
+        state,
+    )
