@@ -470,25 +470,6 @@ def test_new_prompt_widths_reuse_compiled_chunks(gemma3_lm, monkeypatch):
     assert traces  # a 64-column prompt and a shorter cache: compiled anew
 
 
-def test_write_chunk_keeps_the_newest_index_per_slot():
-    """`Attention._write_chunk`: index i of a chunk lands at slot `i % c`,
-    the newest index winning, other slots untouched; chunks shorter and
-    longer than the cache, wrapping it or not."""
-    for slots, t, start in ((8, 3, 0), (8, 3, 6), (8, 8, 4), (8, 20, 5), (100, 64, 256), (16, 16, 32)):
-        old = np.arange(slots, dtype=np.float32)[None, None, None] * -1.0 - 1  # (1, 1, 1, slots)
-        new = np.arange(start, start + t, dtype=np.float32)[None, None, None]  # (1, 1, 1, t)
-        cache = (old, old, np.full((1, slots), -1, np.int32))
-        positions = np.arange(start, start + t, dtype=np.int32)[None]
-        keys, _, written = Attention._write_chunk(cache, new, new, positions, np.int32(start))
-        expected = old[0, 0, 0].copy()
-        expected_positions = np.full(slots, -1)
-        for i in range(start, start + t):
-            expected[i % slots] = i
-            expected_positions[i % slots] = i
-        np.testing.assert_array_equal(to_numpy(keys)[0, 0, 0], expected)
-        np.testing.assert_array_equal(to_numpy(written)[0], expected_positions)
-
-
 def test_bad_inputs(gemma3_lm, text_lm):
     with pytest.raises(ValueError, match="empty"):
         text_lm.generate("", max_new_tokens=4)
@@ -700,92 +681,6 @@ def test_screened_bfloat16_decoding_equals_full_head(monkeypatch):
     assert len(set(rows[0][0][5:])) >= 3, rows  # not one token echoed
 
 
-@pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step reads (out, in) kernel copies")
-@pytest.mark.parametrize("name", ["gemma3", "gemma2"])
-def test_out_in_kernels_decoding_equals_full_forward(name, monkeypatch):
-    """Batch-1 decode steps that read (out, in) copies of the kernels
-    (`products.out_in_kernels`; float32 copies here, so that the tokens
-    must equal uncached forward passes): every projection goes by
-    `times_out_in`; generated and streamed tokens agree; new weights make
-    new copies; a batch of 3 reads the kernels as they are."""
-    monkeypatch.setattr(products, "OUT_IN_DTYPES", ("float32",))
-    lm = _hf_lm(name)
-    functions = lm._functions()
-    assert len(functions.out_in) == 7 * lm.backbone.config.num_layers
-    assert functions.kernels(3) == ()
-    calls = []
-    times_out_in = products.times_out_in
-    monkeypatch.setattr(products, "times_out_in", lambda *args: calls.append(1) or times_out_in(*args))
-    prompt = _ragged_prompts(lengths=(5,))
-    _check_greedy_equals_full_forward(lm, prompt)
-    assert len(calls) == 7 * lm.backbone.config.num_layers  # one trace of the loop
-    inputs = _right_padded(prompt)
-    output = lm.generate(inputs, max_new_tokens=12, stop_token_ids=None, strip_prompt=True)
-    traced = len(calls)
-    steps = list(lm.stream_token_ids(inputs, max_new_tokens=12, stop_token_ids=None))
-    assert np.stack(steps, axis=1).tolist() == output["token_ids"].tolist()
-    assert len(calls) == traced + 7 * lm.backbone.config.num_layers  # a trace of the step
-    gate = lm.backbone.blocks[0].feed_forward.gate._kernel
-    old = to_numpy(gate.value)
-    copies = functions._kernels[2]
-    gate.assign(old[:, np.random.default_rng(3).permutation(old.shape[1])])
-    _check_greedy_equals_full_forward(lm, prompt)
-    assert functions._kernels[2] is not copies
-    assert all(products.copied_from(stamp, variable) for stamp, (variable, _, _) in zip(functions._kernels[1], functions.out_in))
-
-
-@pytest.mark.skipif(backend() != "torch" or not products._packs(), reason="PyTorch with oneDNN packs its weights")
-def test_packed_kernels_decoding_equals_full_forward(monkeypatch):
-    """Decode steps of 3 rows on PyTorch read oneDNN-packed copies of every
-    kernel and of the head's table (`products.out_in_kernels`): tokens equal
-    uncached forward passes, generated and streamed; weights changed in
-    place make new copies; 2 rows read the weights as they are."""
-    lm = _hf_lm("gemma3")
-    layers = lm.backbone.config.num_layers
-    functions = lm._functions()
-    assert len(functions.out_in) == 7 * layers + 1
-    assert functions.kernels(2) == ()
-    hits = []
-    packed_copy = products.packed_copy
-    monkeypatch.setattr(products, "packed_copy", lambda m: (lambda p: hits.append(p is not None) or p)(packed_copy(m)))
-    prompts = _ragged_prompts()
-    _check_greedy_equals_full_forward(lm, prompts)
-    assert hits.count(True) == 7 * layers + 1  # one trace of the step, every product packed
-    inputs = _right_padded(prompts)
-    output = lm.generate(inputs, max_new_tokens=12, stop_token_ids=None, strip_prompt=True)
-    steps = list(lm.stream_token_ids(inputs, max_new_tokens=12, stop_token_ids=None))
-    assert np.stack(steps, axis=1).tolist() == output["token_ids"].tolist()
-    copies = functions._kernels[2]
-    gate = lm.backbone.blocks[0].feed_forward.gate._kernel
-    old = to_numpy(gate.value)
-    gate.assign(old[:, np.random.default_rng(3).permutation(old.shape[1])])
-    _check_greedy_equals_full_forward(lm, prompts)
-    assert functions._kernels[2] is not copies
-    # Copies that would take more than half the available memory are not made.
-    assert products.copies_bytes(functions.out_in) == 4 * sum(math.prod(w.shape) for w in lm.weights if len(w.shape) > 1)
-    monkeypatch.setattr(products, "fits_in_memory", lambda size: False)
-    gate.assign(old)
-    assert functions.kernels(3) == () and functions._kernels is None
-    _check_greedy_equals_full_forward(lm, prompts)
-
-
-@pytest.mark.skipif(backend() != "jax", reason="JAX's batch-1 decode step reads (out, in) kernel copies")
-def test_out_in_bfloat16_decoding_equals_kernels_as_they_are(monkeypatch):
-    """A bfloat16 model decodes the same tokens from its (out, in) kernel
-    copies as from the kernels as they are (both sum in float32)."""
-    config = hf_reference.gemma2_config()
-    hf = hf_reference.build_hf(config, scale=WEIGHT_SCALE["gemma2"])
-    prompt = _right_padded(_ragged_prompts(lengths=(5,)))
-    rows = []
-    for dtypes in (("bfloat16",), ()):
-        monkeypatch.setattr(products, "OUT_IN_DTYPES", dtypes)
-        lm = hf_reference.ours_from_hf(hf, dtype="bfloat16")
-        rows.append(_rows(lm.generate(prompt, max_new_tokens=NEW_TOKENS, stop_token_ids=None)))
-        assert bool(lm._functions().out_in) == bool(dtypes)
-    assert rows[0] == rows[1]
-    assert len(set(rows[0][0][5:])) >= 3, rows  # not one token echoed
-
-
 @pytest.mark.parametrize("equation, form", [
     ("btd,df->btf", "matrix"),
     ("btf,fd->btd", "matrix"),
@@ -906,22 +801,6 @@ def test_traced_few_row_products_by_out_in_ordered_weights():
 
 
 @pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
-def test_torch_decode_step_writes_the_cache_in_place(gemma3_lm):
-    """A traced decode step writes its slot into the cache tensors it was
-    given (no clone of any layer's cache), and still decodes as repeated
-    uncached forward passes do (`test_greedy_with_cache_equals_full_forward`
-    checks that on ragged batches)."""
-    prompts, limits, stop_ids = gemma3_lm._prepare({"token_ids": np.array([[5, 6, 7]])}, None, 6, None)
-    functions, _, state, constants = gemma3_lm._start(prompts, limits, stop_ids)
-    storage = [[a.data_ptr() for a in layer] for layer in state.cache]
-    before = [[to_numpy(a).copy() for a in layer] for layer in state.cache]
-    state = functions.step(state, constants, (), ())
-    assert [[a.data_ptr() for a in layer] for layer in state.cache] == storage
-    changed = [any(not np.array_equal(to_numpy(a), b) for a, b in zip(layer, old)) for layer, old in zip(state.cache, before)]
-    assert all(changed), changed  # every layer wrote its slot
-
-
-@pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
 def test_torch_traced_graphs_run_without_the_profiling_executor(gemma3_lm):
     """The traced graphs run as traced: no profiling run that a later call
     would then optimize (that second call paid ~0.9 s for a 16-token
@@ -971,27 +850,6 @@ def _copied_cache_arrays(state, hlo, in_entry):
     copied = [tuple(int(d) for d in dims.split(",")) for dims in re.findall(r"= \w+\[([\d,]+)\]\{[\d,]*\} copy\(", inner)]
     assert "while(" in hlo
     return sorted(cache_shapes & set(copied))
-
-
-@pytest.mark.skipif(backend() != "jax", reason="XLA:CPU's compiled decode loop")
-def test_jax_bfloat16_decode_loop_keeps_no_float32_table():
-    """XLA:CPU gathers rows of a 16-bit table through a float32 conversion
-    of it, fused with the gather; with loop-invariant code motion (off in
-    the decode loop, `compile._jax_loop_options`) the conversion of the
-    whole table was hoisted out of the loop and ran on every call."""
-    lm, prompt, _, hlo = _compiled_loop("bfloat16", 4)
-    table = [line for line in hlo.splitlines() if "f32[96,40]" in line and "convert(" in line]
-    assert "while(" in hlo
-    assert not [line for line in table if "fusion(" in line or line.strip().startswith("ROOT")], table
-    assert lm.generate(prompt, max_new_tokens=4)["token_ids"].shape[1] >= 4
-
-
-@pytest.mark.skipif(backend() != "tensorflow", reason="inspects the compiled TensorFlow decode loop")
-def test_tensorflow_float32_decode_loop_copies_no_cache():
-    """TensorFlow's XLA copied every cache array three times per step until
-    the write waited for the attention (`products.orders_cache_write`)."""
-    _, _, state, hlo = _compiled_loop("float32", 20)
-    assert not _copied_cache_arrays(state, hlo, in_entry=False)
 
 
 @pytest.mark.skipif(backend() != "jax", reason="inspects the compiled JAX decode loop")
