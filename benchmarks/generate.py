@@ -23,12 +23,9 @@ two, as above): a slow stretch of the machine then lands on both
 implementations, not on whichever ran during it.
 
 The compile call also makes keras_gemma's int8 screen of the output head
-(JAX, batch 1: `keras_gemma.products.screened_logits`) and its decode
-copies of the weights (JAX bfloat16 batch 1, PyTorch float32 batch 8:
-`keras_gemma.products.out_in_kernels`), which later calls reuse as a
-user's do until the weights change (~0.1-0.5 s to make). Peak memory
-counts them: the PyTorch cases after batch 8 start with its copies held
-(1.07 GB, let go by their first call).
+(JAX, batch 1: `keras_gemma.backends.cpu.screened_logits`), which later
+calls reuse as a user's do until the weights change (~0.1 s to make).
+Peak memory counts it.
 
 keras-hub is fed token ids with `preprocessor=None` (right-padded to
 `prompt + new`, its `max_length`); keras_gemma gets the same ids.

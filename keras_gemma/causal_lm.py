@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_gemma import precision, products, quantization
+from keras_gemma import precision, quantization
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.checkpoints import preset
 from keras_gemma.generation import GenerationMixin
@@ -54,23 +54,9 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
             logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
 
-    def decode_logits(self, hidden, screen=(), top=None):
-        """A decode step's logits (b, vocab), float32, from hidden (b, 1, d).
-
-        With a `screen` (`products.screen_table` of the head) and `top` (the
-        sampler reads only the `top` largest): exact where the `top` largest
-        can be, -inf elsewhere (`products.screened_logits`).
-        """
-        if not screen or top is None or 2 * top > self.config.vocabulary_size:
-            return self.logits(hidden)[:, 0, :]
-        kernel = self.backbone.token_embedding.embeddings
-        cap, dtype = self.config.final_logit_softcap, hidden.dtype
-
-        def finish(raw):  # as `logits` does after the head's float32 product
-            return soft_cap(ops.cast(ops.cast(raw, dtype), "float32"), cap)
-
-        x = ops.cast(hidden[:, 0, :], "float32")
-        return products.screened_logits(x, kernel, screen, top, finish, lambda: self.logits(hidden)[:, 0, :])
+    def decode_logits(self, hidden):
+        """A decode step's logits (b, vocab), float32, from hidden (b, 1, d)."""
+        return self.logits(hidden)[:, 0, :]
 
     def fit(self, x=None, y=None, batch_size=None, sample_weight=None, validation_data=None, **kwargs):
         """`keras.Model.fit`, also on raw text when the model has a preprocessor.

@@ -21,13 +21,12 @@ import keras
 import hf_reference
 import keras_gemma
 from conftest import backend, to_numpy
-from keras_gemma import products
+from keras_gemma.backends import cpu
 from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
 from keras_gemma.generation import prompts as prompts_lib
 from keras_gemma.generation import samplers
 from keras_gemma.layers import Attention, soft_cap
-from keras_gemma.products import decode_logits
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 from tokenizer_fixtures import _tiny_spm
@@ -172,9 +171,9 @@ def test_torch_traces_short_prefills_only(gemma3_lm, monkeypatch):
 
 
 def test_greedy_batch_of_one_equals_full_forward(hf_lm):
-    """One row: on JAX and TensorFlow a batch-1 decode step splits its
-    products by a weight matrix into row blocks (`products.matmul`),
-    which the uncached forward pass does not."""
+    """One row: on JAX a batch-1 decode step finds its token through the
+    head's int8 screen (`backends/cpu.py`), which the uncached forward
+    pass does not."""
     _check_greedy_equals_full_forward(hf_lm, _ragged_prompts(lengths=(5,)))
 
 
@@ -536,18 +535,8 @@ def test_prompt_handling_is_host_only():
     assert not [name for name in imported if "generation" in name or "products" in name], imported
 
 
-@pytest.mark.parametrize("batch", [1, 3])
-def test_decode_logits_is_the_head_product(batch):
-    """Whichever form this backend's decode head takes, it is x @ table^T."""
-    rng = np.random.default_rng(0)
-    table = rng.standard_normal((96, 8)).astype(np.float32)
-    x = rng.standard_normal((batch, 8)).astype(np.float32)
-    got = to_numpy(decode_logits(keras.ops.convert_to_tensor(table), keras.ops.convert_to_tensor(x)))
-    np.testing.assert_allclose(got, x @ table.T, rtol=1e-5, atol=1e-5)
-
-
 def _screened_and_full(table, x, k, cap=None, dtype="float32"):
-    """`products.screened_logits` and the full head, float32 numpy; with
+    """`cpu.screened_logits` and the full head, float32 numpy; with
     `dtype="bfloat16"` the table and logits in bfloat16 (as a bfloat16
     model's head gives them, so near-equal logits round to ties)."""
     kernel = keras.ops.cast(keras.ops.convert_to_tensor(table), dtype)
@@ -559,7 +548,7 @@ def _screened_and_full(table, x, k, cap=None, dtype="float32"):
     def full():
         return finish(keras.ops.matmul(x, keras.ops.transpose(keras.ops.cast(kernel, "float32"))))
 
-    screened = products.screened_logits(x, kernel, products.screen_table(kernel), k, finish, full)
+    screened = cpu.screened_logits(x, kernel, cpu.screen_table(kernel), k, finish, full)
     return to_numpy(screened), to_numpy(full())
 
 
@@ -569,7 +558,7 @@ def test_screened_logits_hold_the_top_k_exactly(k, dtype, monkeypatch):
     """The int8 screen of the head (JAX's batch-1 decode step) recomputes a
     few rows exactly and -inf elsewhere, and those rows hold the top k
     (ties taken by the lower index, as over the full head)."""
-    monkeypatch.setattr(products, "SCREEN_ROWS", 16)
+    monkeypatch.setattr(cpu, "SCREEN_ROWS", 16)
     rng = np.random.default_rng(k)
     table = rng.standard_normal((2048, 64)).astype(np.float32)
     screened = 0
@@ -591,7 +580,7 @@ def test_screened_logits_fall_back_to_the_full_head(monkeypatch):
     full head is used: ties beyond the kept rows, rows closer than the
     int8 screen can tell apart, and a soft cap that saturates (distinct raw
     logits, equal capped ones)."""
-    monkeypatch.setattr(products, "SCREEN_ROWS", 16)
+    monkeypatch.setattr(cpu, "SCREEN_ROWS", 16)
     rng = np.random.default_rng(0)
     table = rng.standard_normal((2048, 64)).astype(np.float32)
     x = rng.standard_normal((1, 64)).astype(np.float32)
@@ -618,8 +607,8 @@ def test_screened_decoding_equals_full_forward(hf_lm, monkeypatch):
     branches run): greedy tokens, generated and streamed, equal uncached
     forward passes; top-k draws equal those without the screen. New
     embeddings make a new screen."""
-    monkeypatch.setattr(products, "SCREEN_ROWS", 2)
-    assert products.screens_head(hf_lm.backbone.token_embedding, 1)
+    monkeypatch.setattr(cpu, "SCREEN_ROWS", 2)
+    assert isinstance(hf_lm._functions().tuning, cpu.JaxCpu)
     prompt = _ragged_prompts(lengths=(5,))
     _check_greedy_equals_full_forward(hf_lm, prompt)
     inputs = _right_padded(prompt)
@@ -628,19 +617,20 @@ def test_screened_decoding_equals_full_forward(hf_lm, monkeypatch):
     assert np.stack(steps, axis=1).tolist() == output["token_ids"].tolist()
     functions = hf_lm._functions()
     table = hf_lm.backbone.token_embedding.embeddings
-    assert functions._screen[0]() is table.value
+    assert functions.tuning._screen[0]() is table.value
     old = to_numpy(table.value)
     try:
         table.assign(old[np.random.default_rng(3).permutation(len(old))])
         _check_greedy_equals_full_forward(hf_lm, prompt)
-        assert functions._screen[0]() is table.value
+        assert functions.tuning._screen[0]() is table.value
     finally:
         table.assign(old)
     sampler = hf_lm.sampler
     try:
         draws = []
         for screens in (True, False):
-            monkeypatch.setattr(products, "screens_head", lambda embedding, batch, on=screens: on)
+            if not screens:
+                monkeypatch.setattr(cpu.JaxCpu, "extras", lambda self, sampler, batch: ())
             hf_lm.compile(sampler=keras_gemma.samplers.TopKSampler(k=3, seed=7))
             draws.append(_rows(hf_lm.generate(_right_padded(prompt), max_new_tokens=20, stop_token_ids=None)))
         assert draws[0] == draws[1]
@@ -652,10 +642,10 @@ def test_screened_decoding_equals_full_forward(hf_lm, monkeypatch):
 def test_first_token_goes_through_the_screen(hf_lm, monkeypatch):
     """The prompt's first new token is found through the head's screen as
     the decode steps' are (its tokens: `test_screened_decoding_equals_full_forward`)."""
-    monkeypatch.setattr(products, "SCREEN_ROWS", 2)  # the tiny vocabulary gets screened
+    monkeypatch.setattr(cpu, "SCREEN_ROWS", 2)  # the tiny vocabulary gets screened
     calls = []
-    screened = products.screened_logits
-    monkeypatch.setattr(products, "screened_logits", lambda *args: calls.append(1) or screened(*args))
+    screened = cpu.screened_logits
+    monkeypatch.setattr(cpu, "screened_logits", lambda *args: calls.append(1) or screened(*args))
     sampler = hf_lm.sampler
     try:
         hf_lm.compile(sampler="greedy")  # new functions, traced anew
@@ -669,13 +659,14 @@ def test_first_token_goes_through_the_screen(hf_lm, monkeypatch):
 def test_screened_bfloat16_decoding_equals_full_head(monkeypatch):
     """A bfloat16 model's screened steps pick what its full head picks
     (its bfloat16 logits tie often; ties go to the lower index either way)."""
-    monkeypatch.setattr(products, "SCREEN_ROWS", 2)
+    monkeypatch.setattr(cpu, "SCREEN_ROWS", 2)
     config = hf_reference.gemma2_config()
     lm = hf_reference.ours_from_hf(hf_reference.build_hf(config, scale=WEIGHT_SCALE["gemma2"]), dtype="bfloat16")
     prompt = _right_padded(_ragged_prompts(lengths=(5,)))
     rows = []
     for screens in (True, False):
-        monkeypatch.setattr(products, "screens_head", lambda embedding, batch, on=screens: on)
+        if not screens:
+            monkeypatch.setattr(cpu.JaxCpu, "extras", lambda self, sampler, batch: ())
         rows.append(_rows(lm.generate(prompt, max_new_tokens=NEW_TOKENS, stop_token_ids=None)))
     assert rows[0] == rows[1]
     assert len(set(rows[0][0][5:])) >= 3, rows  # not one token echoed
@@ -690,20 +681,20 @@ def test_screened_bfloat16_decoding_equals_full_head(monkeypatch):
     ("btNh,Nhd->btd", "flat"),
     ("bkhs,btkgh->bkgts", None),  # attention
     ("bkgts,bkhs->btkgh", None),
-    ("ij,kj->ik", None),  # w transposed
+    ("ij,kj->ik", "transposed"),  # the output head
     ("bd,dd->bd", None),
     ("...d,df->...f", None),
 ])
 def test_einsum_forms_read_equations(equation, form):
-    assert compile_module._einsum_form(equation) == form
+    assert cpu.einsum_form(equation) == form
 
 
 @pytest.mark.skipif(backend() != "torch", reason="PyTorch's traced generation functions only")
 def test_traced_products_go_to_onednn():
     """While tracing, float32 products by a weight (matmul; einsums by a
-    matrix, per head from HEAD_PRODUCT_ROWS rows on, or over heads and
-    features at once) are recorded as oneDNN's inner product where this CPU
-    has it, with the same values; other products are recorded as they are."""
+    matrix, or over heads and features at once) are recorded as oneDNN's
+    inner product where this CPU has it, with the same values; other
+    products (a per-head kernel not stored (n, h, d)) are recorded as they are."""
     import torch
 
     rng = np.random.default_rng(0)
@@ -712,7 +703,7 @@ def test_traced_products_go_to_onednn():
     q = torch.tensor(rng.standard_normal((2, 5, 7)), dtype=torch.float32)
 
     heads = torch.tensor(rng.standard_normal((2, 40, 8)), dtype=torch.float32)  # (n, d, h)
-    rows = torch.tensor(rng.standard_normal((2, compile_module.HEAD_PRODUCT_ROWS, 40)), dtype=torch.float32)
+    rows = torch.tensor(rng.standard_normal((2, 128, 40)), dtype=torch.float32)
 
     def fn(x, w, q, heads, rows):
         per_head = torch.einsum("btd,ndh->btnh", rows, heads)
@@ -723,14 +714,14 @@ def test_traced_products_go_to_onednn():
             torch.einsum("btd,ndh->btnh", x, heads),  # too few rows: left to matmul
         )
 
-    with torch.inference_mode(), compile_module._onednn_products(), warnings.catch_warnings():
+    with torch.inference_mode(), cpu.onednn_products(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)  # as compile.py does
         traced = torch.jit.trace(fn, (x, w, q, heads, rows), check_trace=False)
     graph = str(traced.graph)
-    onednn = compile_module._onednn_linear() is not None
-    # matmul, "btd,df->btf", 2 heads, the flat product.
-    assert graph.count("keras_gemma::onednn_linear") == (5 if onednn else 0), graph
+    onednn = cpu._onednn_linear() is not None
+    # matmul, "btd,df->btf", the flat product.
+    assert graph.count("keras_gemma::onednn_linear") == (3 if onednn else 0), graph
     with torch.inference_mode():
         got = traced(x, w, q, heads, rows)
 
@@ -763,8 +754,8 @@ def test_traced_few_row_products_by_out_in_ordered_weights():
         return torch.tensor(rng.standard_normal(shape), dtype=torch.float32)
 
     x, rows = tensor(1, 1, 40), tensor(2, 3, 40)
-    few = tensor(1, compile_module.FEW_ROWS, 40)
-    long_in = compile_module.FEW_ROWS_MAX_IN + 16
+    few = tensor(1, cpu.FEW_ROWS, 40)
+    long_in = cpu.FEW_ROWS_MAX_IN + 16
     few_long, w_long = tensor(1, 2, long_in), tensor(32, long_in).T
     w = tensor(24, 40).T  # (i, o) in (o, i) order
     heads = tensor(2, 8, 40).transpose(1, 2)  # (n, d, h) in (n, h, d) order
@@ -779,12 +770,12 @@ def test_traced_few_row_products_by_out_in_ordered_weights():
         )
 
     args = (x, rows, w, heads, out, z, few, few_long, w_long)
-    with torch.inference_mode(), compile_module._onednn_products(), warnings.catch_warnings():
+    with torch.inference_mode(), cpu.onednn_products(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*torch.jit.trace. is deprecated")
         warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         traced = torch.jit.trace(fn, args, check_trace=False)
     graph = str(traced.graph)
-    if compile_module._onednn_linear() is not None:
+    if cpu._onednn_linear() is not None:
         assert graph.count("aten::bmm") == 4 and graph.count("keras_gemma::onednn_linear") == 2, graph
     with torch.inference_mode():
         got = traced(*args)
@@ -829,12 +820,11 @@ def _compiled_loop(dtype, new_tokens):
     prompt = {"token_ids": np.array([[5, 6, 7]]), "padding_mask": np.ones((1, 3), bool)}
     prompts, limits, stop_ids = lm._prepare(prompt, None, new_tokens, None)
     functions, _, state, constants = lm._start(prompts, limits, stop_ids)
-    kernels = functions.kernels(len(limits))  # as `generate` passes them (bfloat16 JAX: copies)
     if backend() == "tensorflow":
-        hlo = functions.loop.experimental_get_compiler_ir(state, constants, (), kernels)(stage="optimized_hlo")
+        hlo = functions._loop.experimental_get_compiler_ir(state, constants, ())(stage="optimized_hlo")
     else:
         values = [v.value for v in functions.variables]
-        hlo = functions.loop.jitted.lower(values, state, constants, (), kernels).compile().as_text()
+        hlo = functions._loop.jitted.lower(values, state, constants, ()).compile().as_text()
     return lm, prompt, state, hlo
 
 
@@ -860,3 +850,29 @@ def test_jax_float32_decode_loop_copies_no_cache():
     `test_greedy_with_cache_equals_full_forward` checks."""
     _, _, state, hlo = _compiled_loop("float32", 20)
     assert not _copied_cache_arrays(state, hlo, in_entry=True)
+
+
+def test_public_signatures_carry_no_device_tuning():
+    """The CPU tuning (`backends/cpu.py`) is chosen by the compiler: the
+    model's, the engine's and the samplers' signatures do not carry it."""
+    assert list(inspect.signature(keras_gemma.GemmaCausalLM.decode_logits).parameters) == ["self", "hidden"]
+    for fn in (engine.decode_step, engine.decode_loop):
+        assert list(inspect.signature(fn).parameters) == ["lm", "sampler", "state", "constants"]
+    assert list(inspect.signature(engine.first_token).parameters) == ["lm", "sampler", "hidden", "out", "constants"]
+    assert not hasattr(samplers.Sampler, "top_logits")
+
+
+@pytest.mark.skipif(backend() != "torch", reason="PyTorch's CPU tuning")
+def test_torch_cpu_tuning_stores_kernels_out_in_with_the_same_values(gemma3_lm):
+    """Generating on PyTorch on CPU stores float32 kernels in (out, in)
+    memory order (what oneDNN and MKL read fastest); values unchanged."""
+    backbone = gemma3_lm.backbone
+    before = [to_numpy(w) for w in backbone.weights]
+    gemma3_lm.generate({"token_ids": np.array([[5, 6, 7]])}, max_new_tokens=2)
+    assert isinstance(gemma3_lm._functions().tuning, cpu.TorchCpu)
+    gate = backbone.blocks[0].feed_forward.gate._kernel.value  # (d, f) stored as (f, d)
+    query = backbone.blocks[0].attention.query_dense._kernel.value  # (n, d, h) stored as (n, h, d)
+    output = backbone.blocks[0].attention.output_dense._kernel.value  # (n, h, d) stored as (d, n, h)
+    assert gate.T.is_contiguous() and query.transpose(1, 2).is_contiguous() and output.permute(2, 0, 1).is_contiguous()
+    for old, new in zip(before, backbone.weights):
+        np.testing.assert_array_equal(old, to_numpy(new))

@@ -101,7 +101,7 @@ class GenerationMixin:
             out = ops.zeros((len(prompts.ids) * functions.beams, batch.new), "int32")
             return functions, batch, functions.first_token(hidden, cache, out, constants), constants
         out = ops.zeros((len(prompts.ids), batch.new), "int32")
-        state = functions.first_token(hidden, out, constants, functions.screen(len(prompts.ids)))._replace(cache=cache)
+        state = functions.first_token(hidden, out, constants)._replace(cache=cache)
         return functions, batch, state, constants
 
     def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
@@ -148,7 +148,7 @@ class GenerationMixin:
             functions, batch, state, constants = self._start(prompts, limits, stop_ids)
             if limits.max() > 1:  # else the prefill's token is all there is
                 size = len(limits) * (functions.beams or 1)
-                state = functions.loop(state, constants, functions.screen(size), functions.kernels(size))
+                state = functions.loop(state, constants)
             if functions.beams:  # each prompt's best finished beam
                 out = ops.convert_to_numpy(state.best)[:: functions.beams]
             else:
@@ -170,11 +170,9 @@ class GenerationMixin:
         functions, batch, state, constants = self._start(prompts, limits, stop_ids)
         finished = limits <= 0
         max_steps = int(limits.max())
-        screen = functions.screen(len(limits)) if max_steps > 1 else ()
-        kernels = functions.kernels(len(limits)) if max_steps > 1 else ()
         for step in range(max_steps):
             if step:
-                state = functions.step(state, constants, screen, kernels)
+                state = functions.step(state, constants)
             token = ops.convert_to_numpy(state.token).astype(np.int64)
             done = np.array(ops.convert_to_numpy(state.done))  # copies: `step` donates state
             yield np.where(finished, -1, token)

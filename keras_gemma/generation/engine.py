@@ -110,7 +110,7 @@ def prefill_chunk(lm, token_ids, padding_mask, positions, cache_index, cache):
     return cache, hidden[:, -1, :]
 
 
-def first_token(lm, sampler, hidden, out, constants, screen=()):
+def first_token(lm, sampler, hidden, out, constants):
     """Samples the first new token from the prompt's last hidden state.
 
     Args:
@@ -118,13 +118,13 @@ def first_token(lm, sampler, hidden, out, constants, screen=()):
             row's last prompt token (so only it needs logits, not every
             position over a 256k vocabulary).
         out: (b, n) int32 zeros, the buffer for new tokens.
-        constants, screen: see `decode_step`.
+        constants: see `decode_step`.
 
     Returns:
         A `DecodeState` without its cache (`cache=None`: the caller holds
         the prefilled cache and puts it in, `state._replace(cache=cache)`).
     """
-    logits = lm.decode_logits(hidden[:, None, :], screen, sampler.top_logits)  # (b, vocab) float32
+    logits = lm.decode_logits(hidden[:, None, :])  # (b, vocab) float32
     step = ops.zeros((), "int32")
     token = ops.cast(sampler(logits, ops.stack([constants.seed, step])), "int32")
     token = ops.where(constants.limits > 0, token, PAD_ID)
@@ -133,22 +133,19 @@ def first_token(lm, sampler, hidden, out, constants, screen=()):
     return DecodeState(cache=None, token=token, step=step + 1, done=done, out=out)
 
 
-def decode_step(lm, sampler, state, constants, screen=()):
+def decode_step(lm, sampler, state, constants):
     """Feeds the last token of each row, samples the next into `out[:, step]`.
 
     Args:
         state: a `DecodeState`, its cache after the prompt and `step - 1`
             decode steps, its `token` at index `p + step - 1`.
         constants: the call's `Constants`.
-        screen: `()`, or the output head's int8 screen (`GenerateFunctions.screen`):
-            only the logits the sampler reads are computed exactly
-            (`sampler.top_logits`, `products.screened_logits`).
 
     Returns:
         The next `DecodeState`.
     """
     hidden, cache = _feed(lm, state, constants)
-    logits = lm.decode_logits(hidden, screen, sampler.top_logits)  # (b, vocab)
+    logits = lm.decode_logits(hidden)  # (b, vocab)
     token = ops.cast(sampler(logits, ops.stack([constants.seed, state.step])), "int32")
     token = ops.where(state.done, PAD_ID, token)
     out = ops.slice_update(state.out, (ops.zeros((), "int32"), state.step), token[:, None])
@@ -173,11 +170,11 @@ def _unfinished(state, constants):
     return ops.logical_and(state.step < max_steps, ops.logical_not(ops.all(state.done)))
 
 
-def decode_loop(lm, sampler, state, constants, screen=()):
+def decode_loop(lm, sampler, state, constants):
     """`decode_step` until every row is done (or `out` is full)."""
     return _while(
         lambda state: _unfinished(state, constants),
-        lambda state: decode_step(lm, sampler, state, constants, screen),
+        lambda state: decode_step(lm, sampler, state, constants),
         state,
     )
 

@@ -101,11 +101,6 @@ class Sampler:
     ```
     """
 
-    # How many of the largest logits the sampler reads: None for all of
-    # them. Generation may then compute only those exactly (-inf
-    # elsewhere; `GemmaCausalLM.decode_logits`).
-    top_logits = None
-
     def __init__(self, temperature=1.0, seed=None):
         if not temperature > 0:
             raise ValueError(f"`temperature` must be positive, got {temperature!r}.")
@@ -148,8 +143,6 @@ class GreedySampler(Sampler):
     ```
     """
 
-    top_logits = 1
-
     def __call__(self, logits, key):
         return first_argmax(logits)
 
@@ -184,7 +177,7 @@ class TopKSampler(Sampler):
         super().__init__(temperature, seed)
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"`k` must be a positive integer, got {k!r}.")
-        self.k = self.top_logits = k
+        self.k = k
 
     def __call__(self, logits, key):
         k = min(self.k, logits.shape[-1])
@@ -221,7 +214,7 @@ class TopPSampler(Sampler):
         if k is not None and (not isinstance(k, int) or k < 1):
             raise ValueError(f"`k` must be a positive integer or None, got {k!r}.")
         self.p = float(p)
-        self.k = self.top_logits = k
+        self.k = k
 
     def __call__(self, logits, key):
         vocab = logits.shape[-1]

@@ -1,0 +1,1 @@
+"""Device-specific speed work, kept out of the model math (`cpu.py`)."""
