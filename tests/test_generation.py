@@ -9,7 +9,6 @@ for text.
 
 import ast
 import inspect
-import math
 import re
 import warnings
 
@@ -26,7 +25,7 @@ from keras_gemma.generation import compile as compile_module
 from keras_gemma.generation import engine
 from keras_gemma.generation import prompts as prompts_lib
 from keras_gemma.generation import samplers
-from keras_gemma.layers import Attention, soft_cap
+from keras_gemma.layers import soft_cap
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 from tokenizer_fixtures import _tiny_spm

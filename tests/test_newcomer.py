@@ -3,16 +3,13 @@ chat that ends where the model opens the next turn and says when the model is
 a base one, honest loading progress, examples that print only their own lines."""
 
 import importlib.util
-import io
 import os
 import subprocess
 import sys
-import textwrap
 
 import numpy as np
 import pytest
 
-import keras
 import keras_gemma
 from conftest import backend
 from keras_gemma.checkpoints import preset as preset_lib

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 
-import keras
 import keras_gemma
 from keras_gemma import precision
 from conftest import backend, to_numpy

@@ -15,7 +15,6 @@ process's prelude and nowhere in the blocks' text:
   work on the real model.
 """
 
-import json
 import os
 import re
 import subprocess

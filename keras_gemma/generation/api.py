@@ -147,7 +147,6 @@ class GenerationMixin:
         else:
             functions, batch, state, constants = self._start(prompts, limits, stop_ids)
             if limits.max() > 1:  # else the prefill's token is all there is
-                size = len(limits) * (functions.beams or 1)
                 state = functions.loop(state, constants)
             if functions.beams:  # each prompt's best finished beam
                 out = ops.convert_to_numpy(state.best)[:: functions.beams]

@@ -38,9 +38,7 @@ tf.function do this), and `prompts` buckets shapes, so calls of similar
 sizes never recompile.
 """
 
-import contextlib
 import functools
-import math
 import warnings
 
 import keras

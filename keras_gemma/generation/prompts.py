@@ -31,7 +31,7 @@ COARSE_BUCKET = 512  # cache length and new-token buffer
 STOP_SLOTS = 4  # stop-id vector padded to a multiple of this (fewer shapes)
 DEFAULT_MAX_LENGTH = 1024
 # <end_of_turn> where there is no tokenizer to ask, known from the vocabulary
-# size (../../shared/REFERENCE.md section 4).
+# size: 107 in Gemma 1/2's 256k vocabulary, 106 in Gemma 3's 262k one.
 END_OF_TURN_BY_VOCABULARY = {256_000: 107, 262_144: 106}
 
 
