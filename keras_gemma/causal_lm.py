@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma import losses as losses_lib
 from keras_gemma import precision, quantization
 from keras_gemma.backbone import GemmaBackbone
 from keras_gemma.checkpoints import preset
@@ -38,21 +39,100 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         super().__init__(**kwargs)
         self.backbone = backbone
         self.preprocessor = preprocessor
+        self._chunked_loss = None  # the `CausalLMLoss` that `fit` takes from hidden states
+        self._accuracy_from_loss = ()  # `CausalLMAccuracy` metrics it updates
         self.built = True
 
     @property
     def config(self):
         return self.backbone.config
 
+    def compile(self, optimizer="auto", loss="auto", *, metrics=None, weighted_metrics="auto", **kwargs):
+        """Configures training and generation; see `GenerationMixin.compile`.
+
+        `loss="auto"` is a `keras_gemma.losses.CausalLMLoss`: in `fit` it
+        takes the final hidden states and makes the logits a chunk of
+        tokens at a time, so no step holds the `(batch, seq, vocab)` logits;
+        its value is `SparseCategoricalCrossentropy(from_logits=True)`'s.
+        The `"auto"` weighted metric, `CausalLMAccuracy`, then counts hits
+        in the same chunks; other metrics get full logits (no gradient kept).
+        """
+        if loss == "auto":
+            loss = losses_lib.CausalLMLoss()
+        if weighted_metrics == "auto":
+            weighted_metrics = [losses_lib.CausalLMAccuracy()]
+        super().compile(optimizer=optimizer, loss=loss, metrics=metrics, weighted_metrics=weighted_metrics, **kwargs)
+        chunked = isinstance(loss, losses_lib.CausalLMLoss) and self.config.hidden_dim != self.config.vocabulary_size
+        self._chunked_loss = loss if chunked else None
+        accuracy = [m for m in (weighted_metrics or []) if isinstance(m, losses_lib.CausalLMAccuracy)]
+        only_accuracy = chunked and not metrics and len(accuracy) == len(weighted_metrics or [])
+        self._accuracy_from_loss = tuple(accuracy) if only_accuracy else ()
+
     def call(self, inputs, training=None):
+        """Logits (b, t, vocab); when compiled with `CausalLMLoss` (the
+        default) and training, the final hidden states (b, t, d), which
+        `compute_loss` turns into the loss a chunk of tokens at a time."""
         hidden = self.backbone(inputs, training=training)
+        if training and self._chunked_loss is not None:
+            return hidden
         return self.logits(hidden)
+
+    def _is_hidden(self, y_pred):
+        return self._chunked_loss is not None and y_pred.shape[-1] == self.config.hidden_dim
+
+    def compute_loss(self, x=None, y=None, y_pred=None, sample_weight=None, training=True):
+        """Keras' `compute_loss`; from hidden states (training with
+        `CausalLMLoss`) the loss is `chunked_head_loss`'s."""
+        if not self._is_hidden(y_pred):
+            return super().compute_loss(x, y, y_pred, sample_weight, training=training)
+        weights = ops.ones(ops.shape(y), "float32") if sample_weight is None else ops.cast(sample_weight, "float32")
+        if len(weights.shape) < len(y.shape):  # one weight per sequence
+            weights = ops.broadcast_to(weights[:, None], ops.shape(y))
+        embedding = self.backbone.token_embedding
+        with precision.matmul_precision(self.backbone.compute_dtype):
+            token_losses, hits = losses_lib.head_cross_entropy(
+                y_pred, embedding.table(y_pred.dtype), y,
+                softcap=self.config.final_logit_softcap, weights=weights,
+                chunk_size=self._chunked_loss.chunk_size, table_gradient=bool(embedding.trainable_weights),
+            )
+        for metric in self._accuracy_from_loss:
+            metric.update_from_hits(hits, weights)
+        loss = self._chunked_loss.reduce(token_losses, sample_weight)
+        return loss + ops.sum(self.losses) if self.losses else loss
+
+    def compute_metrics(self, x, y, y_pred, sample_weight=None):
+        """Keras' `compute_metrics`; from hidden states the default accuracy
+        was counted by `compute_loss`, other metrics get full logits."""
+        if self._is_hidden(y_pred):
+            if self._accuracy_from_loss:
+                if not self._compile_metrics.built:  # TensorFlow builds it at the first update
+                    self._compile_metrics.build(y, y_pred)
+                return self.get_metrics_result()
+            y_pred = self.logits(ops.stop_gradient(y_pred))
+        return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def logits(self, hidden):
         """Output logits (b, t, vocab) in float32 from hidden states (b, t, d)."""
         with precision.matmul_precision(self.backbone.compute_dtype):
             logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
+
+    def _score_logits(self, inputs, scoring_mode, layer_intercept_fn, target_ids):
+        """`score`'s keras-hub modes (`GenerationMixin`); `"loss"` without
+        the full logits (`losses.token_cross_entropy`)."""
+        if scoring_mode != "loss":
+            return super()._score_logits(inputs, scoring_mode, layer_intercept_fn, target_ids)
+        token_ids, target_ids = ops.cast(inputs["token_ids"], "int32"), ops.cast(target_ids, "int32")
+        if len(token_ids.shape) != 2:
+            raise ValueError(f"`token_ids` must be (batch, length), got shape {tuple(token_ids.shape)}.")
+        if tuple(target_ids.shape) != tuple(token_ids.shape):
+            raise ValueError(
+                f"`target_ids` must have the shape of `token_ids`, {tuple(token_ids.shape)}; got {tuple(target_ids.shape)}."
+            )
+        hidden, _ = self.backbone.hidden_states(token_ids, inputs.get("padding_mask"), layer_intercept_fn=layer_intercept_fn)
+        with precision.matmul_precision(self.backbone.compute_dtype):
+            table = self.backbone.token_embedding.table(hidden.dtype)
+            return losses_lib.token_cross_entropy(hidden, table, target_ids, softcap=self.config.final_logit_softcap)
 
     def decode_logits(self, hidden):
         """A decode step's logits (b, vocab), float32, from hidden (b, 1, d)."""
