@@ -15,6 +15,7 @@ from keras_gemma.config import GemmaConfig
 from keras_gemma.layers import DecoderBlock, RMSNorm, TiedEmbedding, rotary_tables
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GemmaConfig))
+REMAT_MODES = (None, "blocks")
 
 
 def _as_config(config, kwargs):
@@ -41,6 +42,10 @@ class GemmaBackbone(keras.Model):
         dtype: a Keras dtype or `DTypePolicy`, e.g. `"bfloat16"` or
             `"mixed_bfloat16"`. Norms, softmax and soft-caps always compute in
             float32.
+        remat: `"blocks"` recomputes each decoder block in the backward
+            pass of training (`keras.remat`), so activation memory holds one
+            block's instead of every block's; None (the default) keeps them.
+            Off outside training (generation, scoring).
         quantization: set by `get_config` on a quantized backbone (`{"mode":
             "int8" or "int4", "config": ...}`): builds int8/int4 variables
             directly, ready for `load_weights`. Use `quantize()` otherwise.
@@ -59,10 +64,13 @@ class GemmaBackbone(keras.Model):
     ```
     """
 
-    def __init__(self, config=None, dtype=None, quantization=None, **kwargs):
+    def __init__(self, config=None, dtype=None, quantization=None, remat=None, **kwargs):
+        if remat not in REMAT_MODES:
+            raise ValueError(f"`remat` must be one of {REMAT_MODES}, got {remat!r}.")
         config = _as_config(config, kwargs)
         super().__init__(dtype=dtype, **kwargs)
         self.config = config
+        self.remat = remat
         policy = self.dtype_policy
         self.token_embedding = TiedEmbedding(
             config.vocabulary_size,
@@ -94,12 +102,14 @@ class GemmaBackbone(keras.Model):
         self.built = True
 
     def call(self, inputs, training=None):
-        hidden, _ = self.hidden_states(inputs["token_ids"], inputs.get("padding_mask"), training=training)
+        hidden, _ = self.hidden_states(
+            inputs["token_ids"], inputs.get("padding_mask"), training=training, segment_ids=inputs.get("segment_ids")
+        )
         return hidden
 
     def hidden_states(
         self, token_ids, padding_mask=None, positions=None, cache=None, cache_index=None, training=None,
-        last_only=False, layer_intercept_fn=None,
+        last_only=False, layer_intercept_fn=None, segment_ids=None,
     ):
         """The decoder stack, with an optional cache (see `Attention.call`).
 
@@ -123,22 +133,34 @@ class GemmaBackbone(keras.Model):
                 scaling), then each block's output as `i = 0, 1, ...`; what
                 it returns goes on (keras-hub's `score` argument, which drops
                 what it returns for the embeddings).
+            segment_ids: (b, t) int, which packed sample each token belongs
+                to (`preprocessor(..., packing=True)`): a query sees only
+                keys of its own segment, and positions (by default) restart
+                at 0 in each. No cache.
 
         Returns:
             `(hidden (b, t, d), updated cache or None)`.
         """
         with precision.matmul_precision(self.compute_dtype):
             return self._hidden_states(
-                token_ids, padding_mask, positions, cache, cache_index, training, last_only, layer_intercept_fn
+                token_ids, padding_mask, positions, cache, cache_index, training, last_only, layer_intercept_fn,
+                segment_ids,
             )
 
     def _hidden_states(
-        self, token_ids, padding_mask, positions, cache, cache_index, training, last_only, layer_intercept_fn
+        self, token_ids, padding_mask, positions, cache, cache_index, training, last_only, layer_intercept_fn,
+        segment_ids=None,
     ):
         token_ids = ops.convert_to_tensor(token_ids)
         if padding_mask is None:
             padding_mask = ops.ones(ops.shape(token_ids), "bool")
         padding_mask = ops.cast(padding_mask, "bool")
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("`segment_ids` (packed training rows) cannot be used with a cache.")
+            segment_ids = ops.cast(segment_ids, "int32")
+        if positions is None and segment_ids is not None:
+            positions = segment_positions(segment_ids, padding_mask)
         if positions is None:
             positions = ops.maximum(ops.cumsum(ops.cast(padding_mask, "int32"), axis=1) - 1, 0)
         positions = ops.cast(positions, "int32")
@@ -152,8 +174,9 @@ class GemmaBackbone(keras.Model):
             for rope in self.rope_settings
         }
         new_cache = [] if cache is not None else None
+        remat = self.remat == "blocks" and training and cache is None
         for i, block in enumerate(self.blocks):
-            x, layer_cache = block(
+            x, layer_cache = (_rematerialized(block) if remat else block)(
                 x,
                 rotary[block.rope],
                 positions,
@@ -162,6 +185,7 @@ class GemmaBackbone(keras.Model):
                 cache_index=cache_index,
                 training=training,
                 last_only=last_only and i == len(self.blocks) - 1,
+                segment_ids=segment_ids,
             )
             x = intercept(x, i)
             if cache is not None:
@@ -329,6 +353,8 @@ class GemmaBackbone(keras.Model):
             "trainable": self.trainable,
             "dtype": keras.dtype_policies.serialize(self.dtype_policy),
         }
+        if self.remat is not None:
+            config["remat"] = self.remat
         if self.quantization is not None:
             config["quantization"] = self.quantization.to_dict()
         return config
@@ -339,6 +365,26 @@ class GemmaBackbone(keras.Model):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
+
+
+def segment_positions(segment_ids, padding_mask):
+    """Rotary positions (b, t) that restart at 0 in each packed segment: a
+    token's count of earlier real tokens with its segment id."""
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # (b, t, t)
+    index = ops.arange(ops.shape(segment_ids)[1])
+    earlier = (index[None, :] <= index[:, None])[None]  # (1, t, t): key at or before query
+    counted = ops.logical_and(ops.logical_and(same, earlier), padding_mask[:, None, :])
+    return ops.maximum(ops.sum(ops.cast(counted, "int32"), axis=2) - 1, 0)
+
+
+def _rematerialized(block):
+    """`block`'s call, recomputed in the backward pass: only x (its first
+    argument) is differentiated; the rest are constants of the closure."""
+
+    def call(x, *args, **kwargs):
+        return keras.remat(lambda x: block(x, *args, **kwargs)[0])(x), None
+
+    return call
 
 
 def _variable(layer, name):

@@ -75,19 +75,22 @@ def apply_rotary(x, rotary):
     return ops.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
-def attention_mask(query_positions, key_positions, window):
+def attention_mask(query_positions, key_positions, window, query_segments=None, key_segments=None):
     """Which keys each query may see: (b, t, s) bool, from positions (b, t)
     and (b, s).
 
     A key is visible iff it is real (position >= 0; padding and empty cache
-    slots carry -1), not in the future, and, for a sliding-window layer,
-    `query - key < window` (the window counts the query itself).
+    slots carry -1), not in the future, for a sliding-window layer
+    `query - key < window` (the window counts the query itself), and, in a
+    packed row (segment ids (b, t) and (b, s)), of the query's own segment.
     """
     q = query_positions[:, :, None]  # (b, t, 1)
     k = key_positions[:, None, :]  # (b, 1, s)
     visible = ops.logical_and(k >= 0, k <= q)
     if window is not None:
         visible = ops.logical_and(visible, (q - k) < window)
+    if query_segments is not None:
+        visible = ops.logical_and(visible, query_segments[:, :, None] == key_segments[:, None, :])
     return visible
 
 
@@ -183,7 +186,9 @@ class Attention(keras.layers.Layer):
         """Cache slots this layer needs (`ring_length`)."""
         return ring_length(self.window, max_length)
 
-    def call(self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, last_only=False):
+    def call(
+        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, last_only=False, segment_ids=None
+    ):
         """Attends x (b, t, d) to itself, and to the cache if one is given.
 
         Args:
@@ -200,6 +205,8 @@ class Attention(keras.layers.Layer):
                 padded sequence; None for the first chunk (index 0).
             last_only: only x's last column queries (keys and values are
                 still every column's, for the cache): output (b, 1, d).
+            segment_ids: None, or (b, t) int: packed samples, each
+                attending to its own segment only (no cache).
 
         Returns:
             `(output (b, t, d), updated cache or None)`.
@@ -210,13 +217,15 @@ class Attention(keras.layers.Layer):
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
         query_rotary = rotary
+        segments = None if segment_ids is None else (segment_ids, segment_ids)
         if last_only:
             query_positions = query_positions[:, -1:]
+            segments = None if segments is None else (segment_ids[:, -1:], segment_ids)
             query_rotary = tuple(table[:, -1:] for table in rotary)
         q, k = apply_rotary(q, query_rotary), apply_rotary(k, rotary)
 
         if cache is None:
-            out = self.attend(q, query_positions, k, v, key_positions)
+            out = self.attend(q, query_positions, k, v, key_positions, segments)
         elif cache_index is None:  # the first chunk: itself only
             out = self.attend(q, query_positions, k, v, key_positions)
             cache = write_cache(cache, k, v, key_positions, 0)
@@ -234,9 +243,10 @@ class Attention(keras.layers.Layer):
             cache = write_cache(cache, k, v, key_positions, cache_index)
         return self.output_dense(out), cache
 
-    def attend(self, q, query_positions, keys, values, key_positions):
+    def attend(self, q, query_positions, keys, values, key_positions, segments=None):
         """Softmax attention of q (b, t, n, h) over keys and values
-        (b, s, k, h) at positions (b, s): (b, t, n, h).
+        (b, s, k, h) at positions (b, s): (b, t, n, h). `segments`: None,
+        or the queries' and keys' segment ids ((b, t), (b, s)).
 
         Each key/value head's g query heads are folded into the query axis,
         (b, t * g, k, h), so that grouped (GQA) and multi-query (MQA) heads
@@ -248,7 +258,7 @@ class Attention(keras.layers.Layer):
         k, h = self.num_key_value_heads, self.head_dim
         g = self.num_query_heads // k
         q = ops.reshape(ops.transpose(ops.reshape(q, (b, t, k, g, h)), (0, 1, 3, 2, 4)), (b, t * g, k, h))
-        visible = attention_mask(query_positions, key_positions, self.window)  # (b, t, s)
+        visible = attention_mask(query_positions, key_positions, self.window, *(segments or ()))  # (b, t, s)
         visible = ops.reshape(ops.repeat(visible, g, axis=1), (b, 1, t * g, -1))  # (b, 1, t * g, s)
         if self.logit_softcap is None:
             out = ops.dot_product_attention(q, keys, values, mask=visible, scale=self.query_scale)
@@ -325,7 +335,8 @@ class DecoderBlock(keras.layers.Layer):
         return h
 
     def call(
-        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None, last_only=False
+        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None, last_only=False,
+        segment_ids=None,
     ):
         """`(x (b, t, d) through the block, updated cache)`; with `last_only`
         (a prompt chunk's last block: what follows needs only the last
@@ -333,7 +344,7 @@ class DecoderBlock(keras.layers.Layer):
         values) x's last column alone after the attention: (b, 1, d)."""
         h, cache = self.attention(
             self.pre_attention_norm(x), rotary, query_positions, key_positions,
-            cache=cache, cache_index=cache_index, last_only=last_only,
+            cache=cache, cache_index=cache_index, last_only=last_only, segment_ids=segment_ids,
         )
         if last_only:
             x = x[:, -1:]

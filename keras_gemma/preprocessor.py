@@ -44,17 +44,29 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     the last call and `num_dropped_samples` the running count. A batch with
     nothing left raises `ValueError`.
 
+    With `packing=True`, samples are not padded one per row but placed whole,
+    in order, into as few rows of `sequence_length` as fit them (each row
+    takes the next sample while it has room), and `x` gains `segment_ids`
+    int32 (B, L): 1, 2, ... for the samples of a row, 0 for padding. The
+    model then keeps each sample to itself (attention within its segment,
+    positions restarting at 0), so a packed batch gives the loss of the same
+    samples unpacked with less padding. Samples are never cut when packing:
+    one longer than `sequence_length + 1` tokens raises `ValueError`.
+
     Args:
         tokenizer: a `GemmaTokenizer`.
         sequence_length: the padded length `L` of model inputs.
         add_start_token: prepend `<bos>` (Gemma needs it: leave it on).
         add_end_token: append `<eos>` to plain text and to responses.
+        packing: pack several samples into each row (see above).
 
     Example:
 
     ```python
     preprocessor = GemmaCausalLMPreprocessor(tokenizer, sequence_length=128)
     x, y, sample_weight = preprocessor(["The quick brown fox."])
+    packer = GemmaCausalLMPreprocessor(tokenizer, sequence_length=128, packing=True)
+    x, y, sample_weight = packer(["One.", "Two.", "Three."])  # one row, segments 1-3
     x, y, sample_weight = preprocessor(
         {"prompts": ["2 + 2 ="], "responses": [" 4"]}
     )
@@ -74,6 +86,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         sequence_length=512,
         add_start_token=True,
         add_end_token=True,
+        packing=False,
         **kwargs,
     ):
         kwargs.pop("config_file", None)  # in keras-hub's preprocessor.json
@@ -85,6 +98,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         self.sequence_length = sequence_length
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
+        self.packing = packing
         self.dropped_samples = []
         self.num_dropped_samples = 0
 
@@ -106,6 +120,13 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
             )
         sequence_length = sequence_length or self.sequence_length
         samples, batched = self._training_segments(x, y)
+        if self.packing:
+            self.dropped_samples = []
+            token_ids, padding_mask, segment_ids, labels, weights = _pack_rows(
+                samples, sequence_length, self.tokenizer.pad_token_id
+            )
+            x = {"token_ids": token_ids, "padding_mask": padding_mask, "segment_ids": segment_ids}
+            return keras.utils.pack_x_y_sample_weight(x, labels, weights)
         token_ids, padding_mask, labels, weights = _pack(
             samples, sequence_length, self.tokenizer.pad_token_id
         )
@@ -265,6 +286,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                 "sequence_length": self.sequence_length,
                 "add_start_token": self.add_start_token,
                 "add_end_token": self.add_end_token,
+                "packing": self.packing,
             }
         )
         return config
@@ -369,6 +391,44 @@ def _pack(samples, sequence_length, pad_id, shift=True):
     labels = ids[:, 1:]
     weights = (trained[:, 1:] & real[:, 1:]).astype(np.float32)
     return token_ids, padding_mask, labels, weights
+
+
+def _pack_rows(samples, sequence_length, pad_id):
+    """Packs whole samples into rows of `sequence_length` (see
+    `GemmaCausalLMPreprocessor`): token ids, padding mask, segment ids,
+    labels and loss weights, each (rows, sequence_length)."""
+    sequences = []
+    for index, segments in enumerate(samples):
+        ids = [token for segment, _ in segments for token in segment]
+        trained = [is_trained for segment, is_trained in segments for _ in segment]
+        if len(ids) - 1 > sequence_length:
+            raise ValueError(
+                f"Sample {index} has {len(ids)} tokens, more than sequence_length + 1 = "
+                f"{sequence_length + 1}; packing never cuts a sample. Raise `sequence_length`, "
+                "or split or shorten the sample."
+            )
+        sequences.append((ids, trained))
+    rows = []  # each a list of sample indices
+    room = 0
+    for index, (ids, _) in enumerate(sequences):
+        if not rows or len(ids) - 1 > room:
+            rows.append([])
+            room = sequence_length
+        rows[-1].append(index)
+        room -= len(ids) - 1
+    shape = (len(rows), sequence_length)
+    token_ids, labels = np.full(shape, pad_id, np.int32), np.full(shape, pad_id, np.int32)
+    segment_ids, weights = np.zeros(shape, np.int32), np.zeros(shape, np.float32)
+    for row, members in enumerate(rows):
+        start = 0
+        for segment, index in enumerate(members, start=1):
+            ids, trained = sequences[index]
+            end = start + len(ids) - 1
+            token_ids[row, start:end], labels[row, start:end] = ids[:-1], ids[1:]
+            weights[row, start:end] = trained[1:]
+            segment_ids[row, start:end] = segment
+            start = end
+    return token_ids, segment_ids > 0, segment_ids, labels, weights
 
 
 # -- feeding keras.Model.fit ---------------------------------------------------
@@ -516,17 +576,16 @@ def _map_tf_dataset(preprocessor, dataset, batch_size):
     def run(*tensors):
         texts = [to_text(t) for t in tensors]
         x, y, w = preprocessor(*texts)
-        return x["token_ids"], x["padding_mask"], y, w
+        return [x[key] for key in keys] + [y, w]
 
     length = preprocessor.sequence_length
+    keys = ["token_ids", "padding_mask"] + (["segment_ids"] if preprocessor.packing else [])
+    dtypes = [tf.int32, tf.bool] + ([tf.int32] if preprocessor.packing else [])
 
     def apply(*tensors):
-        token_ids, padding_mask, labels, weights = tf.py_function(
-            run, list(tensors), Tout=[tf.int32, tf.bool, tf.int32, tf.float32]
-        )
-        for tensor in (token_ids, padding_mask, labels, weights):
+        outputs = tf.py_function(run, list(tensors), Tout=dtypes + [tf.int32, tf.float32])
+        for tensor in outputs:
             tensor.set_shape([None, length])
-        x = {"token_ids": token_ids, "padding_mask": padding_mask}
-        return x, labels, weights
+        return dict(zip(keys, outputs)), outputs[-2], outputs[-1]
 
     return dataset.map(apply, num_parallel_calls=1)
