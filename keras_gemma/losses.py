@@ -126,6 +126,7 @@ def chunked_head_loss(
     # otherwise keep every chunk's logits for a backward pass).
     constant_hidden = ops.stop_gradient(flat_hidden)
     constant_table = ops.cast(ops.stop_gradient(table), hidden.dtype)
+    transposed_table = ops.transpose(constant_table)  # (d, v), once rather than per chunk
 
     def rows(x, start):
         return ops.slice(x, (start,) + (0,) * (len(x.shape) - 1), (size,) + tuple(x.shape[1:]))
@@ -135,7 +136,7 @@ def chunked_head_loss(
         # The last chunk ends at n: it may overlap the one before (same values).
         start = ops.minimum(i * size, n - size)
         h = rows(constant_hidden, start)  # (c, d)
-        logits = head_logits(h, constant_table, softcap)  # (c, v)
+        logits = soft_cap(ops.cast(ops.matmul(h, transposed_table), "float32"), softcap)  # (c, v)
         loss, logits_gradient, stat = chunk_loss(logits, *(rows(x, start) for x in flat_targets))
         if softcap is not None:
             logits_gradient = logits_gradient * (1.0 - ops.square(logits / softcap))  # through cap * tanh(x / cap)
@@ -157,7 +158,13 @@ def chunked_head_loss(
         ops.zeros((n, width), "float32"),
         ops.zeros(table.shape, "float32") if table_gradient else ops.zeros((), "float32"),
     )
-    losses, stats, hidden_gradient, table_grad = ops.fori_loop(0, count, step, init)
+    if isinstance(count, int):  # static shapes: unrolled, which XLA runs faster than a loop on CPUs
+        carry = init
+        for i in range(count):
+            carry = step(i, carry)
+        losses, stats, hidden_gradient, table_grad = carry
+    else:
+        losses, stats, hidden_gradient, table_grad = ops.fori_loop(0, count, step, init)
 
     losses = losses + attach_gradient(flat_hidden, hidden_gradient)
     if table_gradient:
