@@ -310,13 +310,17 @@ class GemmaBackbone(keras.Model):
         """
         lora_lib.enable_lora(self, rank, alpha=alpha, target_layers=target_layers)
 
-    def save_lora_weights(self, path):
-        """Writes only the adapters (a `.npz` file with rank, alpha, targets and the config)."""
-        lora_lib.save_lora_weights(self, path)
+    def save_lora_weights(self, path, format="keras"):
+        """Writes only the adapters: `format="keras"` a `.npz` file with rank,
+        alpha, targets and the config; `"peft"` a PEFT adapter directory
+        (`adapter_config.json`, `adapter_model.safetensors`) that
+        `peft.PeftModel.from_pretrained` loads onto `export_to_transformers`' model."""
+        lora_lib.save_lora_weights(self, path, format=format)
 
     def load_lora_weights(self, path):
-        """Restores adapters from `save_lora_weights` (enabling LoRA if needed);
-        refuses a file for another model, rank, alpha or targets."""
+        """Restores adapters from `save_lora_weights`, or a PEFT adapter
+        directory (enabling LoRA if needed); refuses adapters for another
+        model, rank, alpha or targets, changing nothing."""
         lora_lib.load_lora_weights(self, path)
 
     def merge_lora_weights(self):

@@ -21,11 +21,13 @@ backbone.merge_lora_weights()  # fold into the base kernels for export
 import dataclasses
 import hashlib
 import json
+import os
 
 import keras
 import numpy as np
 from keras import ops
 
+from keras_gemma.checkpoints import peft_format
 from keras_gemma.quantization import one_gc_collect, refresh
 
 FORMAT = "keras_gemma.lora"
@@ -78,19 +80,24 @@ def targeted_layers(backbone, targets):
             yield f"blocks.{i}.{parent}.{name}", getattr(getattr(block, parent), attribute)
 
 
+def kernel_shapes(config):
+    """Target name -> the float kernel shape of its projection."""
+    n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
+    d, f = config.hidden_dim, config.intermediate_dim
+    return {
+        "query": (n, d, h), "key": (k, d, h), "value": (k, d, h),
+        "output": (n, h, d), "gate": (d, f), "up": (d, f), "down": (f, d),
+    }
+
+
 def lora_parameter_count(config, rank, target_layers=DEFAULT_TARGETS):
     """Trainable parameters `enable_lora(rank, target_layers=...)` adds.
 
     Per projection with kernel shape (a..., z): `prod(a...) * rank + rank * z`.
     """
-    n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
-    d, f = config.hidden_dim, config.intermediate_dim
-    kernels = {
-        "query": ((n, d), h), "key": ((k, d), h), "value": ((k, d), h),
-        "output": ((n, h), d), "gate": ((d,), f), "up": ((d,), f), "down": ((f,), d),
-    }
+    kernels = kernel_shapes(config)
     per_layer = sum(
-        int(np.prod(kernels[name][0])) * rank + rank * kernels[name][1]
+        int(np.prod(kernels[name][:-1])) * rank + rank * kernels[name][-1]
         for name in resolve_targets(target_layers)
     )
     return config.num_layers * per_layer
@@ -177,9 +184,14 @@ def config_fingerprint(config):
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def save_lora_weights(backbone, path):
+def save_lora_weights(backbone, path, format="keras"):
     """See `GemmaBackbone.save_lora_weights`."""
     state = _require(backbone)
+    if format == "peft":
+        peft_format.save(backbone, state, list(targeted_layers(backbone, state.targets)), path)
+        return
+    if format != "keras":
+        raise ValueError(f'Unknown LoRA adapter format {format!r}: use "keras" (default) or "peft".')
     arrays = {}
     for name, layer in targeted_layers(backbone, state.targets):
         arrays[f"{name}.lora_a"] = keras.ops.convert_to_numpy(layer.lora_kernel_a)
@@ -201,6 +213,8 @@ def save_lora_weights(backbone, path):
 
 def load_lora_weights(backbone, path):
     """See `GemmaBackbone.load_lora_weights`."""
+    if os.path.isdir(path):
+        return _load_peft(backbone, path)
     with np.load(path, allow_pickle=False) as data:
         if "__metadata__" not in data.files:
             raise ValueError(f"{path} is not a keras_gemma LoRA adapter file (no metadata).")
@@ -240,6 +254,27 @@ def load_lora_weights(backbone, path):
                     "saved by another version: save the adapter again with `save_lora_weights`."
                 )
             variable.assign(value)
+
+
+def _load_peft(backbone, directory):
+    """A PEFT adapter directory into the backbone (enabling LoRA as it needs)."""
+    targets, rank, factors = peft_format.read(
+        directory, backbone.config.num_layers, kernel_shapes(backbone.config)
+    )
+    state = backbone.lora
+    if state is not None and (state.rank, state.targets) != (rank, targets):
+        raise ValueError(
+            f"The PEFT adapter in {directory} needs LoRA rank {rank} on {list(targets)}, but this "
+            f"model's LoRA is {_describe(state)}. Load it into a model without LoRA enabled "
+            "(loading enables what the adapter needs)."
+        )
+    if state is None:
+        enable_lora(backbone, rank, alpha=rank, target_layers=targets)  # scaling 1: PEFT's is in B
+    scaling = backbone.lora.alpha / backbone.lora.rank
+    for name, layer in targeted_layers(backbone, targets):
+        a, b = factors[int(name.split(".")[1]), name.rsplit(".", 1)[1]]
+        layer.lora_kernel_a.assign(a)
+        layer.lora_kernel_b.assign(b / scaling)
 
 
 def _require(backbone):
