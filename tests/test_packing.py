@@ -8,6 +8,7 @@ import keras
 import keras_gemma
 from conftest import to_numpy
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor, to_fit_data
+from test_lora import tiny_config as lora_config
 from tokenizer_fixtures import tiny_tokenizer  # noqa: F401 (fixture)
 
 PROMPTS = ["The quick brown fox", "Hello", "Add one and two", "A", "Jumps over the lazy dog today"]
@@ -15,14 +16,8 @@ RESPONSES = [" jumps", " there, friend", " three", " b c d e f", " and sleeps"]
 
 
 def tiny_config(**overrides):
-    # Soft-caps, QK-norm and a small window, so every masking path bites.
-    args = dict(
-        vocabulary_size=448, num_layers=2, hidden_dim=32, num_query_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_dim=48,
-        layer_types=("local", "global"), sliding_window_size=3,
-        use_post_norms=True, use_qk_norm=True, final_logit_softcap=30.0,
-    )
-    return keras_gemma.GemmaConfig(**{**args, **overrides})
+    # test_lora's (soft-caps, QK-norm, a window of 3 so every masking path bites), the tokenizer's vocabulary.
+    return lora_config(**{"vocabulary_size": 448, "sliding_window_size": 3, **overrides})
 
 
 def samples(packing, sequence_length, tokenizer):
