@@ -74,6 +74,9 @@ def test_packed_logits_and_loss_equal_unpacked(variant, tiny_tokenizer):
             sample += 1
     expected = mean_loss(logits, y, w)
     assert abs(mean_loss(packed_logits, py, pw) - expected) < 1e-5 * expected
+    # Keras' loss summed over tokens too (its default mean divides by all positions, padding included).
+    summed = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
+    np.testing.assert_allclose(to_numpy(summed(py, packed_logits, pw)), to_numpy(summed(y, logits, w)), rtol=1e-5)
     # Without segment ids the samples would see each other.
     crossed = to_numpy(model({"token_ids": px["token_ids"], "padding_mask": px["padding_mask"]}))
     assert np.abs(crossed - packed_logits).max() > 1e-2
