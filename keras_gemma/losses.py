@@ -110,6 +110,7 @@ def chunked_head_loss(
         `table` for an upstream gradient proportional to `weights` (a
         weighted sum or mean of the losses, as `fit` takes).
     """
+    hidden, table = ops.convert_to_tensor(hidden), ops.convert_to_tensor(table)
     targets = tuple(targets) if isinstance(targets, (tuple, list)) else (targets,)
     width = ops.shape(hidden)[-1]
     tokens_shape = ops.shape(hidden)[:-1]  # (b, t)
