@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-from generate import _config, _peak_mb, _peak_reset  # noqa: E402
+from generate import _config, _keras_hub_backbone, _peak_mb, _peak_reset  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
 IMPLS = ("keras_gemma", "keras_hub")
@@ -60,17 +60,7 @@ def _keras_hub_model(args):
     import keras
     import keras_hub
 
-    config = _config()
-    backbone = keras_hub.models.Gemma3Backbone(
-        vocabulary_size=config.vocabulary_size, image_size=None, num_layers=config.num_layers,
-        num_query_heads=config.num_query_heads, num_key_value_heads=config.num_key_value_heads,
-        hidden_dim=config.hidden_dim, intermediate_dim=config.intermediate_dim, head_dim=config.head_dim,
-        query_head_dim_normalize=True, use_query_key_norm=True, use_post_ffw_norm=True,
-        use_post_attention_norm=True, final_logit_soft_cap=None, attention_logit_soft_cap=None,
-        use_sliding_window_attention=True, sliding_window_size=config.sliding_window_size,
-        local_rope_scaling_factor=1.0, global_rope_scaling_factor=1.0, vision_encoder=None,
-        layer_norm_epsilon=config.layer_norm_epsilon, dtype="float32",
-    )
+    backbone = _keras_hub_backbone("float32")
     backbone.enable_lora(args.rank, target_layer_names=[HUB_TARGETS[t] for t in _targets(args)])
     lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
     lm.compile(optimizer=keras.optimizers.Adam(1e-4))  # keras-hub's default loss and accuracy metric

@@ -117,12 +117,12 @@ def _build_keras_gemma(dtype):
     return generate
 
 
-def _build_keras_hub(dtype):
-    import keras
+def _keras_hub_backbone(dtype):
+    """keras-hub's `Gemma3Backbone` of the same config (random weights)."""
     import keras_hub
 
     config = _config()
-    backbone = keras_hub.models.Gemma3Backbone(
+    return keras_hub.models.Gemma3Backbone(
         vocabulary_size=config.vocabulary_size, image_size=None, num_layers=config.num_layers,
         num_query_heads=config.num_query_heads, num_key_value_heads=config.num_key_value_heads,
         hidden_dim=config.hidden_dim, intermediate_dim=config.intermediate_dim, head_dim=config.head_dim,
@@ -132,7 +132,13 @@ def _build_keras_hub(dtype):
         local_rope_scaling_factor=1.0, global_rope_scaling_factor=1.0, vision_encoder=None,
         layer_norm_epsilon=config.layer_norm_epsilon, dtype=dtype,
     )
-    lm = keras_hub.models.Gemma3CausalLM(backbone=backbone, preprocessor=None)
+
+
+def _build_keras_hub(dtype):
+    import keras
+    import keras_hub
+
+    lm = keras_hub.models.Gemma3CausalLM(backbone=_keras_hub_backbone(dtype), preprocessor=None)
     lm.compile(sampler="greedy")
     # keras-hub's own compiled generate step (jit / tf.function / eager), as
     # `generate` calls it; `generate` itself trips over `images=None` in its
