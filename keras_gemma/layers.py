@@ -166,7 +166,11 @@ class Attention(keras.layers.Layer):
         self.query_dense = _projection("btd,ndh->btnh", (None, n, h), "query", policy)
         self.key_dense = _projection("bsd,kdh->bskh", (None, k, h), "key", policy)
         self.value_dense = _projection("bsd,kdh->bskh", (None, k, h), "value", policy)
-        self.output_dense = _projection("btnh,nhd->btd", (None, d), "output", policy)
+        # Query heads are spelled "N" here: jax.numpy.einsum orders contracted
+        # axes alphabetically, and "N" < "h" keeps them in the kernel's
+        # (n, h, d) memory order; with "n", XLA copies the kernel into
+        # (h, n, d) order on every call (every layer, every decode step).
+        self.output_dense = _projection("btNh,Nhd->btd", (None, d), "output", policy)
         self.query_norm = self.key_norm = None
         if config.use_qk_norm:
             eps = config.layer_norm_epsilon
@@ -211,7 +215,7 @@ class Attention(keras.layers.Layer):
         Returns:
             `(output (b, t, d), updated cache or None)`.
         """
-        q = self.query_dense(x[:, -1:] if last_only else x)  # (b, t, n, h)
+        q = self._query(x[:, -1:] if last_only else x)  # (b, t, n, h)
         k = self.key_dense(x)  # (b, t, k, h)
         v = self.value_dense(x)  # (b, t, k, h)
         if self.query_norm is not None:
@@ -243,6 +247,26 @@ class Attention(keras.layers.Layer):
             cache = write_cache(cache, k, v, key_positions, cache_index)
         return self.output_dense(out), cache
 
+    def _query(self, x):
+        """x (b, t, d) by the (n, d, h) query kernel: (b, t, n, h).
+
+        A few rows (decode steps, short prompts) go one head at a time, a
+        product batched over heads, each head's (d, h) slice a contiguous
+        matrix. As one einsum, XLA copies the kernel into (d, n, h) order
+        on every call (2.6 MB per layer of Gemma 3 270M, more than the
+        product itself reads); for many rows that copy is small next to the
+        product, and broadcasting x over the heads would not be.
+        """
+        dense = self.query_dense
+        b, t = x.shape[0], x.shape[1]
+        if dense.quantization_mode is not None or b is None or t is None or b * t > PER_HEAD_ROWS:
+            return dense(x)
+        kernel = ops.cast(dense.kernel, x.dtype)  # (n, d, h), LoRA included
+        n = kernel.shape[0]
+        x = ops.broadcast_to(ops.reshape(x, (1, b * t, self.hidden_dim)), (n, b * t, self.hidden_dim))
+        out = ops.matmul(x, kernel)  # (n, b * t, h)
+        return ops.reshape(ops.transpose(out, (1, 0, 2)), (b, t, n, self.head_dim))
+
     def attend(self, q, query_positions, keys, values, key_positions, segments=None):
         """Softmax attention of q (b, t, n, h) over keys and values
         (b, s, k, h) at positions (b, s): (b, t, n, h). `segments`: None,
@@ -270,6 +294,11 @@ class Attention(keras.layers.Layer):
             out = ops.einsum("bkts,bskh->btkh", probs, values)  # (b, t * g, k, h)
         out = ops.transpose(ops.reshape(out, (b, t, g, k, h)), (0, 1, 3, 2, 4))  # (b, t, k, g, h)
         return ops.reshape(out, (b, t, self.num_query_heads, h))  # (b, t, n, h)
+
+
+# Inputs of at most this many rows (b * t) go through the query kernel one
+# head at a time (`Attention._query`).
+PER_HEAD_ROWS = 64
 
 
 class FeedForward(keras.layers.Layer):

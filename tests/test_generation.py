@@ -766,6 +766,7 @@ def test_traced_few_row_products_by_out_in_ordered_weights():
         return (
             torch.matmul(x, w), torch.einsum("btd,ndh->btnh", x, heads), torch.einsum("btNh,Nhd->btd", z, out),
             torch.einsum("btd,ndh->btnh", rows, heads), torch.matmul(few, w), torch.matmul(few_long, w_long),
+            torch.matmul(x.reshape(1, 1, 40).expand(2, 1, 40), heads),  # `Attention._query`'s per-head form
         )
 
     args = (x, rows, w, heads, out, z, few, few_long, w_long)
@@ -775,7 +776,7 @@ def test_traced_few_row_products_by_out_in_ordered_weights():
         traced = torch.jit.trace(fn, args, check_trace=False)
     graph = str(traced.graph)
     if cpu._onednn_linear() is not None:
-        assert graph.count("aten::bmm") == 4 and graph.count("keras_gemma::onednn_linear") == 2, graph
+        assert graph.count("aten::bmm") == 5 and graph.count("keras_gemma::onednn_linear") == 2, graph
     with torch.inference_mode():
         got = traced(*args)
 
@@ -785,6 +786,7 @@ def test_traced_few_row_products_by_out_in_ordered_weights():
     expected = [
         f64("btd,df->btf", x, w), f64("btd,ndh->btnh", x, heads), f64("btnh,nhd->btd", z, out),
         f64("btd,ndh->btnh", rows, heads), f64("btd,df->btf", few, w), f64("btd,df->btf", few_long, w_long),
+        f64("btd,ndh->nth", x, heads),
     ]
     for a, b in zip(got, expected):
         np.testing.assert_allclose(a.numpy(), b, rtol=1e-4, atol=1e-4)
