@@ -29,6 +29,7 @@ from keras_gemma.checkpoints.weights import LazyTensor, assign_weights
 METHODS = ("linear", "slerp", "task_arithmetic", "ties")
 SLERP_DOT_THRESHOLD = 0.9995  # mergekit's: beyond it the two tensors are treated as collinear
 EPS = 1e-8
+ROW_BLOCK_ELEMENTS = 1 << 22  # large tensors (the embedding) are written in blocks of 16 MB of float32
 
 
 @dataclasses.dataclass
@@ -97,22 +98,55 @@ def merge(models, method="linear", weights=None, base=None, t=0.5, density=1.0,
     if normalize is None:
         normalize = method != "task_arithmetic"
 
-    def merged(name):
-        arrays = [_load(x.tensors[name]) for x in inputs]
+    everyone = [x for x in [base_input, *inputs] if x]
+
+    def merged(name, span=None):
+        """The merged tensor `name`, or only its rows `span` (slerp: `span` and the whole tensor's angle)."""
+        def read(x):
+            return _load(x.tensors[name]) if span is None else _load_rows(x.tensors[name], span)
+
+        arrays = [read(x) for x in inputs]
         if method == "linear":
             return linear(arrays, weights, normalize)
-        base_array = _load(base_input.tensors[name])
+        base_array = read(base_input)
         if method == "slerp":
-            return slerp(t, base_array, arrays[0])
+            if span is None:
+                coef_a, coef_b = slerp_coefficients(t, [(base_array, arrays[0])])
+            else:  # the angle needs the whole tensor: one pass over its blocks first, once
+                if name not in slerp_angles:
+                    slerp_angles[name] = slerp_coefficients(t, (
+                        (_load_rows(base_input.tensors[name], s), _load_rows(inputs[0].tensors[name], s))
+                        for s in block_spans[name]
+                    ))
+                coef_a, coef_b = slerp_angles[name]
+            return np.float32(coef_a) * base_array + np.float32(coef_b) * arrays[0]
         if method == "task_arithmetic":
             return task_arithmetic(base_array, arrays, weights, normalize, lambda_)
-        return ties(base_array, arrays, weights, densities, normalize, lambda_)
+        if span is not None and name not in ties_trims:  # the thresholds need the whole tensor: once
+            base_tensor = base_input.tensors[name]
+            ties_trims[name] = [
+                Trim((_load_rows(x.tensors[name], s) - _load_rows(base_tensor, s) for s in block_spans[name]),
+                     density, int(np.prod(base_tensor.shape)))
+                for x, density in zip(inputs, densities)
+            ]
+        return ties(base_array, arrays, weights, densities, normalize, lambda_, ties_trims.get(name) if span else None)
 
+    def merged_blocks(name):
+        """The merged tensor as blocks of rows, when every input reads rows and the method allows it."""
+        tensors = [x.tensors[name] for x in everyone]
+        shape = tensors[0].shape
+        if len(shape) < 2 or np.prod(shape) <= ROW_BLOCK_ELEMENTS or not all(x.load_rows for x in tensors):
+            return None
+        step = max(1, ROW_BLOCK_ELEMENTS // int(np.prod(shape[1:])))
+        block_spans[name] = [(a, min(a + step, shape[0])) for a in range(0, shape[0], step)]
+        return lambda: (merged(name, span) for span in block_spans[name])
+
+    block_spans, slerp_angles, ties_trims = {}, {}, {}
     first = inputs[0]
     config = first.config
     lazy = {name: LazyTensor(tensor.shape, lambda n=name: merged(n)) for name, tensor in first.tensors.items()}
     if output is not None:
-        return _write_hf(config, lazy, output, dtype, [x for x in [base_input, *inputs] if x])
+        return _write_hf(config, lazy, {name: merged_blocks(name) for name in lazy}, output, dtype, everyone)
     from keras_gemma.causal_lm import GemmaCausalLM
 
     backbone = GemmaCausalLM.backbone_cls(config, dtype=dtype)
@@ -132,17 +166,24 @@ def linear(arrays, weights, normalize=True):
 
 def slerp(t, v0, v1):
     """Spherical interpolation from `v0` (t=0) to `v1` (t=1) over the whole tensor."""
-    a, b = v0.reshape(-1), v1.reshape(-1)
-    norm_a, norm_b = np.linalg.norm(a), np.linalg.norm(b)
-    norm_a = norm_a if norm_a > EPS else np.float32(1)
-    norm_b = norm_b if norm_b > EPS else np.float32(1)
-    dot = float(np.clip(np.dot(a / norm_a, b / norm_b), -1, 1))
-    if abs(dot) > SLERP_DOT_THRESHOLD:
-        coef_a, coef_b = 1 - t, t
-    else:
-        theta = np.arccos(dot)
-        coef_a, coef_b = np.sin((1 - t) * theta) / np.sin(theta), np.sin(t * theta) / np.sin(theta)
+    coef_a, coef_b = slerp_coefficients(t, [(v0, v1)])
     return (np.float32(coef_a) * v0 + np.float32(coef_b) * v1).astype(np.float32)
+
+
+def slerp_coefficients(t, pairs):
+    """slerp's two coefficients from the tensors' blocks `pairs` ((v0 block, v1 block), ...), in one pass."""
+    sq_a = sq_b = dot = 0.0
+    for a, b in pairs:  # dot of the normalized tensors = raw dot / (|a| |b|), in float64
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        sq_a, sq_b, dot = sq_a + np.sum(a * a), sq_b + np.sum(b * b), dot + np.sum(a * b)
+    norm_a, norm_b = np.sqrt(sq_a), np.sqrt(sq_b)
+    norm_a = norm_a if norm_a > EPS else 1.0
+    norm_b = norm_b if norm_b > EPS else 1.0
+    dot = float(np.clip(dot / (norm_a * norm_b), -1, 1))
+    if abs(dot) > SLERP_DOT_THRESHOLD:
+        return 1 - t, t
+    theta = np.arccos(dot)
+    return np.sin((1 - t) * theta) / np.sin(theta), np.sin(t * theta) / np.sin(theta)
 
 
 def task_arithmetic(base, arrays, weights, normalize=False, lambda_=1.0):
@@ -154,10 +195,16 @@ def task_arithmetic(base, arrays, weights, normalize=False, lambda_=1.0):
     return base + np.float32(lambda_) * mixed
 
 
-def ties(base, arrays, weights, densities, normalize=True, lambda_=1.0):
-    """TIES: trim each task vector to its largest magnitudes, elect a sign, average the agreeing."""
+def ties(base, arrays, weights, densities, normalize=True, lambda_=1.0, trims=None):
+    """TIES: trim each task vector to its largest magnitudes, elect a sign, average the agreeing.
+
+    `trims` (one `Trim` per model, for merging a tensor in blocks of rows) hold
+    the whole tensor's magnitude thresholds; by default they come from `arrays`.
+    """
+    if trims is None:
+        trims = [Trim([x - base], d, base.size) for x, d in zip(arrays, densities)]
     w = np.asarray(weights, np.float32).reshape((-1,) + (1,) * base.ndim)
-    deltas = np.stack([_keep_largest(x - base, d) for x, d in zip(arrays, densities)]) * w
+    deltas = np.stack([trim(x - base) for x, trim in zip(arrays, trims)]) * w
     majority = np.where(deltas.sum(axis=0) >= 0, 1, -1)
     agree = np.sign(deltas) == majority  # a trimmed (zero) delta never agrees
     mixed = np.where(agree, deltas, 0).sum(axis=0)
@@ -167,24 +214,48 @@ def ties(base, arrays, weights, densities, normalize=True, lambda_=1.0):
     return base + np.float32(lambda_) * mixed
 
 
-def _keep_largest(delta, density):
-    """`delta` with all but its `density` fraction of largest magnitudes zeroed (at least one kept)."""
-    if density >= 1:
-        return delta
-    if density <= 0:
-        return np.zeros_like(delta)
-    k = max(1, int(density * delta.size))
-    flat = delta.reshape(-1)
-    keep = np.argpartition(np.abs(flat), flat.size - k)[flat.size - k:]
-    out = np.zeros_like(flat)
-    out[keep] = flat[keep]
-    return out.reshape(delta.shape)
+class Trim:
+    """Keeps a task vector's k = max(1, int(density * size)) largest magnitudes
+    (mergekit's `magnitude` sparsification), applied to its blocks of rows in order.
+
+    The threshold is the k-th largest magnitude of the whole tensor (one float32
+    copy of its magnitudes, partitioned in place); of the magnitudes equal to
+    it, the first ones in row-major order are kept until k are.
+    """
+
+    def __init__(self, delta_blocks, density, size):
+        self.threshold, self.equal_left = -np.inf, size  # density >= 1: keep everything
+        if density >= 1:
+            return
+        if density <= 0:
+            self.threshold, self.equal_left = np.inf, 0
+            return
+        k = max(1, int(density * size))
+        magnitudes, filled = np.empty(size, np.float32), 0
+        for block in delta_blocks:
+            magnitudes[filled:filled + block.size] = np.abs(block).reshape(-1)
+            filled += block.size
+        magnitudes.partition(size - k)
+        self.threshold = magnitudes[size - k]
+        self.equal_left = k - int(np.count_nonzero(magnitudes[size - k:] > self.threshold))
+
+    def __call__(self, delta):
+        magnitude = np.abs(delta)
+        equal = (magnitude == self.threshold).reshape(-1)
+        keep_equal = equal & (np.cumsum(equal) <= self.equal_left)
+        self.equal_left -= int(np.count_nonzero(keep_equal))
+        keep = (magnitude > self.threshold) | keep_equal.reshape(delta.shape)
+        return np.where(keep, delta, 0).astype(np.float32)
 
 
 # -- inputs and outputs -----------------------------------------------------------
 
 def _load(tensor):
     return np.asarray(tensor.load(), dtype=np.float32)
+
+
+def _load_rows(tensor, span):
+    return np.asarray(tensor.load_rows(*span), dtype=np.float32)
 
 
 def _read_input(model, index):
@@ -206,7 +277,8 @@ def _read_input(model, index):
     import keras
 
     tensors = {
-        key: LazyTensor(tuple(v.shape), lambda v=v: keras.ops.convert_to_numpy(v))
+        key: LazyTensor(tuple(v.shape), lambda v=v: keras.ops.convert_to_numpy(v),
+                        lambda a, b, v=v: keras.ops.convert_to_numpy(v[a:b]))
         for key, v in backbone.weight_map().items()
     }
     return _Input(name, backbone.config, tensors, causal_lm=model if model is not backbone else None)
@@ -242,8 +314,9 @@ def _preprocessor(inputs):
     return None
 
 
-def _write_hf(config, lazy, output, dtype, inputs):
-    """Streams the merged tensors into a Hugging Face checkpoint at `output`."""
+def _write_hf(config, lazy, blocks, output, dtype, inputs):
+    """Streams the merged tensors into a Hugging Face checkpoint at `output`
+    (in blocks of rows where `blocks[name]` gives them and the layout is the same)."""
     import ml_dtypes
 
     np_dtype = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}.get(str(dtype))
@@ -254,7 +327,10 @@ def _write_hf(config, lazy, output, dtype, inputs):
     tensors = {}
     for hf_name, name, kind in huggingface.tensor_names(config):
         shape = huggingface.from_canonical(np.empty(lazy[name].shape, np.int8), kind, config).shape
-        tensors[hf_name] = (shape, np_dtype, lambda n=name, k=kind: huggingface.from_canonical(lazy[n].load(), k, config))
+        if kind == "copy" and blocks[name] is not None:
+            tensors[hf_name] = (shape, np_dtype, blocks[name])
+        else:
+            tensors[hf_name] = (shape, np_dtype, lambda n=name, k=kind: huggingface.from_canonical(lazy[n].load(), k, config))
     with preset._atomic_directory(output) as tmp:
         preset._write_json(os.path.join(tmp, "config.json"), hf_config)
         safetensors_format.write_tensors(os.path.join(tmp, "model.safetensors"), tensors, {"format": "pt"})

@@ -1,5 +1,6 @@
 """`keras_gemma.merge` against mergekit, run on the same Hugging Face checkpoints."""
 
+import importlib
 import os
 
 import numpy as np
@@ -10,6 +11,7 @@ import keras_gemma
 from keras_gemma.checkpoints import huggingface, safetensors_format
 
 TOLERANCE = 1e-6
+merge_module = importlib.import_module("keras_gemma.merge")  # `keras_gemma.merge` is the function
 
 
 def tiny_config(**overrides):
@@ -74,8 +76,11 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "row_blocks"])
 @pytest.mark.parametrize("method", sorted(CASES))
-def test_method_matches_mergekit(checkpoints, tmp_path, method):
+def test_method_matches_mergekit(checkpoints, tmp_path, method, blocks, monkeypatch):
+    if blocks:  # the embedding (64 x 32) written in blocks of 3 rows, as a real embedding is
+        monkeypatch.setattr(merge_module, "ROW_BLOCK_ELEMENTS", 100)
     _, paths, _ = checkpoints
     kwargs, parameters = CASES[method]
     base = None if method == "linear" else paths["base"]
@@ -88,7 +93,8 @@ def test_method_matches_mergekit(checkpoints, tmp_path, method):
         np.testing.assert_allclose(ours[name], expected[name], atol=TOLERANCE, rtol=0, err_msg=name)
 
 
-def test_slerp_matches_mergekit(checkpoints, tmp_path):
+@pytest.mark.parametrize("blocks", [False, True], ids=["whole", "row_blocks"])
+def test_slerp_matches_mergekit(checkpoints, tmp_path, blocks, monkeypatch):
     models, paths, _ = checkpoints
     mergekit_config = pytest.importorskip("mergekit.config")
     from mergekit.merge import MergeOptions, run_merge
@@ -99,10 +105,14 @@ def test_slerp_matches_mergekit(checkpoints, tmp_path):
     }
     run_merge(mergekit_config.MergeConfiguration.model_validate(config), str(tmp_path / "mk"), MergeOptions(copy_tokenizer=False))
     expected = canonical(str(tmp_path / "mk"))
-    # From models in memory, returning a model: the same tensors as from the files.
-    merged = keras_gemma.merge([models["a"]], method="slerp", base=models["base"], t=0.3)
-    for name, variable in merged.backbone.weight_map().items():
-        np.testing.assert_allclose(keras.ops.convert_to_numpy(variable), expected[name], atol=TOLERANCE, rtol=0, err_msg=name)
+    if blocks:  # from the files, written in blocks of rows (the angle from a first pass over them)
+        monkeypatch.setattr(merge_module, "ROW_BLOCK_ELEMENTS", 100)
+        ours = canonical(keras_gemma.merge([paths["a"]], method="slerp", base=paths["base"], t=0.3, output=str(tmp_path / "ours")))
+    else:  # from models in memory, returning a model
+        merged = keras_gemma.merge([models["a"]], method="slerp", base=models["base"], t=0.3)
+        ours = {name: keras.ops.convert_to_numpy(v) for name, v in merged.backbone.weight_map().items()}
+    for name in expected:
+        np.testing.assert_allclose(ours[name], expected[name], atol=TOLERANCE, rtol=0, err_msg=name)
 
 
 def test_refuses_different_architectures(checkpoints):

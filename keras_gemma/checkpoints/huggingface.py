@@ -240,7 +240,9 @@ def canonical_weights(config, tensors):
         if hf_name not in tensors:
             continue
         value = tensors[hf_name]
-        if isinstance(value, LazyTensor):
+        if kind == "copy":  # the same layout: keep the tensor itself (and its row reader)
+            out[name] = value if isinstance(value, LazyTensor) else np.asarray(value)
+        elif isinstance(value, LazyTensor):
             shape = to_canonical(np.empty(value.shape, np.int8), kind, config).shape
             out[name] = LazyTensor(shape, lambda v=value, k=kind: to_canonical(v.load(), k, config))
         else:

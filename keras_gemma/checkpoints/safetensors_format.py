@@ -8,6 +8,7 @@ Format: 8-byte little-endian header length, a JSON header
 little-endian bytes (https://github.com/huggingface/safetensors#format).
 """
 
+import inspect
 import json
 import os
 import struct
@@ -68,8 +69,19 @@ def read_tensors(path):
     for name, entry in header.items():
         if entry["dtype"] not in DTYPES:
             raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}.")
-        out[name] = LazyTensor(entry["shape"], _loader(path, start, entry))
+        out[name] = LazyTensor(entry["shape"], _loader(path, start, entry), _rows_loader(path, start, entry))
     return out
+
+
+def _rows_loader(path, start, entry):
+    """Reads rows [first, stop) of a tensor (a slice along its first axis) without the rest."""
+    def load_rows(first, stop):
+        row_bytes = np.dtype(DTYPES[entry["dtype"]]).itemsize * int(np.prod(entry["shape"][1:], dtype=np.int64))
+        begin = entry["data_offsets"][0] + first * row_bytes
+        shape = [stop - first, *entry["shape"][1:]]
+        return _loader(path, start, {**entry, "shape": shape, "data_offsets": [begin, begin + (stop - first) * row_bytes]})()
+
+    return load_rows
 
 
 def _loader(path, start, entry):
@@ -132,7 +144,15 @@ def write_tensors(path, tensors, metadata=None):
         f.write(struct.pack("<Q", len(encoded)))
         f.write(encoded)
         for name, (shape, dtype, load) in tensors.items():
-            array = np.ascontiguousarray(load(), dtype=dtype)
-            if array.shape != tuple(shape):
-                raise ValueError(f"{name}: expected shape {tuple(shape)}, got {array.shape}.")
-            f.write(array.tobytes())
+            value = load()
+            # `load` may return blocks of rows (a generator) so a large tensor is never whole in memory.
+            blocks = value if inspect.isgenerator(value) else [value]
+            rows = 0
+            for block in blocks:
+                array = np.ascontiguousarray(block, dtype=dtype)
+                if array.shape[1:] != tuple(shape[1:]):
+                    raise ValueError(f"{name}: expected shape {tuple(shape)}, got rows of {array.shape}.")
+                rows += array.shape[0] if array.ndim else 1
+                f.write(array.reshape(-1).view(np.uint8))
+            if rows != (shape[0] if len(shape) else 1):
+                raise ValueError(f"{name}: expected shape {tuple(shape)}, got {rows} rows.")

@@ -15,9 +15,10 @@ class LazyTensor:
     copy of the model, not two.
     """
 
-    def __init__(self, shape, load):
+    def __init__(self, shape, load, load_rows=None):
         self.shape = tuple(shape)
         self.load = load
+        self.load_rows = load_rows  # (start, stop) -> rows [start, stop), where the format allows
 
 
 def assign_weights(backbone, arrays, source="checkpoint"):
