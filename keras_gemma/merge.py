@@ -164,12 +164,6 @@ def linear(arrays, weights, normalize=True):
     return result / np.float32(sum(weights)) if normalize else result
 
 
-def slerp(t, v0, v1):
-    """Spherical interpolation from `v0` (t=0) to `v1` (t=1) over the whole tensor."""
-    coef_a, coef_b = slerp_coefficients(t, [(v0, v1)])
-    return (np.float32(coef_a) * v0 + np.float32(coef_b) * v1).astype(np.float32)
-
-
 def slerp_coefficients(t, pairs):
     """slerp's two coefficients from the tensors' blocks `pairs` ((v0 block, v1 block), ...), in one pass."""
     sq_a = sq_b = dot = 0.0

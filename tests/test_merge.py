@@ -1,6 +1,7 @@
 """`keras_gemma.merge` against mergekit, run on the same Hugging Face checkpoints."""
 
 import importlib
+import json
 import os
 
 import numpy as np
@@ -45,7 +46,8 @@ def checkpoints(tmp_path_factory):
 
 
 def canonical(directory):
-    config = huggingface.config_from_hf(__import__("json").load(open(os.path.join(directory, "config.json"))))
+    with open(os.path.join(directory, "config.json")) as f:
+        config = huggingface.config_from_hf(json.load(f))
     tensors = huggingface.canonical_weights(config, safetensors_format.read_checkpoint(directory))
     return {k: np.asarray(v.load()) for k, v in tensors.items()}
 
