@@ -159,7 +159,7 @@ def chunked_head_loss(
         ops.zeros((n, width), "float32"),
         ops.zeros(table.shape, "float32") if table_gradient else ops.zeros((), "float32"),
     )
-    if isinstance(count, int):  # static shapes: unrolled, which XLA runs faster than a loop on CPUs
+    if isinstance(count, int):  # static shapes (JAX, PyTorch): a plain loop, unrolled when traced
         carry = init
         for i in range(count):
             carry = step(i, carry)

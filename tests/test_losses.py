@@ -75,7 +75,7 @@ def random_case(b=3, t=7, d=8, v=50, seed=0):
 
 
 @pytest.mark.parametrize("softcap", [None, 3.0])
-@pytest.mark.parametrize("chunk_size", [1, 4, 21, 1000])  # one token, uneven (overlapping last chunk), exact, one chunk
+@pytest.mark.parametrize("chunk_size", [4, 7, 1000])  # uneven (the last chunk overlaps), even, one chunk
 def test_chunked_equals_full_cross_entropy(softcap, chunk_size):
     hidden, table, targets, weights = random_case()
     y, w = ops.convert_to_tensor(targets), ops.convert_to_tensor(weights)

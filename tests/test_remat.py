@@ -15,8 +15,8 @@ from test_losses import model_value_and_gradients
 
 def tiny(remat):
     config = keras_gemma.GemmaConfig(
-        vocabulary_size=60, num_layers=3, hidden_dim=16, num_query_heads=2, num_key_value_heads=1, head_dim=8,
-        intermediate_dim=32, layer_types=("local", "global", "local"), sliding_window_size=3,
+        vocabulary_size=60, num_layers=2, hidden_dim=16, num_query_heads=2, num_key_value_heads=1, head_dim=8,
+        intermediate_dim=32, layer_types=("local", "global"), sliding_window_size=3,
         use_post_norms=True, use_qk_norm=True, final_logit_softcap=4.0,
     )
     keras.utils.set_random_seed(0)
