@@ -10,19 +10,10 @@ import pytest
 import keras
 import keras_gemma
 from keras_gemma.checkpoints import huggingface, safetensors_format
+from test_lora import tiny_config
 
 TOLERANCE = 1e-6
 merge_module = importlib.import_module("keras_gemma.merge")  # `keras_gemma.merge` is the function
-
-
-def tiny_config(**overrides):
-    args = dict(
-        vocabulary_size=64, num_layers=2, hidden_dim=32, num_query_heads=4,
-        num_key_value_heads=2, head_dim=8, intermediate_dim=48,
-        layer_types=("local", "global"), sliding_window_size=4,
-        use_post_norms=True, use_qk_norm=True, final_logit_softcap=30.0,
-    )
-    return keras_gemma.GemmaConfig(**{**args, **overrides})
 
 
 def random_model(seed, config=None):
