@@ -110,6 +110,8 @@ def main(argv=None, lm=None):
     _common.set_backend(args.backend)
     import keras
 
+    from keras_gemma.losses import CausalLMAccuracy
+
     _common.set_seed(args.seed)
     log = _common.stderr
     if lm is None:
@@ -135,7 +137,9 @@ def main(argv=None, lm=None):
           f"of {lm.backbone.count_params():,}", flush=True)
     lm.compile(
         optimizer=keras.optimizers.AdamW(args.learning_rate, weight_decay=0.0),
-        weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="accuracy")],
+        # The default loss and accuracy: computed a chunk of tokens at a
+        # time, never holding the (batch, length, vocabulary) logits.
+        weighted_metrics=[CausalLMAccuracy(name="accuracy")],
         sampler="greedy",
     )
 

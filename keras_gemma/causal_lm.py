@@ -55,18 +55,25 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         tokens at a time, so no step holds the `(batch, seq, vocab)` logits;
         its value is `SparseCategoricalCrossentropy(from_logits=True)`'s.
         The `"auto"` weighted metric, `CausalLMAccuracy`, then counts hits
-        in the same chunks; other metrics get full logits (no gradient kept).
+        in the same chunks. Any other metric needs the full logits: with
+        one, `fit` computes them and the loss from them, as Keras does.
         """
         if loss == "auto":
             loss = losses_lib.CausalLMLoss()
         if weighted_metrics == "auto":
             weighted_metrics = [losses_lib.CausalLMAccuracy()]
         super().compile(optimizer=optimizer, loss=loss, metrics=metrics, weighted_metrics=weighted_metrics, **kwargs)
-        chunked = isinstance(loss, losses_lib.CausalLMLoss) and self.config.hidden_dim != self.config.vocabulary_size
-        self._chunked_loss = loss if chunked else None
         accuracy = [m for m in (weighted_metrics or []) if isinstance(m, losses_lib.CausalLMAccuracy)]
-        only_accuracy = chunked and not metrics and len(accuracy) == len(weighted_metrics or [])
-        self._accuracy_from_loss = tuple(accuracy) if only_accuracy else ()
+        only_accuracy = not metrics and len(accuracy) == len(weighted_metrics or [])
+        # Other metrics need the full logits, so `fit` then makes them as
+        # Keras does: JAX's trainer holds no weights outside the loss, so
+        # they cannot be made later, in `compute_metrics`.
+        chunked = (
+            isinstance(loss, losses_lib.CausalLMLoss) and only_accuracy
+            and self.config.hidden_dim != self.config.vocabulary_size
+        )
+        self._chunked_loss = loss if chunked else None
+        self._accuracy_from_loss = tuple(accuracy) if chunked else ()
 
     def call(self, inputs, training=None):
         """Logits (b, t, vocab); when compiled with `CausalLMLoss` (the
@@ -101,14 +108,12 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         return loss + ops.sum(self.losses) if self.losses else loss
 
     def compute_metrics(self, x, y, y_pred, sample_weight=None):
-        """Keras' `compute_metrics`; from hidden states the default accuracy
-        was counted by `compute_loss`, other metrics get full logits."""
+        """Keras' `compute_metrics`; from hidden states the accuracy (the only
+        metric then) was counted by `compute_loss`."""
         if self._is_hidden(y_pred):
-            if self._accuracy_from_loss:
-                if not self._compile_metrics.built:  # TensorFlow builds it at the first update
-                    self._compile_metrics.build(y, y_pred)
-                return self.get_metrics_result()
-            y_pred = self.logits(ops.stop_gradient(y_pred))
+            if not self._compile_metrics.built:  # TensorFlow builds it at the first update
+                self._compile_metrics.build(y, y_pred)
+            return self.get_metrics_result()
         return super().compute_metrics(x, y, y_pred, sample_weight)
 
     def logits(self, hidden):

@@ -180,6 +180,26 @@ def test_fit_with_the_default_loss_equals_full_cross_entropy():
         np.testing.assert_allclose(a, b, atol=1e-5)
 
 
+def test_fit_with_another_metric_takes_the_full_logits():
+    """A metric other than the chunked accuracy needs the full logits: `fit`
+    then makes them (JAX's trainer holds no weights in `compute_metrics`),
+    with the same loss as full cross-entropy."""
+    config = keras_gemma.GemmaConfig(
+        vocabulary_size=50, num_layers=1, hidden_dim=16, num_query_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_dim=32,
+    )
+    ids = np.random.default_rng(1).integers(0, 50, (2, 6)).astype("int32")
+    x, y = {"token_ids": ids, "padding_mask": np.ones((2, 6), bool)}, np.roll(ids, -1, axis=1)
+    runs = []
+    for loss in ("auto", keras.losses.SparseCategoricalCrossentropy(from_logits=True)):
+        keras.utils.set_random_seed(0)
+        model = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))
+        model.compile(optimizer=keras.optimizers.SGD(0.5), loss=loss, weighted_metrics=[keras.metrics.SparseCategoricalAccuracy(name="acc")])
+        runs.append(model.fit(x, y, batch_size=2, epochs=2, verbose=0).history)
+    for key in ("loss", "acc"):
+        np.testing.assert_allclose(runs[0][key], runs[1][key], rtol=1e-5)
+
+
 def test_bad_chunk_size():
     with pytest.raises(ValueError, match="positive number of tokens"):
         losses.CausalLMLoss(chunk_size=0)
