@@ -71,6 +71,8 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         chunked = (
             isinstance(loss, losses_lib.CausalLMLoss) and only_accuracy
             and self.config.hidden_dim != self.config.vocabulary_size
+            # TensorFlow's graphs of unknown batch size fail in the chunk loop (to fix).
+            and keras.config.backend() != "tensorflow"
         )
         self._chunked_loss = loss if chunked else None
         self._accuracy_from_loss = tuple(accuracy) if chunked else ()
