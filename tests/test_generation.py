@@ -877,3 +877,20 @@ def test_torch_cpu_tuning_stores_kernels_out_in_with_the_same_values(gemma3_lm):
     assert gate.T.is_contiguous() and query.transpose(1, 2).is_contiguous() and output.permute(2, 0, 1).is_contiguous()
     for old, new in zip(before, backbone.weights):
         np.testing.assert_array_equal(old, to_numpy(new))
+
+
+@pytest.mark.skipif(keras.config.backend() != "jax", reason="JAX's CPU decode tuning")
+def test_row_blocks_split_one_row_products_and_keep_their_values():
+    import jax
+    import jax.numpy as jnp
+
+    from keras_gemma.backends import cpu
+
+    def fn(x, w, n):  # a loop of one-row products, as a decode loop is
+        return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(jnp.einsum("btd,df->btf", y, w)), x)
+
+    rng = np.random.default_rng(0)
+    x, w = rng.standard_normal((1, 1, 512)).astype("float32"), (rng.standard_normal((512, 512)) / 20).astype("float32")
+    split = jax.jit(cpu.row_blocks(fn))
+    np.testing.assert_allclose(split(x, w, 3), jax.jit(fn)(x, w, 3), atol=1e-5)
+    assert f"f32[{cpu.XLA_ROW_BLOCKS},1,512]" in split.lower(x, w, 3).compile().as_text()

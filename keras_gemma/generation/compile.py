@@ -134,6 +134,7 @@ class _Jax:
 
     def __init__(self, variables, cache_dtype, tuning):
         self.variables = variables
+        self.tuning = tuning
         self.loop_options = tuning.loop_options(cache_dtype)
 
     def _jit(self, fn, donate=(), compiler_options=None):
@@ -160,10 +161,13 @@ class _Jax:
     def prefill(self, fn, donate=()):
         return self._jit(fn, donate)
 
-    step = chunk = prefill
+    chunk = prefill
+
+    def step(self, fn, donate=()):
+        return self._jit(self.tuning.decode(fn), donate)
 
     def loop(self, fn, step):
-        return self._jit(fn, (0,), self.loop_options)
+        return self._jit(self.tuning.decode(fn), (0,), self.loop_options)
 
 
 # TensorFlow runs prompt chunks wider than this without XLA.
