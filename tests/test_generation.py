@@ -12,23 +12,21 @@ import inspect
 import re
 import warnings
 
+import hf_reference
+import keras
 import numpy as np
 import pytest
-
-import keras
-
-import hf_reference
-import keras_gemma
 from conftest import backend, to_numpy
+from tokenizer_fixtures import _tiny_spm
+
+import keras_gemma
 from keras_gemma.backends import cpu
 from keras_gemma.generation import compile as compile_module
-from keras_gemma.generation import engine
+from keras_gemma.generation import engine, samplers
 from keras_gemma.generation import prompts as prompts_lib
-from keras_gemma.generation import samplers
 from keras_gemma.layers import soft_cap
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
-from tokenizer_fixtures import _tiny_spm
 
 NEW_TOKENS = 30
 
@@ -247,7 +245,7 @@ def test_stop_tokens_end_each_row_independently(gemma3_lm):
     free = gemma3_lm.generate(inputs, max_new_tokens=NEW_TOKENS, stop_token_ids=None, strip_prompt=True)
     free_rows = free["token_ids"].tolist()
     # A token that row 0 emits, whose first appearance differs between rows.
-    first = lambda row, t: row.index(t) if t in row else None  # noqa: E731
+    first = lambda row, t: row.index(t) if t in row else None
     candidates = [
         t for t in free_rows[0]
         if len({first(row, t) for row in free_rows}) == len(free_rows)

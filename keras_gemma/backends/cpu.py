@@ -21,9 +21,8 @@ import functools
 import math
 import weakref
 
-import numpy as np
-
 import keras
+import numpy as np
 from keras import ops
 
 
