@@ -1,11 +1,18 @@
-"""Generation speed: keras_gemma against keras-hub, per backend.
+"""Generation speed: keras_gemma against keras-hub and transformers, per backend.
 
 One run prints a table of decode tokens/s, time to first token (TTFT) and
-peak memory for keras_gemma and keras-hub (`Gemma3CausalLM` on a
-`Gemma3Backbone` of the same config), on Gemma 3 270M shapes with random
-weights (the same seed for both; speed does not depend on the values).
-Each (backend, implementation) runs in its own subprocess, so backends do not
-share a process and peak memory is the implementation's own.
+peak memory for keras_gemma and its peers on Gemma 3 270M shapes with random
+weights (speed does not depend on the values): keras-hub (`Gemma3CausalLM`
+on a `Gemma3Backbone` of the same config) on each Keras backend, and on
+PyTorch also transformers' `Gemma3ForCausalLM` (`--impls
+...,transformers,transformers_compiled`: its eager `generate`, and
+`generate` with its static cache and `torch.compile`). Each (backend,
+implementation) runs in its own subprocess, so backends do not share a
+process and peak memory is the implementation's own.
+
+On a machine with a GPU every implementation runs there (JAX and PyTorch
+pick it up themselves; transformers' model is moved to it), and peak memory
+is the GPU's peak allocation rather than the process's resident set.
 
 Protocol, identical for both: greedy sampling, no stop tokens. For each case
 `generate` runs once to compile, then is timed `--repeats` times, best kept,
@@ -35,6 +42,7 @@ Usage:
     python benchmarks/generate.py --quick         # batch 1, f32, short + 512
     python benchmarks/generate.py --backends jax --dtypes float32 --repeats 3 --rounds 2
     python benchmarks/generate.py --backends jax --dtypes float32 --impls keras_gemma
+    python benchmarks/generate.py --backends torch --impls keras_gemma,keras_hub,transformers,transformers_compiled
 """
 
 import argparse
@@ -51,6 +59,8 @@ ROOT = os.path.dirname(HERE)
 
 BACKENDS = ("jax", "tensorflow", "torch")
 IMPLS = ("keras_gemma", "keras_hub")
+# Peers that run on PyTorch only, whatever the backend list says.
+TRANSFORMERS = ("transformers", "transformers_compiled")
 DTYPES = ("float32", "bfloat16")
 # (name, batch, prompt tokens, new tokens)
 CASES = (
@@ -81,6 +91,10 @@ def _peak_reset():
             f.write("5")  # resets VmHWM to the current RSS
     except OSError:
         pass
+    if os.environ.get("KERAS_BACKEND") == "torch" and _gpu():
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
 
 
 def _decode_rate(batch, new, new_s, ttft_s):
@@ -90,7 +104,30 @@ def _decode_rate(batch, new, new_s, ttft_s):
     return batch * (new - 1) / decode_s if decode_s > 0 else float("nan")
 
 
+def _gpu():
+    """The visible GPU's name, or None (then everything runs on the CPU)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return None
+
+
 def _peak_mb():
+    if os.environ["KERAS_BACKEND"] == "torch" and _gpu():
+        import torch
+
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    if os.environ["KERAS_BACKEND"] == "jax":
+        import jax
+
+        stats = jax.devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            return stats["peak_bytes_in_use"] / 2**20
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
@@ -158,6 +195,38 @@ def _build_keras_hub(dtype):
     return generate
 
 
+def _build_transformers(dtype, compiled=False):
+    """transformers' `Gemma3ForCausalLM` of the same config (random
+    weights): `generate`, greedy, exactly `new` tokens; `compiled`: with its
+    static cache, the forward pass compiled (`torch.compile`, CUDA graphs on
+    a GPU), as transformers documents for speed."""
+    import torch
+    import transformers
+
+    from keras_gemma.checkpoints.huggingface import config_to_hf
+
+    hf = config_to_hf(_config())
+    config = transformers.AutoConfig.for_model(hf.pop("model_type"), **hf)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForCausalLM(config).to(device=device, dtype=getattr(torch, dtype)).eval()
+    options = {}
+    if compiled:
+        options = {"cache_implementation": "static",
+                   "compile_config": transformers.CompileConfig(fullgraph=True, _compile_all_devices=True)}
+
+    def generate(token_ids, padding_mask, new):
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
+                attention_mask=torch.tensor(padding_mask, dtype=torch.long, device=device),
+                max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0, **options,
+            )
+            return out.cpu().numpy()
+
+    return generate
+
+
 def worker(args):
     os.environ["KERAS_BACKEND"] = args.backend
     sys.path.insert(0, ROOT)
@@ -167,7 +236,12 @@ def worker(args):
     import keras
 
     cases = QUICK_CASES if args.quick else CASES
-    build = {"keras_gemma": _build_keras_gemma, "keras_hub": _build_keras_hub}[args.impl]
+    build = {
+        "keras_gemma": _build_keras_gemma,
+        "keras_hub": _build_keras_hub,
+        "transformers": _build_transformers,
+        "transformers_compiled": lambda dtype: _build_transformers(dtype, compiled=True),
+    }[args.impl]
     for dtype in args.dtypes.split(","):
         generate = None  # the previous dtype's model goes before this one is built
         _peak_reset()
@@ -207,28 +281,23 @@ def worker(args):
 
 
 def _format_table(results):
+    """One row per implementation and case; a peer's row gives keras_gemma's
+    decode speedup over it and keras_gemma's TTFT as a fraction of its."""
     rows = []
-    header = ("backend", "dtype", "case", "batch", "impl", "decode tok/s", "TTFT s", "peak MB", "speedup decode", "TTFT ratio")
+    header = ("backend", "dtype", "case", "batch", "impl", "decode tok/s", "TTFT s", "peak MB",
+              "keras_gemma speedup", "keras_gemma TTFT ratio")
     index = {(r["backend"], r["dtype"], r["case"], r["batch"], r["impl"]): r for r in results}
-    for r in results:
-        if r["impl"] != "keras_gemma":
-            continue
-        hub = index.get((r["backend"], r["dtype"], r["case"], r["batch"], "keras_hub"))
-        for impl_r in (r, hub):
-            if impl_r is None:
-                continue
-            speedup = ttft = ""
-            if hub is not None and impl_r is r:
-                speedup = f"{r['decode_tok_s'] / hub['decode_tok_s']:.2f}x"
-                ttft = f"{r['ttft_s'] / hub['ttft_s']:.2f}"
-            rows.append((
-                r["backend"], r["dtype"], f"{r['case']} (p={r['prompt']}, n={r['new']})", str(r["batch"]), impl_r["impl"],
-                f"{impl_r['decode_tok_s']:.1f}", f"{impl_r['ttft_s']:.3f}", f"{impl_r['peak_mb']:.0f}", speedup, ttft,
-            ))
-    for r in results:  # keras-hub rows without a keras_gemma partner
-        if r["impl"] == "keras_hub" and (r["backend"], r["dtype"], r["case"], r["batch"], "keras_gemma") not in index:
-            rows.append((r["backend"], r["dtype"], f"{r['case']} (p={r['prompt']}, n={r['new']})", str(r["batch"]), r["impl"],
-                         f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['peak_mb']:.0f}", "", ""))
+    order = {impl: i for i, impl in enumerate(IMPLS + TRANSFORMERS)}
+    for r in sorted(results, key=lambda r: (r["backend"], r["dtype"], r["batch"], r["prompt"], order[r["impl"]])):
+        ours = index.get((r["backend"], r["dtype"], r["case"], r["batch"], "keras_gemma"))
+        speedup = ttft = ""
+        if ours is not None and r is not ours:
+            speedup = f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x"
+            ttft = f"{ours['ttft_s'] / r['ttft_s']:.2f}"
+        rows.append((
+            r["backend"], r["dtype"], f"{r['case']} (p={r['prompt']}, n={r['new']})", str(r["batch"]), r["impl"],
+            f"{r['decode_tok_s']:.1f}", f"{r['ttft_s']:.3f}", f"{r['peak_mb']:.0f}", speedup, ttft,
+        ))
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
     line = lambda cells: "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
@@ -245,7 +314,7 @@ def _run_worker(args, backend, impl, round_index):
     found = [json.loads(l[7:]) for l in process.stdout.splitlines() if l.startswith("RESULT ")]
     tag = f" round {round_index + 1}" if args.rounds > 1 else ""
     for r in found:
-        print(f"  {backend:10s} {impl:11s} {r['dtype']:8s} {r['case']:9s} b={r['batch']}: "
+        print(f"  {backend:10s} {impl:21s} {r['dtype']:8s} {r['case']:9s} b={r['batch']}: "
               f"{r['decode_tok_s']:7.1f} tok/s  TTFT {r['ttft_s']:.3f} s  peak {r['peak_mb']:.0f} MB  "
               f"(compile {r['compile_s']:.1f} s){tag}", flush=True)
     if process.returncode:
@@ -303,11 +372,18 @@ def main():
 
     load = os.getloadavg()[0]
     print(f"# {os.cpu_count()} CPUs, load average at start {load:.2f}" + ("  (busy machine: numbers are noisy)" if load > 1.0 else ""))
+    unknown = set(args.impls.split(",")) - set(IMPLS + TRANSFORMERS)
+    if unknown:
+        parser.error(f"unknown --impls {sorted(unknown)}; choose from {', '.join(IMPLS + TRANSFORMERS)}")
+    if _gpu():
+        print(f"# on the GPU: {_gpu()}")
     rounds = []
     for round_index in range(args.rounds):
         found = []
         for backend in args.backends.split(","):
             for impl in args.impls.split(","):
+                if impl in TRANSFORMERS and backend != "torch":
+                    continue  # transformers is PyTorch's
                 found += _run_worker(args, backend, impl, round_index)
         rounds.append(found)
     results = _best_of_rounds(rounds)

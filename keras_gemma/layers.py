@@ -229,9 +229,9 @@ class Attention(keras.layers.Layer):
         q, k = apply_rotary(q, query_rotary), apply_rotary(k, rotary)
 
         if cache is None:
-            out = self.attend(q, query_positions, k, v, key_positions, segments)
+            out = self.attend_itself(q, query_positions, k, v, key_positions, segments)
         elif cache_index is None:  # the first chunk: itself only
-            out = self.attend(q, query_positions, k, v, key_positions)
+            out = self.attend_itself(q, query_positions, k, v, key_positions)
             cache = write_cache(cache, k, v, key_positions, 0)
         elif x.shape[1] == 1:
             # A decode step: the slot it overwrites holds a key no query
@@ -267,6 +267,30 @@ class Attention(keras.layers.Layer):
         out = ops.matmul(x, kernel)  # (n, b * t, h)
         return ops.reshape(ops.transpose(out, (1, 0, 2)), (b, t, n, self.head_dim))
 
+    def attend_itself(self, q, query_positions, k, v, key_positions, segments=None):
+        """`attend` of x's queries to x's own keys. A long x goes by blocks
+        of queries, each attending only to the keys it can see: up to its
+        own last and, in a sliding-window layer, from `window - 1` before
+        its first (positions grow by one per column after left padding).
+        The full form computes, then masks, the whole t x t square: more
+        than half of it for a causal layer, most of it for a window much
+        shorter than t. (Gemma 3 270M, float32, a 2048-token prompt on JAX,
+        2-core CPU: the first token in 2.2 s by blocks against 3.8 s.)"""
+        t = q.shape[1]
+        if t is None or t != k.shape[1] or t < 2 * ATTENTION_BLOCK:
+            return self.attend(q, query_positions, k, v, key_positions, segments)
+        size = max(ATTENTION_BLOCK, -(-t // MAX_ATTENTION_BLOCKS))
+        outs = []
+        for start in range(0, t, size):
+            end = min(start + size, t)
+            first = 0 if self.window is None else max(0, start - self.window + 1)
+            block = None if segments is None else (segments[0][:, start:end], segments[1][:, first:end])
+            outs.append(self.attend(
+                q[:, start:end], query_positions[:, start:end], k[:, first:end], v[:, first:end],
+                key_positions[:, first:end], block,
+            ))
+        return ops.concatenate(outs, axis=1)
+
     def attend(self, q, query_positions, keys, values, key_positions, segments=None):
         """Softmax attention of q (b, t, n, h) over keys and values
         (b, s, k, h) at positions (b, s): (b, t, n, h). `segments`: None,
@@ -299,6 +323,12 @@ class Attention(keras.layers.Layer):
 # Inputs of at most this many rows (b * t) go through the query kernel one
 # head at a time (`Attention._query`).
 PER_HEAD_ROWS = 64
+
+# Self-attention of 2 * ATTENTION_BLOCK queries or more goes by blocks of
+# this many queries, or more where it would take more than
+# MAX_ATTENTION_BLOCKS blocks (`Attention.attend_itself`).
+ATTENTION_BLOCK = 128
+MAX_ATTENTION_BLOCKS = 16
 
 
 class FeedForward(keras.layers.Layer):

@@ -22,3 +22,20 @@ def backend():
 
 def to_numpy(x):
     return keras.ops.convert_to_numpy(x)
+
+
+def accelerator():
+    """The accelerator Keras computes on under this backend ("gpu", "tpu",
+    "cuda"), or None on a CPU-only machine."""
+    if backend() == "jax":
+        import jax
+
+        platform = jax.devices()[0].platform
+        return None if platform == "cpu" else platform
+    if backend() == "torch":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else None
+    import tensorflow as tf
+
+    return "gpu" if tf.config.list_physical_devices("GPU") else None

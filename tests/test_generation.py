@@ -167,6 +167,57 @@ def test_torch_traces_short_prefills_only(gemma3_lm, monkeypatch):
         assert traced == expected, width
 
 
+@pytest.mark.skipif(backend() != "torch", reason="PyTorch's compiled decode step")
+def test_torch_compiled_decode_equals_full_forward(monkeypatch):
+    """The decode step PyTorch compiles on a GPU (`_TorchCompiled`: an FX
+    graph written in place, `torch.compile`, the rows checked every
+    `HOST_CHECK_EVERY` steps), forced here on the CPU: cached greedy
+    equals uncached forward passes, stop tokens end rows mid-way between
+    checks as on the traced path, a second call reuses the compiled step."""
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "1")
+    lm = _hf_lm("gemma3")
+    lm.compile(sampler="greedy")
+    assert type(lm._functions().compiler) is compile_module._TorchCompiled
+    _check_greedy_equals_full_forward(lm, new_tokens=12)
+    inputs = _right_padded(_ragged_prompts())
+    free = lm.generate(inputs, max_new_tokens=12, stop_token_ids=None, strip_prompt=True)["token_ids"]
+    stop = int(free[1, 5])  # ends row 1 after 6 tokens (or sooner), between two host checks
+    monkeypatch.setenv("KERAS_GEMMA_TORCH_COMPILE", "0")
+    traced = _hf_lm("gemma3")
+    traced.compile(sampler="greedy")
+    assert type(traced._functions().compiler) is compile_module._Torch
+    for stop_ids in (None, [stop]):
+        compiled = lm.generate(inputs, max_new_tokens=12, stop_token_ids=stop_ids)
+        expected = traced.generate(inputs, max_new_tokens=12, stop_token_ids=stop_ids)
+        assert _rows(compiled) == _rows(expected)
+
+
+@pytest.mark.skipif(backend() != "torch", reason="PyTorch's compiled decode step")
+def test_torch_writes_donated_updates_in_place():
+    """`_write_in_place`: a slice update of a donated input goes to the
+    input itself (no copy of a cache per step); one of an input that is
+    read again afterwards, or not donated, stays a copy."""
+    import torch
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def update(cache, other, row):
+        return (
+            keras.ops.slice_update(cache, (0, 1), row),
+            keras.ops.slice_update(other, (0, 1), row) + other,
+        )
+
+    cache, other, row = torch.zeros(2, 4), torch.zeros(2, 4), torch.ones(2, 1)
+    graph = make_fx(update)(cache, other, row)
+    compile_module._write_in_place(graph, donated=[0, 1])
+    clones = [n for n in graph.graph.nodes if n.target is torch.ops.aten.clone.default]
+    assert len(clones) == 1  # `other`'s: it is read again after its update
+    new_cache, new_other = graph(cache, other, row)
+    assert new_cache.data_ptr() == cache.data_ptr()
+    np.testing.assert_array_equal(cache.numpy()[:, 1], 1.0)
+    np.testing.assert_array_equal(other.numpy(), 0.0)
+    np.testing.assert_array_equal(new_other.numpy()[:, 1], 1.0)
+
+
 def test_greedy_batch_of_one_equals_full_forward(hf_lm):
     """One row: on JAX a batch-1 decode step finds its token through the
     head's int8 screen (`backends/cpu.py`), which the uncached forward

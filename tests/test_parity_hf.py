@@ -89,6 +89,17 @@ def test_long_sequences_match_transformers():
     assert_parity(build_hf(gemma3_config(), seed=5), seq_len=40)
 
 
+def test_prompts_attending_by_blocks_match_transformers():
+    """3 x 300 tokens: self-attention by blocks of 128 queries, each over
+    the keys it can see (`Attention.attend_itself`), the last block short,
+    sliding windows of 4 cutting each block's keys."""
+    from keras_gemma import layers
+
+    assert 300 >= 2 * layers.ATTENTION_BLOCK
+    assert_parity(build_hf(gemma2_config(), seed=6), seq_len=300)
+    assert_parity(build_hf(gemma3_config(), seed=6), seq_len=300)
+
+
 def test_gemma3_mqa_legacy_config_matches_transformers():
     """Older HF Gemma 3 configs: `sliding_window_pattern`, `rope_local_base_freq`, `rope_scaling`."""
     hf = build_hf(gemma3_config(num_key_value_heads=1), seed=4)

@@ -5,24 +5,8 @@ import pytest
 
 import keras_gemma
 from keras_gemma import precision
-from conftest import backend, to_numpy
+from conftest import accelerator, backend, to_numpy
 from hf_reference import build_hf, gemma2_config, gemma3_config, hf_logits, ours_from_hf, padded_batch
-
-
-def accelerator():
-    """The accelerator Keras computes on under this backend, or None."""
-    if backend() == "jax":
-        import jax
-
-        platform = jax.devices()[0].platform
-        return None if platform == "cpu" else platform
-    if backend() == "torch":
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else None
-    import tensorflow as tf
-
-    return "gpu" if tf.config.list_physical_devices("GPU") else None
 
 
 @pytest.mark.skipif(accelerator() is None, reason="needs a GPU or TPU")

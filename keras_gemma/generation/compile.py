@@ -27,7 +27,9 @@ here it becomes:
   270M, float32, the second call of a shape took 0.94 against 0.07 s for
   one new token after a 16-token prompt (2.0 against 0.8 s after 512
   tokens, 1.7 against 0.22 s at batch 8); first calls 0.3-4.7 s sooner,
-  later calls the same.
+  later calls the same. On a GPU (`compiler_class`) the decode step is
+  instead compiled for the device (`_TorchCompiled`: `torch.compile`, CUDA
+  graphs, the cache updated in place).
 
 The device's tuning (`backends/cpu.py`, chosen once per model by
 `GenerateFunctions`) adds what it needs: XLA options for JAX's decode loop
@@ -39,6 +41,7 @@ sizes never recompile.
 """
 
 import functools
+import os
 import warnings
 
 import keras
@@ -72,8 +75,7 @@ class GenerateFunctions:
         self.variables = list(lm.variables)
         # Chosen once: the device's tuning (`backends/cpu.py`; none off the CPU).
         self.tuning = cpu.tuning(lm)
-        compiler = COMPILERS.get(keras.config.backend(), _Eager)
-        self.compiler = compiler(self.variables, lm.backbone.compute_dtype, self.tuning)
+        self.compiler = compiler_class()(self.variables, lm.backbone.compute_dtype, self.tuning)
         self.beams = getattr(sampler, "num_beams", None)
 
         def model(extras):
@@ -331,6 +333,112 @@ class _Torch:
         return python_loop
 
 
+# The compiled PyTorch decode loop looks at its rows on the host (a device
+# synchronisation) once every this many steps, not after every token.
+HOST_CHECK_EVERY = 8
+
+
+class _TorchCompiled(_Torch):
+    """PyTorch on a GPU (or wherever `KERAS_GEMMA_TORCH_COMPILE=1`): the
+    decode step compiled for the device, as gpt-fast does.
+
+    Per input shapes, the step is recorded as an FX graph of ATen ops
+    (`make_fx`: Keras' Python runs once, while recording), its donated
+    buffers (the cache, the output tokens) written in place
+    (`_write_in_place`), then compiled by `torch.compile`; on CUDA in mode
+    "reduce-overhead", whose CUDA graphs launch a whole step at once. The
+    donated buffers a call receives are copied, once per `generate` call,
+    into buffers kept per shape (CUDA graphs need fixed addresses), and the
+    weights are marked static. The loop checks its rows on the host every
+    `HOST_CHECK_EVERY` steps. Prompt chunks are traced as in `_Torch`
+    (attention there is PyTorch's fused `scaled_dot_product_attention`)."""
+
+    def __init__(self, variables, cache_dtype, tuning):
+        super().__init__(variables, cache_dtype, tuning)
+        self.cuda = variables[0].value.is_cuda
+        self.mode = "reduce-overhead" if self.cuda else "default"
+
+    def step(self, fn, donate=()):
+        import torch
+        from torch.fx.experimental.proxy_tensor import make_fx
+        from torch.utils import _pytree as pytree
+
+        variables, compiled = self.variables, {}
+
+        def build(values, spec, leaves, donated):
+            structure = []
+
+            def stateless(*flat):
+                values, leaves = flat[: len(variables)], flat[len(variables):]
+                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+                    out, out_spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(list(leaves), spec)))
+                structure.append((out_spec, [x is None for x in out]))
+                return tuple(x for x in out if x is not None)
+
+            graph = make_fx(stateless)(*values, *leaves)
+            _write_in_place(graph, [len(values) + i for i in donated])
+            for value in values:
+                torch._dynamo.mark_static_address(value)
+            buffers = [torch.empty_like(leaves[i]) for i in donated]
+            for buffer in buffers:
+                torch._dynamo.mark_static_address(buffer)
+            run = torch.compile(graph, mode=self.mode, fullgraph=True, dynamic=False)
+            return run, buffers, structure[0]
+
+        def call(*args):
+            leaves, spec = pytree.tree_flatten(args)
+            donated, start = [], 0  # the leaves of the donated arguments
+            for position, arg in enumerate(args):
+                count = len(pytree.tree_leaves(arg))
+                donated += range(start, start + count) if position in donate else []
+                start += count
+            values = tuple(v.value for v in variables)
+            key = _shapes(leaves)
+            with torch.inference_mode():
+                if key not in compiled:
+                    compiled[key] = build(values, spec, leaves, donated)
+                run, buffers, (structure, nones) = compiled[key]
+                for i, buffer in zip(donated, buffers):
+                    if leaves[i] is not buffer:  # a new call's state: into the fixed buffers
+                        buffer.copy_(leaves[i])
+                        leaves[i] = buffer
+                if self.cuda:
+                    torch.compiler.cudagraph_mark_step_begin()
+                out = iter(run(*values, *leaves))
+                return pytree.tree_unflatten([None if none else next(out) for none in nones], structure)
+
+        return call
+
+    def loop(self, fn, step):
+        def python_loop(state, constants, extras):
+            max_steps = min(int(constants.limits.max()), state.out.shape[1])
+            steps = int(state.step)
+            while steps < max_steps and not bool(state.done.all()):
+                # Steps after every row is done write only padding.
+                for _ in range(min(HOST_CHECK_EVERY, max_steps - steps)):
+                    state = step(state, constants, extras)
+                    steps += 1
+            return state
+
+        return python_loop
+
+
+def _write_in_place(graph, donated):
+    """Updates of donated inputs made in place: Keras' `slice_update` (the
+    cache and output writes) copies its input (`clone`) and updates the
+    copy; where that copy is all an input is used for, the update goes to
+    the input itself, not to a fresh copy of the whole cache each step."""
+    import torch
+
+    inputs = [node for node in graph.graph.nodes if node.op == "placeholder"]
+    for node in (inputs[i] for i in donated):
+        users = list(node.users)
+        if len(users) == 1 and users[0].target is torch.ops.aten.clone.default:
+            users[0].replace_all_uses_with(node)
+            graph.graph.erase_node(users[0])
+    graph.recompile()
+
+
 def _shapes(args):
     """Shapes and dtypes of the tensors in `args`: one trace's key."""
     import torch
@@ -358,3 +466,17 @@ class _Eager:
 
 
 COMPILERS = {"jax": _Jax, "tensorflow": _TensorFlow, "torch": _Torch}
+
+
+def compiler_class():
+    """The compiler for this backend and device: on PyTorch, `_TorchCompiled`
+    on a GPU (`KERAS_GEMMA_TORCH_COMPILE`: "auto", the default, "1" to use it
+    on the CPU too, "0" never), else `_Torch`."""
+    backend = keras.config.backend()
+    if backend == "torch":
+        choice = os.environ.get("KERAS_GEMMA_TORCH_COMPILE", "auto")
+        if choice not in ("auto", "0", "1"):
+            raise ValueError(f"KERAS_GEMMA_TORCH_COMPILE must be auto, 0 or 1, not {choice!r}.")
+        if choice == "1" or (choice == "auto" and not cpu.on_cpu()):
+            return _TorchCompiled
+    return COMPILERS.get(backend, _Eager)
