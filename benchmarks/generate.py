@@ -212,8 +212,9 @@ def _build_transformers(dtype, compiled=False):
     model = transformers.Gemma3ForCausalLM(config).to(device=device, dtype=getattr(torch, dtype)).eval()
     options = {}
     if compiled:
-        options = {"cache_implementation": "static",
-                   "compile_config": transformers.CompileConfig(fullgraph=True, _compile_all_devices=True)}
+        compile_config = transformers.CompileConfig(fullgraph=True)
+        compile_config._compile_all_devices = True  # transformers compiles on CUDA only otherwise
+        options = {"cache_implementation": "static", "compile_config": compile_config}
 
     def generate(token_ids, padding_mask, new):
         with torch.inference_mode():

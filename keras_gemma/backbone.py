@@ -11,7 +11,7 @@ from keras_gemma import lora as lora_lib
 from keras_gemma import precision
 from keras_gemma import quantization as quantization_lib
 from keras_gemma.checkpoints import preset
-from keras_gemma.config import GemmaConfig
+from keras_gemma.config import LOCAL, GemmaConfig
 from keras_gemma.layers import DecoderBlock, RMSNorm, TiedEmbedding, rotary_tables
 
 CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(GemmaConfig))
@@ -255,7 +255,7 @@ class GemmaBackbone(keras.Model):
     # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
 
     @classmethod
-    def from_preset(cls, handle, dtype=None, load_weights=True):
+    def from_preset(cls, handle, dtype=None, load_weights=True, sliding_window_size=None):
         """A backbone from a preset name, `kaggle://` or `hf://` handle,
         keras-hub or Hugging Face directory, or `.gguf` file.
 
@@ -264,13 +264,37 @@ class GemmaBackbone(keras.Model):
                 `"hf://google/gemma-3-1b-pt"`, `"./my_preset"`, `"model.gguf"`.
             dtype: the dtype policy, e.g. `"bfloat16"` (default: Keras' default).
             load_weights: False builds the architecture with random weights.
+            sliding_window_size: a window for the sliding-window layers other
+                than the checkpoint's (see `set_sliding_window`).
 
         Example:
         ```python
         backbone = keras_gemma.GemmaBackbone.from_preset("gemma3_270m", dtype="bfloat16")
         ```
         """
-        return preset.load_backbone(handle, cls, dtype=dtype, load_weights=load_weights)
+        return preset.load_backbone(
+            handle, cls, dtype=dtype, load_weights=load_weights, sliding_window_size=sliding_window_size
+        )
+
+    def set_sliding_window(self, size):
+        """Sets the sliding-window (local) layers' window to `size` keys, the
+        query's own included; global layers are unchanged, and so are the
+        weights. The Gemma 2 report (table 10) shrinks the window at
+        inference as a speed lever: 4096 -> 1024 moved perplexity from 1.63
+        to 1.64. Decode steps then read a smaller ring cache in those
+        layers, and long prompts attend over fewer keys.
+
+        Raises:
+            ValueError: `size` not a positive integer, or a model without
+                sliding-window layers (Gemma 1).
+        """
+        if LOCAL not in self.config.layer_types:
+            raise ValueError("This model has no sliding-window layers (all of its layers are global).")
+        if isinstance(size, bool) or not isinstance(size, int) or size <= 0:
+            raise ValueError(f"`sliding_window_size` must be a positive integer, got {size!r}.")
+        self.config = dataclasses.replace(self.config, sliding_window_size=size)
+        for index, block in enumerate(self.blocks):
+            block.attention.window = self.config.window(index)
 
     def save_to_preset(self, directory):
         """Writes a keras-hub preset (config.json, model.weights.h5, metadata.json).

@@ -173,7 +173,7 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
     # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
 
     @classmethod
-    def from_preset(cls, handle, dtype=None, load_weights=True):
+    def from_preset(cls, handle, dtype=None, load_weights=True, sliding_window_size=None):
         """A model (with a preprocessor when the preset has a tokenizer) from a
         preset name, `kaggle://` or `hf://` handle, keras-hub or Hugging Face
         directory, or `.gguf` file. See `GemmaBackbone.from_preset`.
@@ -181,9 +181,19 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         Example:
         ```python
         lm = keras_gemma.GemmaCausalLM.from_preset("gemma-3-270m-q4_k_m.gguf")
+        lm = keras_gemma.GemmaCausalLM.from_preset("gemma2_9b_en", sliding_window_size=1024)
         ```
         """
-        return preset.load_causal_lm(handle, cls, dtype=dtype, load_weights=load_weights)
+        return preset.load_causal_lm(
+            handle, cls, dtype=dtype, load_weights=load_weights, sliding_window_size=sliding_window_size
+        )
+
+    def set_sliding_window(self, size):
+        """Sets the sliding-window layers' window (see
+        `GemmaBackbone.set_sliding_window`); generation and `predict`
+        recompile for it."""
+        self.backbone.set_sliding_window(size)
+        self.predict_function = self.train_function = self.test_function = None
 
     def save_to_preset(self, directory):
         """Writes a keras-hub task preset; `keras_hub.models.GemmaCausalLM.from_preset` loads it.

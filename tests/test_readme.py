@@ -60,10 +60,14 @@ PRELUDE = textwrap.dedent(
         tokenizer = GemmaTokenizer.from_gguf({gguf!r})
         return keras_gemma.GemmaCausalLM(backbone, GemmaCausalLMPreprocessor(tokenizer, sequence_length=64))
 
-    def from_preset(cls, handle, dtype=None, load_weights=True):
+    def from_preset(cls, handle, dtype=None, load_weights=True, sliding_window_size=None):
         if needs_download(handle):
-            return tiny(dtype)
-        return real_from_preset(cls, handle, dtype=dtype, load_weights=load_weights)
+            lm = tiny(dtype)
+            if sliding_window_size is not None:
+                lm.set_sliding_window(sliding_window_size)
+            return lm
+        return real_from_preset(
+            cls, handle, dtype=dtype, load_weights=load_weights, sliding_window_size=sliding_window_size)
 
     keras_gemma.GemmaCausalLM.from_preset = classmethod(from_preset)
     os.symlink({gguf!r}, "gemma-3-270m-q4_k_m.gguf")
@@ -109,10 +113,10 @@ def test_install_commands_work_from_a_checkout():
     for command in installs:
         if "torch==" in command:
             continue  # PyTorch's CPU build (below)
-        found = re.findall(r'-e "\.\[([a-z,]+)\]"', command)
+        found = re.findall(r'-e "\.\[([a-z,-]+)\]"', command)
         assert found, command
         assert set(found[0].split(",")) <= extras, command
-    for extra in re.findall(r'pip install -e "\.\[([a-z]+)\]"', readme):
+    for extra in re.findall(r'pip install -e "\.\[([a-z-]+)\]"', readme):
         assert extra in extras
 
 

@@ -212,21 +212,24 @@ def _progress_bar(total_bytes, label):
     return Bar()
 
 
-def load_backbone(handle, cls, dtype=None, load_weights=True):
+def load_backbone(handle, cls, dtype=None, load_weights=True, sliding_window_size=None):
     """A backbone of class `cls` (`GemmaBackbone`) from `handle` (see the module docstring)."""
     source = resolve(handle)
-    return _backbone(source, dtype, load_weights, cls)
+    return _backbone(source, dtype, load_weights, cls, sliding_window_size)
 
 
-def _backbone(source, dtype, load_weights, cls):
+def _backbone(source, dtype, load_weights, cls, sliding_window_size=None):
     if source.kind == QUANTIZED:
         config_json = _read_json(source.file(kh.CONFIG_FILE))
-        return quantized_format.load_backbone(source.path, config_json, cls, dtype, load_weights)
-    config = load_config(source)
-    backbone = cls(config, dtype=dtype)
-    if load_weights:
-        arrays = _with_progress(_arrays(source, config), f"Loading {source.handle}")
-        assign_weights(backbone, arrays, source=_describe(source))
+        backbone = quantized_format.load_backbone(source.path, config_json, cls, dtype, load_weights)
+    else:
+        config = load_config(source)
+        backbone = cls(config, dtype=dtype)
+        if load_weights:
+            arrays = _with_progress(_arrays(source, config), f"Loading {source.handle}")
+            assign_weights(backbone, arrays, source=_describe(source))
+    if sliding_window_size is not None:
+        backbone.set_sliding_window(sliding_window_size)
     return backbone
 
 
@@ -281,12 +284,12 @@ def _has_tokenizer(source):
     return os.path.exists(source.file(name))
 
 
-def load_causal_lm(handle, cls, dtype=None, load_weights=True, preprocessor=True):
+def load_causal_lm(handle, cls, dtype=None, load_weights=True, preprocessor=True, sliding_window_size=None):
     """A model of class `cls` (`GemmaCausalLM`, built from a `cls.backbone_cls`
     and a `cls.preprocessor_cls`) from `handle`, with a preprocessor when the
     preset has a tokenizer."""
     source = resolve(handle)
-    backbone = _backbone(source, dtype, load_weights, cls.backbone_cls)
+    backbone = _backbone(source, dtype, load_weights, cls.backbone_cls, sliding_window_size)
     pre = _preprocessor(source, cls.preprocessor_cls) if preprocessor and _has_tokenizer(source) else None
     lm = cls(backbone, preprocessor=pre)
     lm.preset_handle = source.handle  # where it came from: `chat` warns on a base model

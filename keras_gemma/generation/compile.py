@@ -73,6 +73,7 @@ class GenerateFunctions:
         self.lm = lm
         self.sampler = sampler
         self.variables = list(lm.variables)
+        self.config = lm.backbone.config  # replaced by `set_sliding_window`
         # Chosen once: the device's tuning (`backends/cpu.py`; none off the CPU).
         self.tuning = cpu.tuning(lm)
         self.compiler = compiler_class()(self.variables, lm.backbone.compute_dtype, self.tuning)
@@ -123,9 +124,11 @@ class GenerateFunctions:
         return self.starts[cache_length]
 
     def matches(self, lm, sampler):
-        """Still valid: same sampler, same variables (no LoRA/quantize since)."""
+        """Still valid: same sampler, same variables (no LoRA/quantize since),
+        same config (no new sliding window)."""
         variables = lm.variables
-        return sampler is self.sampler and len(variables) == len(self.variables) and all(
+        same = sampler is self.sampler and lm.backbone.config is self.config
+        return same and len(variables) == len(self.variables) and all(
             a is b for a, b in zip(variables, self.variables)
         )
 
