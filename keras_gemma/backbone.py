@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+import warnings
 
 import keras
 from keras import ops
@@ -28,6 +29,30 @@ def _as_config(config, kwargs):
     if fields:
         config = config.replace(**fields)
     return config
+
+
+_float16_warned = set()
+
+
+def _warn_if_float16_overflows(config, compute_dtype):
+    """Once per process and model kind: Gemma 3 and Gemma 2 27B in float16."""
+    if compute_dtype != "float16":
+        return
+    kind = None
+    if config.use_qk_norm:
+        kind = "Gemma 3"
+    elif config.attention_logit_softcap and config.hidden_dim >= 4608:
+        kind = "Gemma 2 27B"
+    if kind is None or kind in _float16_warned:
+        return
+    _float16_warned.add(kind)
+    warnings.warn(
+        f"{kind} in float16: its activations pass float16's largest number (65504), which turns logits "
+        "into NaN in other libraries. keras_gemma computes the feed-forward products in float32 and "
+        "clips the residual stream so the model stays finite, but its outputs drift from float32's. "
+        "Use dtype='bfloat16' (the same memory, float32's range) or 'float32'.",
+        stacklevel=3,
+    )
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -71,6 +96,7 @@ class GemmaBackbone(keras.Model):
         super().__init__(dtype=dtype, **kwargs)
         self.config = config
         self.remat = remat
+        _warn_if_float16_overflows(config, self.compute_dtype)
         policy = self.dtype_policy
         self.token_embedding = TiedEmbedding(
             config.vocabulary_size,

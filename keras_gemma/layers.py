@@ -22,6 +22,10 @@ from keras_gemma.quantization import dequantized_embeddings
 MASK_VALUE = -1e9
 
 
+# The largest float16 number: where float16 activations are clipped.
+FLOAT16_MAX = 65504.0
+
+
 def soft_cap(x, cap):
     """`cap * tanh(x / cap)`, the Gemma 2 logit soft-cap (None: off)."""
     if cap is None:
@@ -350,8 +354,22 @@ class FeedForward(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
+        if keras.backend.standardize_dtype(x.dtype) == "float16" and self.gate.quantization_mode is None:
+            return self._float32_call(x)
         gate = keras.activations.gelu(self.gate(x), approximate=True)  # (b, t, f)
         return self.down(gate * self.up(x))  # (b, t, d)
+
+    def _float32_call(self, x):
+        """The products in float32 (the float16 weights cast as read), the
+        output in float32 too: a float16 model overflows here first (the
+        larger Gemmas' feed-forward activations pass float16's 65504;
+        transformers returns NaN logits there). `DecoderBlock` brings the
+        output back into float16's range."""
+        x = ops.cast(x, "float32")
+        gate = ops.einsum("btd,df->btf", x, ops.cast(self.gate.kernel, "float32"))
+        up = ops.einsum("btd,df->btf", x, ops.cast(self.up.kernel, "float32"))
+        hidden = keras.activations.gelu(gate, approximate=True) * up
+        return ops.einsum("btf,fd->btd", hidden, ops.cast(self.down.kernel, "float32"))
 
 
 class DecoderBlock(keras.layers.Layer):
@@ -407,10 +425,31 @@ class DecoderBlock(keras.layers.Layer):
         )
         if last_only:
             x = x[:, -1:]
-        x = x + self._residual_branch(h, self.post_attention_norm, training)
+        x = _finite(x + self._residual_branch(h, self.post_attention_norm, training))
         h = self.feed_forward(self.pre_ffw_norm(x))
-        x = x + self._residual_branch(h, self.post_ffw_norm, training)
+        if h.dtype != x.dtype:  # float16: the feed-forward ran in float32
+            h = _into_float16(h, scale_free=self.post_ffw_norm is not None)
+        x = _finite(x + self._residual_branch(h, self.post_ffw_norm, training))
         return x, cache
+
+
+def _into_float16(h, scale_free):
+    """float32 h (b, t, d) into float16's range: where a norm follows (which
+    ignores scale) each position scaled down as a whole, keeping its
+    direction; else clipped."""
+    if scale_free:
+        peak = ops.max(ops.abs(h), axis=-1, keepdims=True)
+        h = h * ops.minimum(1.0, FLOAT16_MAX / 2 / ops.maximum(peak, 1.0))
+    return ops.cast(ops.clip(h, -FLOAT16_MAX, FLOAT16_MAX), "float16")
+
+
+def _finite(x):
+    """The float16 residual stream clipped to float16's range (as keras-hub
+    does for Gemma 3): an overflowing sum becomes +-65504, not inf, then
+    NaN in the next norm. Other dtypes as they are."""
+    if keras.backend.standardize_dtype(x.dtype) != "float16":
+        return x
+    return ops.clip(x, -FLOAT16_MAX, FLOAT16_MAX)
 
 
 class TiedEmbedding(keras.layers.Embedding):
