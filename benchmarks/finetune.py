@@ -7,8 +7,8 @@ values): LoRA (rank 4 on query and value by default), Adam, float32, batch
 x sequence random token ids. keras-hub is `Gemma3CausalLM` on a
 `Gemma3Backbone` of the same config with `backbone.enable_lora(rank,
 target_layer_names=...)`; keras_gemma is `GemmaCausalLM` compiled with its
-default loss (the chunked cross-entropy, `keras_gemma.losses`), with
-`remat="blocks"` when `--remat`.
+default loss (the chunked cross-entropy, `keras_gemma.losses`), and
+`keras_gemma_remat` the same with `GemmaBackbone(remat="blocks")`.
 
 Protocol, as `benchmarks/generate.py`: each (backend, implementation) in its
 own subprocess; a first `fit` of one step compiles; then `--repeats` fits of
@@ -19,7 +19,7 @@ the best step time and highest peak over the rounds are kept.
 
 Usage:
     python benchmarks/finetune.py --backends jax --rounds 2          # the issue's case
-    python benchmarks/finetune.py --batch 1 --seq 2048 --rank 8 --targets all --remat --impls keras_gemma
+    python benchmarks/finetune.py --batch 1 --seq 2048 --rank 8 --targets all --impls keras_gemma_remat
 """
 
 import argparse
@@ -36,7 +36,7 @@ sys.path.insert(0, HERE)
 from generate import _config, _keras_hub_backbone, _peak_mb, _peak_reset  # noqa: E402
 
 BACKENDS = ("jax", "tensorflow", "torch")
-IMPLS = ("keras_gemma", "keras_hub")
+IMPLS = ("keras_gemma", "keras_gemma_remat", "keras_hub")
 HUB_TARGETS = {"query": "query", "key": "key", "value": "value", "output": "attention_output",
                "gate": "ffw_gating", "up": "ffw_gating_2", "down": "ffw_linear"}
 
@@ -45,11 +45,11 @@ def _targets(args):
     return tuple(HUB_TARGETS) if args.targets == "all" else tuple(args.targets.split(","))
 
 
-def _keras_gemma_model(args):
+def _keras_gemma_model(args, remat=None):
     import keras
     import keras_gemma
 
-    backbone = keras_gemma.GemmaBackbone(_config(), dtype="float32", remat="blocks" if args.remat else None)
+    backbone = keras_gemma.GemmaBackbone(_config(), dtype="float32", remat=remat)
     backbone.enable_lora(args.rank, target_layers=_targets(args))
     lm = keras_gemma.GemmaCausalLM(backbone)
     lm.compile(optimizer=keras.optimizers.Adam(1e-4))
@@ -73,10 +73,14 @@ def worker(args):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import numpy as np
 
-    import keras
+    from examples._common import set_seed
 
-    keras.utils.set_random_seed(0)
-    lm = {"keras_gemma": _keras_gemma_model, "keras_hub": _keras_hub_model}[args.impl](args)
+    set_seed(0)  # as keras.utils.set_random_seed, without importing TensorFlow (its memory would count)
+    lm = {
+        "keras_gemma": _keras_gemma_model,
+        "keras_gemma_remat": lambda args: _keras_gemma_model(args, remat="blocks"),
+        "keras_hub": _keras_hub_model,
+    }[args.impl](args)
     trainable = sum(int(np.prod(v.shape)) for v in lm.trainable_variables)
     rng = np.random.default_rng(0)
     rows = args.batch * args.steps
@@ -95,7 +99,7 @@ def worker(args):
         best = min(best, (time.perf_counter() - start) / args.steps)
     result = {
         "backend": args.backend, "impl": args.impl, "batch": args.batch, "seq": args.seq, "rank": args.rank,
-        "targets": args.targets, "remat": args.remat, "step_s": best, "tokens_per_s": args.batch * args.seq / best,
+        "targets": args.targets, "step_s": best, "tokens_per_s": args.batch * args.seq / best,
         "peak_mb": _peak_mb(), "compile_s": compile_s - best, "first_loss": first.history["loss"][0],
         "trainable": trainable,
     }
@@ -106,7 +110,6 @@ def _run_worker(args, backend, impl):
     command = [sys.executable, os.path.abspath(__file__), "--worker", "--backend", backend, "--impl", impl]
     for name in ("batch", "seq", "rank", "targets", "steps", "repeats"):
         command += [f"--{name}", str(getattr(args, name))]
-    command += ["--remat"] if args.remat else []
     process = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     found = [json.loads(line[7:]) for line in process.stdout.splitlines() if line.startswith("RESULT ")]
     for r in found:
@@ -125,7 +128,6 @@ def main():
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--rank", type=int, default=4)
     parser.add_argument("--targets", default="query,value", help='comma-separated, or "all"')
-    parser.add_argument("--remat", action="store_true", help="keras_gemma with remat='blocks'")
     parser.add_argument("--steps", type=int, default=2, help="steps per timed fit")
     parser.add_argument("--repeats", type=int, default=2, help="timed fits (best is kept)")
     parser.add_argument("--rounds", type=int, default=1, help="alternate the workers this many times; keep the best")
@@ -148,13 +150,13 @@ def main():
                     kept["peak_mb"] = max(kept["peak_mb"], r["peak_mb"])
                     kept["tokens_per_s"] = r["batch"] * r["seq"] / kept["step_s"]
     print(f"\n# load average at end {os.getloadavg()[0]:.2f}; batch {args.batch} x {args.seq}, LoRA rank {args.rank} "
-          f"on {args.targets}, Adam, float32" + (", keras_gemma remat='blocks'" if args.remat else ""))
+          f"on {args.targets}, Adam, float32")
     print("| backend | impl | step s | tokens/s | peak MB | step ratio | peak ratio |")
     print("|---|---|---|---|---|---|---|")
     for (backend, impl), r in best.items():
         hub = best.get((backend, "keras_hub"))
         ratios = ("", "")
-        if impl == "keras_gemma" and hub is not None:
+        if impl.startswith("keras_gemma") and hub is not None:
             ratios = (f"{r['step_s'] / hub['step_s']:.2f}x", f"{r['peak_mb'] / hub['peak_mb']:.2f}x")
         print(f"| {backend} | {impl} | {r['step_s']:.2f} | {r['tokens_per_s']:.0f} | {r['peak_mb']:.0f} | {ratios[0]} | {ratios[1]} |")
     if args.json:

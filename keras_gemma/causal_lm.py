@@ -6,10 +6,11 @@ from keras import ops
 from keras_gemma import losses as losses_lib
 from keras_gemma import precision, quantization
 from keras_gemma.backbone import GemmaBackbone
+from keras_gemma.backends import cpu
 from keras_gemma.checkpoints import preset
 from keras_gemma.generation import GenerationMixin
 from keras_gemma.layers import soft_cap
-from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor, fit_arguments
 
 
 @keras.saving.register_keras_serializable(package="keras_gemma")
@@ -71,8 +72,6 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         chunked = (
             isinstance(loss, losses_lib.CausalLMLoss) and only_accuracy
             and self.config.hidden_dim != self.config.vocabulary_size
-            # TensorFlow's graphs of unknown batch size fail in the chunk loop (to fix).
-            and keras.config.backend() != "tensorflow"
         )
         self._chunked_loss = loss if chunked else None
         self._accuracy_from_loss = tuple(accuracy) if chunked else ()
@@ -141,6 +140,10 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
             table = self.backbone.token_embedding.table(hidden.dtype)
             return losses_lib.token_cross_entropy(hidden, table, target_ids, softcap=self.config.final_logit_softcap)
 
+    def make_train_function(self, force=False):
+        with cpu.remat_train_step(self):
+            return super().make_train_function(force)
+
     def decode_logits(self, hidden):
         """A decode step's logits (b, vocab), float32, from hidden (b, 1, d)."""
         return self.logits(hidden)[:, 0, :]
@@ -155,20 +158,8 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         ids, labels and loss weights on response tokens only. Token-id inputs
         pass straight through.
         """
-        from keras_gemma.preprocessor import is_raw_text, to_fit_data
-
-        if self.preprocessor is not None and is_raw_text(x):
-            if sample_weight is not None:
-                raise ValueError("With raw text, loss weights come from the preprocessor: pass no `sample_weight`.")
-            data = to_fit_data(self.preprocessor, x, y, batch_size=batch_size)
-            x, y, sample_weight = data["x"], data["y"], data["sample_weight"]
-            batch_size = data.get("batch_size")
-            if validation_data is not None and is_raw_text(validation_data):
-                val = to_fit_data(self.preprocessor, validation_data)
-                validation_data = val["x"] if val["y"] is None else (val["x"], val["y"], val["sample_weight"])
-        return super().fit(
-            x=x, y=y, batch_size=batch_size, sample_weight=sample_weight, validation_data=validation_data, **kwargs
-        )
+        arguments = fit_arguments(self.preprocessor, x, y, sample_weight, batch_size, validation_data)
+        return super().fit(**arguments, **kwargs)
 
     # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
 

@@ -508,6 +508,23 @@ def is_raw_text(x):
     return False
 
 
+def fit_arguments(preprocessor, x, y=None, sample_weight=None, batch_size=None, validation_data=None):
+    """`fit`'s data arguments with raw text turned into token ids, labels and
+    loss weights (`to_fit_data`); token ids, or no preprocessor, pass through.
+    Returns `{"x", "y", "sample_weight", "batch_size", "validation_data"}`."""
+    arguments = {"x": x, "y": y, "sample_weight": sample_weight, "batch_size": batch_size, "validation_data": validation_data}
+    if preprocessor is None or not is_raw_text(x):
+        return arguments
+    if sample_weight is not None:
+        raise ValueError("With raw text, loss weights come from the preprocessor: pass no `sample_weight`.")
+    data = to_fit_data(preprocessor, x, y, batch_size=batch_size)
+    arguments.update(x=data["x"], y=data["y"], sample_weight=data["sample_weight"], batch_size=data.get("batch_size"))
+    if validation_data is not None and is_raw_text(validation_data):
+        val = to_fit_data(preprocessor, validation_data)
+        arguments["validation_data"] = val["x"] if val["y"] is None else (val["x"], val["y"], val["sample_weight"])
+    return arguments
+
+
 def to_fit_data(preprocessor, x, y=None, batch_size=None):
     """Turns raw training data into keyword arguments for `keras.Model.fit`.
 

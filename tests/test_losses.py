@@ -117,7 +117,6 @@ def gemma2():
 
 
 @pytest.mark.parametrize("embedding_trainable", [True, False])
-@pytest.mark.skipif(backend() == "tensorflow", reason="fit's chunked loss is off on TensorFlow for now (GemmaCausalLM.compile)")
 def test_fit_loss_and_gradients_equal_transformers(gemma2, embedding_trainable):
     hf_model, ours = gemma2
     ours.compile(loss=losses.CausalLMLoss(chunk_size=5, reduction="mean_with_sample_weight"))
