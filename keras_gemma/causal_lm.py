@@ -123,23 +123,6 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
             logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
 
-    def _score_logits(self, inputs, scoring_mode, layer_intercept_fn, target_ids):
-        """`score`'s keras-hub modes (`GenerationMixin`); `"loss"` without
-        the full logits (`losses.token_cross_entropy`)."""
-        if scoring_mode != "loss":
-            return super()._score_logits(inputs, scoring_mode, layer_intercept_fn, target_ids)
-        token_ids, target_ids = ops.cast(inputs["token_ids"], "int32"), ops.cast(target_ids, "int32")
-        if len(token_ids.shape) != 2:
-            raise ValueError(f"`token_ids` must be (batch, length), got shape {tuple(token_ids.shape)}.")
-        if tuple(target_ids.shape) != tuple(token_ids.shape):
-            raise ValueError(
-                f"`target_ids` must have the shape of `token_ids`, {tuple(token_ids.shape)}; got {tuple(target_ids.shape)}."
-            )
-        hidden, _ = self.backbone.hidden_states(token_ids, inputs.get("padding_mask"), layer_intercept_fn=layer_intercept_fn)
-        with precision.matmul_precision(self.backbone.compute_dtype):
-            table = self.backbone.token_embedding.table(hidden.dtype)
-            return losses_lib.token_cross_entropy(hidden, table, target_ids, softcap=self.config.final_logit_softcap)
-
     def make_train_function(self, force=False):
         with cpu.remat_train_step(self):
             return super().make_train_function(force)

@@ -8,6 +8,7 @@ import numpy as np
 import keras
 from keras import ops
 
+from keras_gemma import losses, precision
 from keras_gemma.generation import engine
 from keras_gemma.generation import prompts as prompts_lib
 from keras_gemma.generation import samplers as samplers_lib
@@ -370,23 +371,25 @@ class GenerationMixin:
         return scores
 
     def _score_logits(self, inputs, scoring_mode, layer_intercept_fn, target_ids):
-        """`score`'s keras-hub modes, as backend tensors (differentiable)."""
+        """`score`'s keras-hub modes, as backend tensors (differentiable);
+        `"loss"` without the full logits (`losses.token_cross_entropy`)."""
         token_ids = ops.cast(inputs["token_ids"], "int32")
         if len(ops.shape(token_ids)) != 2:
             raise ValueError(f"`token_ids` must be (batch, length), got shape {tuple(ops.shape(token_ids))}.")
         hidden, _ = self.backbone.hidden_states(
             token_ids, inputs.get("padding_mask"), layer_intercept_fn=layer_intercept_fn
         )
-        logits = self.logits(hidden)
         if scoring_mode == "logits":
-            return logits
+            return self.logits(hidden)
         target_ids = ops.cast(target_ids, "int32")
         if tuple(ops.shape(target_ids)) != tuple(ops.shape(token_ids)):
             raise ValueError(
                 f"`target_ids` must have the shape of `token_ids`, {tuple(ops.shape(token_ids))}; "
                 f"got {tuple(ops.shape(target_ids))}."
             )
-        return keras.losses.sparse_categorical_crossentropy(target_ids, logits, from_logits=True)
+        with precision.matmul_precision(self.backbone.compute_dtype):
+            table = self.backbone.token_embedding.table(hidden.dtype)
+            return losses.token_cross_entropy(hidden, table, target_ids, softcap=self.config.final_logit_softcap)
 
 
 class _GenerationState:

@@ -245,6 +245,22 @@ LONG_PREFILL_TORCH = 512
 TRACE_CHUNK_AFTER = 16
 
 
+def _over_flat_tensors(fn, variables, spec, structure):
+    """`fn` as PyTorch's tracers take it: `(values, leaves) -> tensors`, the
+    variables' values and the arguments' leaves (`spec`: their structure)
+    in, the output's non-None leaves out; the output's structure and where
+    its Nones were are appended to `structure`."""
+    from torch.utils import _pytree as pytree
+
+    def stateless(values, leaves):
+        with keras.StatelessScope(state_mapping=list(zip(variables, values))):
+            out, out_spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(list(leaves), spec)))
+        structure.append((out_spec, [x is None for x in out]))
+        return tuple(x for x in out if x is not None)
+
+    return stateless
+
+
 class _Torch:
     """`torch.jit.trace` once per input shapes, weights as inputs; the loop
     in Python."""
@@ -268,12 +284,10 @@ class _Torch:
 
         def trace(values, args, leaves):
             structure = []
+            flat = _over_flat_tensors(fn, variables, args, structure)
 
             def stateless(values, *leaves):
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    out, spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(leaves, args)))
-                structure.append((spec, [x is None for x in out]))
-                return tuple(x for x in out if x is not None)
+                return flat(values, leaves)
 
             with warnings.catch_warnings(), self.tuning.tracing():
                 # Shape checks (`x.shape[1] == 1`) become constants:
@@ -370,13 +384,10 @@ class _TorchCompiled(_Torch):
 
         def build(values, spec, leaves, donated):
             structure = []
+            flat = _over_flat_tensors(fn, variables, spec, structure)
 
-            def stateless(*flat):
-                values, leaves = flat[: len(variables)], flat[len(variables):]
-                with keras.StatelessScope(state_mapping=list(zip(variables, values))):
-                    out, out_spec = pytree.tree_flatten(fn(*pytree.tree_unflatten(list(leaves), spec)))
-                structure.append((out_spec, [x is None for x in out]))
-                return tuple(x for x in out if x is not None)
+            def stateless(*tensors):
+                return flat(tensors[: len(variables)], tensors[len(variables):])
 
             graph = make_fx(stateless)(*values, *leaves)
             _write_in_place(graph, [len(values) + i for i in donated])
