@@ -112,7 +112,7 @@ class GemmaBackbone(keras.Model):
             for i in range(config.num_layers)
         ]
         self.final_norm = RMSNorm(config.layer_norm_epsilon, name="final_norm", dtype=policy)
-        # Distinct (base, scaling) pairs, so rotary tables are built once per call.
+        # Distinct (head_dim, base, scaling, fraction), so rotary tables are built once per call.
         self.rope_settings = sorted({block.rope for block in self.blocks})
         self.lora = None  # a `lora.LoraState` while LoRA is enabled
         self.quantization = None  # a `quantization.QuantizationRecord` once quantized
@@ -196,7 +196,7 @@ class GemmaBackbone(keras.Model):
         x = intercept(self.token_embedding(token_ids), -1)  # (b, t, d)
         x = x * ops.cast(math.sqrt(self.config.hidden_dim), x.dtype)
         rotary = {
-            rope: rotary_tables(positions, self.config.head_dim, *rope)
+            rope: rotary_tables(positions, *rope)
             for rope in self.rope_settings
         }
         new_cache = [] if cache is not None else None
@@ -228,8 +228,9 @@ class GemmaBackbone(keras.Model):
         dtype = dtype or self.compute_dtype
         cache = []
         for block in self.blocks:
-            slots = block.attention.cache_length(max_length)
-            kv_shape = (batch_size, slots, self.config.num_key_value_heads, self.config.head_dim)
+            attention = block.attention
+            slots = attention.cache_length(max_length)
+            kv_shape = (batch_size, slots, attention.num_key_value_heads, attention.head_dim)
             cache.append(
                 (
                     ops.zeros(kv_shape, dtype),
@@ -243,13 +244,14 @@ class GemmaBackbone(keras.Model):
         """Every weight under a canonical, checkpoint-neutral name.
 
         Names and shapes (n query heads, k kv heads, h head_dim, d hidden,
-        f feed-forward width, v vocabulary):
+        f feed-forward width, v vocabulary; k and h are the layer's own):
             token_embedding (v, d); final_norm (d,);
             blocks.{i}.{pre_attention_norm,post_attention_norm,pre_ffw_norm,
             post_ffw_norm} (d,); blocks.{i}.attention.query (n, d, h),
-            .key (k, d, h), .value (k, d, h), .output (n, h, d),
-            .query_norm (h,), .key_norm (h,); blocks.{i}.feed_forward.gate
-            (d, f), .up (d, f), .down (f, d).
+            .key (k, d, h), .value (k, d, h) (absent where values are the
+            keys), .output (n, h, d), .query_norm (h,), .key_norm (h,);
+            blocks.{i}.feed_forward.gate (d, f), .up (d, f), .down (f, d);
+            blocks.{i}.layer_scalar (1,) (Gemma 4).
         Norm scales are zero-centred (the model multiplies by 1 + scale).
         On a quantized backbone the projections and the embedding are the raw
         int8 (int4: packed) storage, without their scales: load float
@@ -269,12 +271,15 @@ class GemmaBackbone(keras.Model):
                 ("value", attention.value_dense),
                 ("output", attention.output_dense),
             ):
-                weights[f"{prefix}.attention.{name}"] = _variable(dense, "kernel")
+                if dense is not None:
+                    weights[f"{prefix}.attention.{name}"] = _variable(dense, "kernel")
             if attention.query_norm is not None:
                 weights[f"{prefix}.attention.query_norm"] = attention.query_norm.scale
                 weights[f"{prefix}.attention.key_norm"] = attention.key_norm.scale
             for name in ("gate", "up", "down"):
                 weights[f"{prefix}.feed_forward.{name}"] = _variable(getattr(block.feed_forward, name), "kernel")
+            if block.use_layer_scalar:
+                weights[f"{prefix}.layer_scalar"] = block.layer_scalar
         weights["final_norm"] = self.final_norm.scale
         return weights
 

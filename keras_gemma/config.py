@@ -48,6 +48,20 @@ class GemmaConfig:
         use_qk_norm: RMSNorm over head_dim on queries and keys (Gemma 3).
         global_rope_base, local_rope_base: rotary bases per attention type.
         global_rope_scaling, local_rope_scaling: linear position scaling.
+        global_rope_fraction, local_rope_fraction: share of each head's
+            frequency pairs that rotate (Gemma 4 "proportional" rope: the
+            first `int(fraction * head_dim // 2)` frequencies of the full
+            head_dim's spectrum, the rest zero, so those pairs pass through).
+        global_head_dim: head width of global layers (Gemma 4: 512 against
+            256 local). Defaults to `head_dim`.
+        num_global_key_value_heads: key/value heads of global layers.
+            Defaults to `num_key_value_heads`.
+        global_keys_as_values: global layers have no value projection; their
+            values are the key projection's output (before key norm and
+            rope), as Gemma 4's `attention_k_eq_v`.
+        use_value_norm: scale-free RMSNorm over head_dim on values (Gemma 4).
+        use_layer_scalar: each block's output is multiplied by a stored
+            per-layer scalar (Gemma 4's `layer_scalar`, not trained).
         layer_norm_epsilon: RMSNorm epsilon.
         max_sequence_length: context length the model was trained for.
         dropout: dropout on attention outputs and feed-forward during training.
@@ -71,6 +85,13 @@ class GemmaConfig:
     local_rope_base: float = 10_000.0
     global_rope_scaling: float = 1.0
     local_rope_scaling: float = 1.0
+    global_rope_fraction: float = 1.0
+    local_rope_fraction: float = 1.0
+    global_head_dim: Optional[int] = None
+    num_global_key_value_heads: Optional[int] = None
+    global_keys_as_values: bool = False
+    use_value_norm: bool = False
+    use_layer_scalar: bool = False
     layer_norm_epsilon: float = 1e-6
     max_sequence_length: int = 8192
     dropout: float = 0.0
@@ -82,6 +103,10 @@ class GemmaConfig:
             object.__setattr__(self, "layer_types", tuple(self.layer_types))
         if self.query_pre_attn_scalar is None:
             object.__setattr__(self, "query_pre_attn_scalar", self.head_dim)
+        if self.global_head_dim is None:
+            object.__setattr__(self, "global_head_dim", self.head_dim)
+        if self.num_global_key_value_heads is None:
+            object.__setattr__(self, "num_global_key_value_heads", self.num_key_value_heads)
         self.validate()
 
     def validate(self):
@@ -94,17 +119,20 @@ class GemmaConfig:
             "head_dim",
             "intermediate_dim",
             "max_sequence_length",
+            "global_head_dim",
+            "num_global_key_value_heads",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(
                     f"`{name}` must be a positive integer, got {value!r}."
                 )
-        if self.num_query_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"`num_query_heads` ({self.num_query_heads}) must be divisible "
-                f"by `num_key_value_heads` ({self.num_key_value_heads})."
-            )
+        for name in ("num_key_value_heads", "num_global_key_value_heads"):
+            if self.num_query_heads % getattr(self, name):
+                raise ValueError(
+                    f"`num_query_heads` ({self.num_query_heads}) must be divisible "
+                    f"by `{name}` ({getattr(self, name)})."
+                )
         if len(self.layer_types) != self.num_layers:
             raise ValueError(
                 f"`layer_types` has {len(self.layer_types)} entries but "
@@ -144,6 +172,9 @@ class GemmaConfig:
                 raise ValueError(
                     f"`{name}` must be positive, got {getattr(self, name)!r}."
                 )
+        for name in ("global_rope_fraction", "local_rope_fraction"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
 
@@ -155,10 +186,24 @@ class GemmaConfig:
         return None
 
     def rope(self, layer_index):
-        """(base, linear scaling factor) of a layer."""
+        """(head_dim, base, linear scaling factor, rotated fraction) of a layer."""
         if self.layer_types[layer_index] == LOCAL:
-            return self.local_rope_base, self.local_rope_scaling
-        return self.global_rope_base, self.global_rope_scaling
+            return self.head_dim, self.local_rope_base, self.local_rope_scaling, self.local_rope_fraction
+        return self.global_head_dim, self.global_rope_base, self.global_rope_scaling, self.global_rope_fraction
+
+    def layer_head_dim(self, layer_index):
+        """Head width of a layer."""
+        return self.head_dim if self.layer_types[layer_index] == LOCAL else self.global_head_dim
+
+    def layer_key_value_heads(self, layer_index):
+        """Key/value heads of a layer."""
+        if self.layer_types[layer_index] == LOCAL:
+            return self.num_key_value_heads
+        return self.num_global_key_value_heads
+
+    def layer_keys_as_values(self, layer_index):
+        """Whether a layer's values are its keys' projection (no value kernel)."""
+        return self.global_keys_as_values and self.layer_types[layer_index] == GLOBAL
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -178,13 +223,16 @@ class GemmaConfig:
 
     def num_parameters(self):
         """Parameter count computed from the config (tied embeddings)."""
-        d, h = self.hidden_dim, self.head_dim
-        attention = d * h * (2 * self.num_query_heads + 2 * self.num_key_value_heads)
-        feed_forward = 3 * d * self.intermediate_dim
-        norms = d * (4 if self.use_post_norms else 2)
-        norms += 2 * h if self.use_qk_norm else 0
-        per_layer = attention + feed_forward + norms
-        return self.vocabulary_size * d + self.num_layers * per_layer + d
+        d = self.hidden_dim
+        total = self.vocabulary_size * d + d
+        for i in range(self.num_layers):
+            h, k = self.layer_head_dim(i), self.layer_key_value_heads(i)
+            total += d * h * (2 * self.num_query_heads + (1 if self.layer_keys_as_values(i) else 2) * k)
+            total += 3 * d * self.intermediate_dim
+            total += d * (4 if self.use_post_norms else 2)
+            total += 2 * h if self.use_qk_norm else 0
+            total += 1 if self.use_layer_scalar else 0
+        return total
 
     @property
     def embedding_scale(self):

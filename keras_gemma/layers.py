@@ -38,35 +38,44 @@ class RMSNorm(keras.layers.Layer):
 
     Computed in float32 whatever the compute dtype, as in HF's Gemma
     (https://github.com/huggingface/transformers/pull/29402): casting only
-    after the `(1 + scale)` product matters in bfloat16.
+    after the `(1 + scale)` product matters in bfloat16. `with_scale=False`:
+    no scale at all (Gemma 4's value norm).
     """
 
-    def __init__(self, epsilon=1e-6, **kwargs):
+    def __init__(self, epsilon=1e-6, with_scale=True, **kwargs):
         super().__init__(**kwargs)
         self.epsilon = epsilon
+        self.with_scale = with_scale
 
     def build(self, input_shape):
-        self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="zeros")
+        if self.with_scale:
+            self.scale = self.add_weight(name="scale", shape=(input_shape[-1],), initializer="zeros")
         self.built = True
 
     def call(self, x):
         x32 = ops.cast(x, "float32")
         mean_square = ops.mean(ops.square(x32), axis=-1, keepdims=True)
         normed = x32 * ops.rsqrt(mean_square + self.epsilon)
-        return ops.cast(normed * (1.0 + ops.cast(self.scale, "float32")), x.dtype)
+        if self.with_scale:
+            normed = normed * (1.0 + ops.cast(self.scale, "float32"))
+        return ops.cast(normed, x.dtype)
 
     def get_config(self):
-        return {**super().get_config(), "epsilon": self.epsilon}
+        return {**super().get_config(), "epsilon": self.epsilon, "with_scale": self.with_scale}
 
 
-def rotary_tables(positions, head_dim, base, scaling):
+def rotary_tables(positions, head_dim, base, scaling, fraction=1.0):
     """cos and sin tables for rotary embedding, each (b, t, 1, h/2), float32.
 
     `inv_freq_i = base^(-2i/h) / scaling` (linear position scaling), computed
-    in float32 as HF does so that angles at long positions agree.
+    in float32 as HF does so that angles at long positions agree. With
+    `fraction < 1` (Gemma 4's "proportional" rope) only the first
+    `int(fraction * h // 2)` frequencies rotate; the rest are 0 (cos 1,
+    sin 0: those pairs pass unrotated).
     """
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
     inv_freq = (np.float32(1.0) / np.float32(base) ** exponent) / np.float32(scaling)
+    inv_freq[int(fraction * head_dim // 2):] = 0.0
     angles = ops.cast(positions, "float32")[:, :, None] * ops.convert_to_tensor(inv_freq)  # (b, t, h/2)
     angles = angles[:, :, None, :]  # (b, t, 1, h/2)
     return ops.cos(angles), ops.sin(angles)
@@ -152,16 +161,20 @@ class Attention(keras.layers.Layer):
     scaling by `query_pre_attn_scalar ** -0.5`, an optional soft-cap and
     sliding window, and an optional fixed-shape KV cache.
 
+    Gemma 4 adds, per layer: a head width and key/value head count of its
+    own, values taken from the key projection (no value kernel), and a
+    scale-free norm on values.
+
     Args:
         config: the `GemmaConfig`.
-        layer_index: which block this is; picks the window.
+        layer_index: which block this is; picks the window and head shapes.
     """
 
     def __init__(self, config, layer_index, **kwargs):
         super().__init__(**kwargs)
         self.num_query_heads = n = config.num_query_heads
-        self.num_key_value_heads = k = config.num_key_value_heads
-        self.head_dim = h = config.head_dim
+        self.num_key_value_heads = k = config.layer_key_value_heads(layer_index)
+        self.head_dim = h = config.layer_head_dim(layer_index)
         self.hidden_dim = d = config.hidden_dim
         self.window = config.window(layer_index)
         self.query_scale = float(config.query_pre_attn_scalar) ** -0.5
@@ -169,7 +182,9 @@ class Attention(keras.layers.Layer):
         policy = self.dtype_policy
         self.query_dense = _projection("btd,ndh->btnh", (None, n, h), "query", policy)
         self.key_dense = _projection("bsd,kdh->bskh", (None, k, h), "key", policy)
-        self.value_dense = _projection("bsd,kdh->bskh", (None, k, h), "value", policy)
+        self.value_dense = None  # values are the key projection's output
+        if not config.layer_keys_as_values(layer_index):
+            self.value_dense = _projection("bsd,kdh->bskh", (None, k, h), "value", policy)
         # Query heads are spelled "N" here: jax.numpy.einsum orders contracted
         # axes alphabetically, and "N" < "h" keeps them in the kernel's
         # (n, h, d) memory order; with "n", XLA copies the kernel into
@@ -180,10 +195,14 @@ class Attention(keras.layers.Layer):
             eps = config.layer_norm_epsilon
             self.query_norm = RMSNorm(eps, name="query_norm", dtype=policy)
             self.key_norm = RMSNorm(eps, name="key_norm", dtype=policy)
+        self.value_norm = None
+        if config.use_value_norm:
+            self.value_norm = RMSNorm(config.layer_norm_epsilon, with_scale=False, name="value_norm", dtype=policy)
 
     def build(self, input_shape=None):
         for dense in (self.query_dense, self.key_dense, self.value_dense):
-            dense.build((None, None, self.hidden_dim))
+            if dense is not None:
+                dense.build((None, None, self.hidden_dim))
         self.output_dense.build((None, None, self.num_query_heads, self.head_dim))
         if self.query_norm is not None:
             self.query_norm.build((self.head_dim,))
@@ -221,9 +240,11 @@ class Attention(keras.layers.Layer):
         """
         q = self._query(x[:, -1:] if last_only else x)  # (b, t, n, h)
         k = self.key_dense(x)  # (b, t, k, h)
-        v = self.value_dense(x)  # (b, t, k, h)
+        v = k if self.value_dense is None else self.value_dense(x)  # (b, t, k, h)
         if self.query_norm is not None:
             q, k = self.query_norm(q), self.key_norm(k)
+        if self.value_norm is not None:
+            v = self.value_norm(v)
         query_rotary = rotary
         segments = None if segment_ids is None else (segment_ids, segment_ids)
         if last_only:
@@ -393,8 +414,11 @@ class DecoderBlock(keras.layers.Layer):
             self.post_attention_norm = RMSNorm(eps, name="post_attention_norm", dtype=policy)
             self.post_ffw_norm = RMSNorm(eps, name="post_ffw_norm", dtype=policy)
         self.dropout = keras.layers.Dropout(config.dropout, dtype=policy) if config.dropout else None
+        self.use_layer_scalar = config.use_layer_scalar
 
     def build(self, input_shape=None):
+        if self.use_layer_scalar:  # Gemma 4: a stored constant per layer, not trained
+            self.layer_scalar = self.add_weight(name="layer_scalar", shape=(1,), initializer="ones", trainable=False)
         shape = (None, None, self.hidden_dim)
         for layer in (
             self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.feed_forward,
@@ -430,6 +454,8 @@ class DecoderBlock(keras.layers.Layer):
         if h.dtype != x.dtype:  # float16: the feed-forward ran in float32
             h = _into_float16(h, scale_free=self.post_ffw_norm is not None)
         x = _finite(x + self._residual_branch(h, self.post_ffw_norm, training))
+        if self.use_layer_scalar:
+            x = x * ops.cast(self.layer_scalar, x.dtype)
         return x, cache
 
 

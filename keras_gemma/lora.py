@@ -77,7 +77,9 @@ def targeted_layers(backbone, targets):
     for i, block in enumerate(backbone.blocks):
         for name in targets:
             parent, attribute = TARGETS[name]
-            yield f"blocks.{i}.{parent}.{name}", getattr(getattr(block, parent), attribute)
+            layer = getattr(getattr(block, parent), attribute)
+            if layer is not None:  # None: a Gemma 4 global layer's values are its keys
+                yield f"blocks.{i}.{parent}.{name}", layer
 
 
 def kernel_shapes(config):

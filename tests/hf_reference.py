@@ -53,6 +53,7 @@ MODEL_CLASSES = {
     "gemma": transformers.GemmaForCausalLM,
     "gemma2": transformers.Gemma2ForCausalLM,
     "gemma3_text": transformers.Gemma3ForCausalLM,
+    "gemma4_text": transformers.Gemma4ForCausalLM,
 }
 
 

@@ -9,32 +9,87 @@ import numpy as np
 from keras_gemma.checkpoints.weights import LazyTensor
 from keras_gemma.config import GLOBAL, LOCAL, GemmaConfig
 
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
+# Multimodal model types whose `text_config` is the text model we load.
+MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 HF_LAYER_TYPES = {"sliding_attention": LOCAL, "full_attention": GLOBAL}
 
 
 def _rope(hf, kind):
-    """(base, linear factor) for `kind` ("full_attention" or "sliding_attention").
+    """(base, linear factor, rotated fraction) for `kind` ("full_attention" or
+    "sliding_attention").
 
     Accepts transformers 5 `rope_parameters` (flat, or per layer type) and the
     older `rope_theta` / `rope_local_base_freq` / `rope_scaling` fields.
+    Gemma 4's "proportional" rope rotates `partial_rotary_factor` of each
+    head's frequency pairs (`layers.rotary_tables`).
     """
     params = hf.get("rope_parameters")
     if params and kind in params:  # transformers 5, per layer type
         entry = params[kind]
     elif kind == "sliding_attention" and "rope_local_base_freq" in hf:  # older Gemma 3
-        return float(hf["rope_local_base_freq"]), 1.0
+        return float(hf["rope_local_base_freq"]), 1.0, 1.0
     elif params:  # transformers 5, one setting for every layer
         entry = params
     else:  # older: rope_theta and rope_scaling
         entry = {"rope_theta": hf.get("rope_theta", 10_000.0), **(hf.get("rope_scaling") or {})}
     base = float(entry.get("rope_theta", 10_000.0))
     rope_type = entry.get("rope_type", entry.get("type", "default"))
+    if rope_type == "proportional":
+        return base, float(entry.get("factor", 1.0)), float(entry.get("partial_rotary_factor", 1.0))
+    if entry.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"Unsupported partial_rotary_factor with rope type {rope_type!r} in the Hugging Face config.")
     if rope_type == "linear":
-        return base, float(entry["factor"])
+        return base, float(entry["factor"]), 1.0
     if rope_type not in ("default", None):
         raise ValueError(f"Unsupported rope type {rope_type!r} in the Hugging Face config.")
-    return base, 1.0
+    return base, 1.0, 1.0
+
+
+# Gemma 4 mechanisms of later steps: (HF field, its "off" test).
+GEMMA4_UNSUPPORTED = (
+    ("enable_moe_block", "mixture-of-experts blocks"),
+    ("hidden_size_per_layer_input", "per-layer embeddings"),
+    ("num_kv_shared_layers", "key/value sharing across layers"),
+    ("use_bidirectional_attention", "bidirectional attention"),
+)
+
+
+def _gemma4_fields(hf, layer_types):
+    """GemmaConfig fields for a `gemma4_text` config (dense only).
+
+    Global layers' head width and key/value heads come from `per_layer_config`
+    (what transformers 5.25 writes: index -> overrides) or from
+    `global_head_dim` / `num_global_key_value_heads` (the released
+    checkpoints' fields; transformers applies the second only with
+    `attention_k_eq_v`).
+    """
+    for field, mechanism in GEMMA4_UNSUPPORTED:
+        if hf.get(field):
+            raise ValueError(f"Gemma 4 {mechanism} (`{field}`={hf[field]!r}) are not supported yet.")
+    k_eq_v = bool(hf.get("attention_k_eq_v", False))
+    overrides = {}  # the global layers' {"head_dim": ..., "num_key_value_heads": ...}
+    per_layer = hf.get("per_layer_config")
+    if per_layer:
+        for key, values in per_layer.items():
+            index = int(key)
+            if layer_types[index] == LOCAL or set(values) - {"head_dim", "num_key_value_heads"}:
+                raise ValueError(f"Unsupported Gemma 4 per_layer_config entry {key!r}: {values!r}.")
+            if overrides and values != overrides:
+                raise ValueError("Gemma 4 global layers with different shapes are not supported.")
+            overrides = dict(values)
+    else:
+        overrides["head_dim"] = hf.get("global_head_dim", 512)
+        if k_eq_v and hf.get("num_global_key_value_heads") is not None:
+            overrides["num_key_value_heads"] = hf["num_global_key_value_heads"]
+    return dict(
+        global_head_dim=overrides.get("head_dim"),
+        num_global_key_value_heads=overrides.get("num_key_value_heads"),
+        global_keys_as_values=k_eq_v,
+        use_value_norm=True,
+        use_layer_scalar=True,
+        query_pre_attn_scalar=1.0,  # transformers' `scaling = 1.0`: the q/k norms set the scale
+    )
 
 
 def _layer_types(hf, model_type):
@@ -55,17 +110,18 @@ def _layer_types(hf, model_type):
 def config_from_hf(hf):
     """A `GemmaConfig` from a Hugging Face `config.json` dict."""
     model_type = hf.get("model_type")
-    if model_type == "gemma3":  # multimodal: take the text part
-        hf = {**hf["text_config"], "model_type": "gemma3_text"}
-        model_type = "gemma3_text"
+    if model_type in MULTIMODAL:  # take the text part
+        model_type = MULTIMODAL[model_type]
+        hf = {**hf["text_config"], "model_type": model_type}
     if model_type not in MODEL_TYPES:
         raise ValueError(
             f"Not a Gemma checkpoint: model_type is {model_type!r}, expected one of {MODEL_TYPES}."
         )
     layer_types = _layer_types(hf, model_type)
     global_rope = _rope(hf, "full_attention")
-    local_rope = _rope(hf, "sliding_attention") if LOCAL in layer_types else (10_000.0, 1.0)
-    return GemmaConfig(
+    local_rope = _rope(hf, "sliding_attention") if LOCAL in layer_types else (10_000.0, 1.0, 1.0)
+    gemma4 = _gemma4_fields(hf, layer_types) if model_type == "gemma4_text" else {}
+    fields = dict(
         vocabulary_size=hf["vocab_size"],
         num_layers=hf["num_hidden_layers"],
         hidden_dim=hf["hidden_size"],
@@ -79,18 +135,31 @@ def config_from_hf(hf):
         attention_logit_softcap=hf.get("attn_logit_softcapping"),
         final_logit_softcap=hf.get("final_logit_softcapping"),
         use_post_norms=model_type != "gemma",
-        use_qk_norm=model_type == "gemma3_text",
+        use_qk_norm=model_type in ("gemma3_text", "gemma4_text"),
         global_rope_base=global_rope[0],
         global_rope_scaling=global_rope[1],
+        global_rope_fraction=global_rope[2],
         local_rope_base=local_rope[0],
         local_rope_scaling=local_rope[1],
+        local_rope_fraction=local_rope[2],
         layer_norm_epsilon=hf.get("rms_norm_eps", 1e-6),
         max_sequence_length=hf.get("max_position_embeddings", 8192),
+    )
+    return GemmaConfig(**{**fields, **gemma4})
+
+
+def _is_gemma4(config):
+    return (
+        config.use_value_norm or config.use_layer_scalar or config.global_keys_as_values
+        or config.global_head_dim != config.head_dim or config.num_global_key_value_heads != config.num_key_value_heads
+        or config.global_rope_fraction != 1.0 or config.local_rope_fraction != 1.0
     )
 
 
 def model_type_of(config):
     """The HF `model_type` that describes `config`."""
+    if _is_gemma4(config):
+        return "gemma4_text"
     if config.use_qk_norm:
         return "gemma3_text"
     if config.use_post_norms:
@@ -101,7 +170,10 @@ def model_type_of(config):
 def config_to_hf(config):
     """A Hugging Face `config.json` dict (transformers 5 field names) for `config`."""
     model_type = model_type_of(config)
-    architectures = {"gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
+    architectures = {
+        "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
+        "gemma4_text": "Gemma4ForCausalLM",
+    }
     hf = {
         "architectures": [architectures[model_type]],
         "model_type": model_type,
@@ -143,6 +215,8 @@ def config_to_hf(config):
         attn_logit_softcapping=config.attention_logit_softcap,
         final_logit_softcapping=config.final_logit_softcap,
     )
+    if model_type == "gemma4_text":
+        return _gemma4_to_hf(config, hf)
     if model_type == "gemma2":
         if config.local_rope_base != config.global_rope_base or config.local_rope_scaling != config.global_rope_scaling:
             raise ValueError("Hugging Face's Gemma 2 has one rope base for all layers.")
@@ -152,6 +226,41 @@ def config_to_hf(config):
             "full_attention": rope(config.global_rope_base, config.global_rope_scaling),
             "sliding_attention": rope(config.local_rope_base, config.local_rope_scaling),
         }
+    return hf
+
+
+def _gemma4_to_hf(config, hf):
+    """`config_to_hf` for a dense Gemma 4 text model."""
+    required = dict(
+        use_post_norms=True, use_qk_norm=True, use_value_norm=True, use_layer_scalar=True,
+        query_pre_attn_scalar=1.0, attention_logit_softcap=None,
+    )
+    for name, value in required.items():
+        if getattr(config, name) != value:
+            raise ValueError(f"Hugging Face's Gemma 4 has {name}={value!r}; this model has {getattr(config, name)!r}.")
+    if config.layer_types[-1] != GLOBAL:
+        raise ValueError("Hugging Face's Gemma 4 forces the last layer to be global (full attention).")
+    del hf["query_pre_attn_scalar"], hf["attn_logit_softcapping"]
+
+    def rope(base, scaling, fraction):
+        return {"rope_type": "proportional", "factor": scaling, "partial_rotary_factor": fraction, "rope_theta": base}
+
+    hf.update(
+        rope_parameters={
+            "full_attention": rope(config.global_rope_base, config.global_rope_scaling, config.global_rope_fraction),
+            "sliding_attention": rope(config.local_rope_base, config.local_rope_scaling, config.local_rope_fraction),
+        },
+        attention_k_eq_v=config.global_keys_as_values,
+        per_layer_config={
+            str(i): {"head_dim": config.global_head_dim, "num_key_value_heads": config.num_global_key_value_heads}
+            for i, kind in enumerate(config.layer_types) if kind == GLOBAL
+        },
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+        enable_moe_block=False,
+    )
+    if LOCAL not in config.layer_types:
+        hf["sliding_window"] = 512  # unused: HF's field is not optional
     return hf
 
 
@@ -172,15 +281,21 @@ def tensor_names(config, prefix="model."):
 
     `kind` picks the layout transform in `to_canonical` / `from_canonical`.
     """
+    # Gemma 4 stores norm scales as the multiplier itself (ones at init);
+    # ours are zero-centred (`RMSNorm`): "norm" adds or removes the 1.
+    norm = "norm" if model_type_of(config) == "gemma4_text" else "copy"
     rows = [(f"{prefix}embed_tokens.weight", "token_embedding", "copy")]
     for i in range(config.num_layers):
         hf, ours = f"{prefix}layers.{i}.", f"blocks.{i}."
-        for hf_norm, norm in _norm_names(config):
-            rows.append((f"{hf}{hf_norm}.weight", f"{ours}{norm}", "copy"))
+        for hf_norm, our_norm in _norm_names(config):
+            rows.append((f"{hf}{hf_norm}.weight", f"{ours}{our_norm}", norm))
         rows += [
             (f"{hf}self_attn.q_proj.weight", f"{ours}attention.query", "qkv"),
             (f"{hf}self_attn.k_proj.weight", f"{ours}attention.key", "qkv"),
-            (f"{hf}self_attn.v_proj.weight", f"{ours}attention.value", "qkv"),
+        ]
+        if not config.layer_keys_as_values(i):
+            rows.append((f"{hf}self_attn.v_proj.weight", f"{ours}attention.value", "qkv"))
+        rows += [
             (f"{hf}self_attn.o_proj.weight", f"{ours}attention.output", "out"),
             (f"{hf}mlp.gate_proj.weight", f"{ours}feed_forward.gate", "transpose"),
             (f"{hf}mlp.up_proj.weight", f"{ours}feed_forward.up", "transpose"),
@@ -188,16 +303,25 @@ def tensor_names(config, prefix="model."):
         ]
         if config.use_qk_norm:
             rows += [
-                (f"{hf}self_attn.q_norm.weight", f"{ours}attention.query_norm", "copy"),
-                (f"{hf}self_attn.k_norm.weight", f"{ours}attention.key_norm", "copy"),
+                (f"{hf}self_attn.q_norm.weight", f"{ours}attention.query_norm", norm),
+                (f"{hf}self_attn.k_norm.weight", f"{ours}attention.key_norm", norm),
             ]
-    rows.append((f"{prefix}norm.weight", "final_norm", "copy"))
+        if config.use_layer_scalar:
+            rows.append((f"{hf}layer_scalar", f"{ours}layer_scalar", "copy"))
+    rows.append((f"{prefix}norm.weight", "final_norm", norm))
     return rows
 
 
-def to_canonical(array, kind, config):
-    """An HF tensor in our layout."""
-    h = config.head_dim
+def _layer_head_dim(config, name):
+    """The head width of the layer a canonical name `blocks.{i}....` belongs to."""
+    return config.layer_head_dim(int(name.split(".")[1]))
+
+
+def to_canonical(array, kind, config, head_dim=None):
+    """An HF tensor in our layout (`head_dim`: the layer's, default the config's)."""
+    h = head_dim or config.head_dim
+    if kind == "norm":  # a multiplier -> zero-centred
+        return array - np.asarray(1.0, array.dtype)
     if kind == "qkv":  # (heads*h, d) -> (heads, d, h)
         return np.transpose(np.reshape(array, (-1, h, array.shape[-1])), (0, 2, 1))
     if kind == "out":  # (d, n*h) -> (n, h, d)
@@ -217,6 +341,8 @@ def from_canonical(array, kind, config):
         return np.reshape(np.transpose(array, (2, 0, 1)), (d, n * h))
     if kind == "transpose":
         return np.transpose(array)
+    if kind == "norm":
+        return array + np.asarray(1.0, array.dtype)
     return array
 
 
@@ -240,11 +366,12 @@ def canonical_weights(config, tensors):
         if hf_name not in tensors:
             continue
         value = tensors[hf_name]
+        h = _layer_head_dim(config, name) if kind in ("qkv", "out") else None
         if kind == "copy":  # the same layout: keep the tensor itself (and its row reader)
             out[name] = value if isinstance(value, LazyTensor) else np.asarray(value)
         elif isinstance(value, LazyTensor):
-            shape = to_canonical(np.empty(value.shape, np.int8), kind, config).shape
-            out[name] = LazyTensor(shape, lambda v=value, k=kind: to_canonical(v.load(), k, config))
+            shape = to_canonical(np.empty(value.shape, np.int8), kind, config, h).shape
+            out[name] = LazyTensor(shape, lambda v=value, k=kind, h=h: to_canonical(v.load(), k, config, h))
         else:
-            out[name] = to_canonical(np.asarray(value), kind, config)
+            out[name] = to_canonical(np.asarray(value), kind, config, h)
     return out
