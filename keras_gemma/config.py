@@ -205,6 +205,19 @@ class GemmaConfig:
         """Whether a layer's values are its keys' projection (no value kernel)."""
         return self.global_keys_as_values and self.layer_types[layer_index] == GLOBAL
 
+    def gemma4_mechanisms(self):
+        """Names of the Gemma 4 mechanisms this config turns on (empty for Gemma 1-3)."""
+        on = {
+            "global_head_dim": self.global_head_dim != self.head_dim,
+            "num_global_key_value_heads": self.num_global_key_value_heads != self.num_key_value_heads,
+            "global_keys_as_values": self.global_keys_as_values,
+            "use_value_norm": self.use_value_norm,
+            "use_layer_scalar": self.use_layer_scalar,
+            "global_rope_fraction": self.global_rope_fraction != 1.0,
+            "local_rope_fraction": self.local_rope_fraction != 1.0,
+        }
+        return [name for name, value in on.items() if value]
+
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
 

@@ -148,17 +148,9 @@ def config_from_hf(hf):
     return GemmaConfig(**{**fields, **gemma4})
 
 
-def _is_gemma4(config):
-    return (
-        config.use_value_norm or config.use_layer_scalar or config.global_keys_as_values
-        or config.global_head_dim != config.head_dim or config.num_global_key_value_heads != config.num_key_value_heads
-        or config.global_rope_fraction != 1.0 or config.local_rope_fraction != 1.0
-    )
-
-
 def model_type_of(config):
     """The HF `model_type` that describes `config`."""
-    if _is_gemma4(config):
+    if config.gemma4_mechanisms():
         return "gemma4_text"
     if config.use_qk_norm:
         return "gemma3_text"

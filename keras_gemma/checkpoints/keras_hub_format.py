@@ -143,6 +143,11 @@ def backbone_class_for(config):
 
     Raises ValueError naming what keras-hub cannot express.
     """
+    if config.gemma4_mechanisms():
+        raise ValueError(
+            f"keras-hub's GemmaBackbone and Gemma3Backbone have no Gemma 4 mechanisms "
+            f"({', '.join(config.gemma4_mechanisms())}); use export_to_transformers."
+        )
     n = config.num_layers
     gemma3 = config.use_qk_norm or (config.global_rope_base, config.local_rope_base) != (10_000.0, 10_000.0)
     if not gemma3:

@@ -363,7 +363,7 @@ def _refuse_lora(backbone, action):
 
 def _write_backbone(backbone, directory):
     """Writes config.json, metadata.json and model.weights.h5; returns (config dict, keras-hub class name)."""
-    if backbone.quantization is not None:
+    if quantized_format.is_native(backbone):
         config_json = quantized_format.config_json(backbone)
         _write_json(os.path.join(directory, kh.CONFIG_FILE), config_json)
         _write_json(os.path.join(directory, kh.METADATA_FILE), quantized_format.metadata_json(backbone))
@@ -378,10 +378,10 @@ def _write_backbone(backbone, directory):
 
 def _check_savable(backbone, directory):
     _refuse_lora(backbone, "save_to_preset")
-    if backbone.quantization is None:
-        _keras_hub_class(backbone.config)
-    else:
+    if quantized_format.is_native(backbone):
         quantized_format.warn_not_keras_hub(backbone, directory)
+    else:
+        _keras_hub_class(backbone.config)
 
 
 def save_backbone(backbone, directory):
@@ -460,7 +460,7 @@ def save_causal_lm(causal_lm, directory):
         preprocessor_config = None
         if causal_lm.preprocessor is not None:
             preprocessor_config = _write_preprocessor(causal_lm.preprocessor, tmp, class_name)
-        task = quantized_format.task_json if backbone.quantization is not None else kh.task_json
+        task = quantized_format.task_json if quantized_format.is_native(backbone) else kh.task_json
         _write_json(os.path.join(tmp, kh.TASK_FILE), task(config_json, preprocessor_config))
 
 

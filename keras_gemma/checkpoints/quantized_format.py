@@ -40,6 +40,16 @@ REGISTERED_NAME = "keras_gemma>GemmaBackbone"
 TASK_REGISTERED_NAME = "keras_gemma>GemmaCausalLM"
 
 
+def is_native(backbone):
+    """Whether `save_to_preset` writes `backbone` in this format: quantized,
+    or a Gemma 4 model (which keras-hub's Gemma backbones cannot express)."""
+    return backbone.quantization is not None or bool(backbone.config.gemma4_mechanisms())
+
+
+def _kind(backbone):
+    return backbone.quantization.mode if backbone.quantization is not None else "Gemma 4"
+
+
 def is_quantized_config(config_json):
     """Whether a `config.json` dict is ours (a quantized preset), not keras-hub's."""
     return isinstance(config_json, dict) and config_json.get("registered_name") == REGISTERED_NAME
@@ -69,7 +79,7 @@ def metadata_json(backbone):
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "quantization": backbone.quantization.mode,
+        "quantization": None if backbone.quantization is None else backbone.quantization.mode,
         "keras_version": keras.version(),
         "keras_gemma_version": __version__,
         "parameter_count": int(backbone.count_params()),
@@ -80,12 +90,16 @@ def metadata_json(backbone):
 
 
 def warn_not_keras_hub(backbone, directory):
+    advice = (
+        "For a keras-hub preset, save the float model before calling quantize()."
+        if backbone.quantization is not None
+        else "For transformers, use export_to_transformers()."
+    )
     warnings.warn(
-        f"{directory}: this {backbone.quantization.mode} model is saved as a keras_gemma "
-        f"quantized preset (metadata.json format {FORMAT!r}: Keras' save_weights with the "
-        "quantized values and their scales). keras_gemma's from_preset loads it exactly; "
-        "keras-hub and transformers cannot. For a keras-hub preset, save the float model "
-        "before calling quantize().",
+        f"{directory}: this {_kind(backbone)} model is saved as a keras_gemma "
+        f"native preset (metadata.json format {FORMAT!r}: Keras' save_weights, with the "
+        "quantized values and their scales where quantized). keras_gemma's from_preset loads it exactly; "
+        f"keras-hub and transformers cannot. {advice}",
         UserWarning,
         stacklevel=5,  # the caller of save_to_preset
     )
