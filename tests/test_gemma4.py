@@ -194,8 +194,13 @@ def test_released_config_fields_load():
     released.update(global_head_dim=32, num_global_key_value_heads=1)
     assert config_from_hf(released) == config_from_hf(fields)
     assert config_from_hf({"model_type": "gemma4", "text_config": fields}) == config_from_hf(fields)
+    assert config_from_hf({**fields, "use_bidirectional_attention": "vision"}) == config_from_hf(fields)
+    # transformers makes the last layer global whatever `layer_types` says
+    last_sliding = {**fields, "layer_types": LAYER_TYPES[:-1] + ["sliding_attention"]}
+    assert config_from_hf(last_sliding).layer_types[-1] == "global"
     for field, value in (
         ("enable_moe_block", True), ("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
+        ("use_bidirectional_attention", "all"),
     ):
         with pytest.raises(ValueError, match="not supported yet"):
             config_from_hf({**fields, field: value})

@@ -46,12 +46,13 @@ def _rope(hf, kind):
     return base, 1.0, 1.0
 
 
-# Gemma 4 mechanisms of later steps: (HF field, its "off" test).
+# Gemma 4 mechanisms not supported yet: (HF field, mechanism), refused when
+# the field is truthy. `use_bidirectional_attention="vision"` (26B, 31B) is
+# fine: it changes the mask of image tokens only; text stays causal.
 GEMMA4_UNSUPPORTED = (
     ("enable_moe_block", "mixture-of-experts blocks"),
     ("hidden_size_per_layer_input", "per-layer embeddings"),
     ("num_kv_shared_layers", "key/value sharing across layers"),
-    ("use_bidirectional_attention", "bidirectional attention"),
 )
 
 
@@ -67,6 +68,8 @@ def _gemma4_fields(hf, layer_types):
     for field, mechanism in GEMMA4_UNSUPPORTED:
         if hf.get(field):
             raise ValueError(f"Gemma 4 {mechanism} (`{field}`={hf[field]!r}) are not supported yet.")
+    if hf.get("use_bidirectional_attention") == "all":
+        raise ValueError("Gemma 4 bidirectional attention for all tokens (an embedding model) is not supported yet.")
     k_eq_v = bool(hf.get("attention_k_eq_v", False))
     overrides = {}  # the global layers' {"head_dim": ..., "num_key_value_heads": ...}
     per_layer = hf.get("per_layer_config")
@@ -101,7 +104,7 @@ def _layer_types(hf, model_type):
             raise ValueError(f"Unknown layer type {e.args[0]!r} in the Hugging Face config.") from None
     if model_type == "gemma2":
         return tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(n))
-    if model_type == "gemma3_text":
+    if model_type in ("gemma3_text", "gemma4_text"):
         pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
         return tuple(GLOBAL if (i + 1) % pattern == 0 else LOCAL for i in range(n))
     return (GLOBAL,) * n
@@ -118,6 +121,8 @@ def config_from_hf(hf):
             f"Not a Gemma checkpoint: model_type is {model_type!r}, expected one of {MODEL_TYPES}."
         )
     layer_types = _layer_types(hf, model_type)
+    if model_type == "gemma4_text":  # as transformers does, whatever the config says
+        layer_types = layer_types[:-1] + (GLOBAL,)
     global_rope = _rope(hf, "full_attention")
     local_rope = _rope(hf, "sliding_attention") if LOCAL in layer_types else (10_000.0, 1.0, 1.0)
     gemma4 = _gemma4_fields(hf, layer_types) if model_type == "gemma4_text" else {}
