@@ -82,14 +82,21 @@ def targeted_layers(backbone, targets):
                 yield f"blocks.{i}.{parent}.{name}", layer
 
 
-def kernel_shapes(config):
-    """Target name -> the float kernel shape of its projection."""
-    n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
-    d, f = config.hidden_dim, config.intermediate_dim
-    return {
+def kernel_shapes(config, layer_index=None):
+    """Target name -> the float kernel shape of its projection (in layer
+    `layer_index`, whose head shapes may be its own; None: a local layer's).
+    A layer whose values are its keys has no "value"."""
+    n, d, f = config.num_query_heads, config.hidden_dim, config.intermediate_dim
+    k, h = config.num_key_value_heads, config.head_dim
+    if layer_index is not None:
+        k, h = config.layer_key_value_heads(layer_index), config.layer_head_dim(layer_index)
+    shapes = {
         "query": (n, d, h), "key": (k, d, h), "value": (k, d, h),
         "output": (n, h, d), "gate": (d, f), "up": (d, f), "down": (f, d),
     }
+    if layer_index is not None and config.layer_keys_as_values(layer_index):
+        del shapes["value"]
+    return shapes
 
 
 def lora_parameter_count(config, rank, target_layers=DEFAULT_TARGETS):
@@ -97,12 +104,15 @@ def lora_parameter_count(config, rank, target_layers=DEFAULT_TARGETS):
 
     Per projection with kernel shape (a..., z): `prod(a...) * rank + rank * z`.
     """
-    kernels = kernel_shapes(config)
-    per_layer = sum(
-        int(np.prod(kernels[name][:-1])) * rank + rank * kernels[name][-1]
-        for name in resolve_targets(target_layers)
-    )
-    return config.num_layers * per_layer
+    total = 0
+    for i in range(config.num_layers):
+        kernels = kernel_shapes(config, i)
+        total += sum(
+            int(np.prod(kernels[name][:-1])) * rank + rank * kernels[name][-1]
+            for name in resolve_targets(target_layers)
+            if name in kernels
+        )
+    return total
 
 
 def enable_lora(backbone, rank, alpha=None, target_layers=DEFAULT_TARGETS):

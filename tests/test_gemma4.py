@@ -237,6 +237,24 @@ def test_save_to_preset_round_trips(ours, tmp_path):
     np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(ours, ids, mask))
 
 
+def test_lora_and_int8_quantization_run(ours):
+    """LoRA adapters on every projection there is (global layers have no
+    value kernel), counted per layer's shapes; int8 weights keep the top
+    token."""
+    from keras_gemma.lora import lora_parameter_count
+
+    lm = with_weights_of(ours)
+    ids, mask = padded_batch(13)
+    logits = logits_of(lm, ids, mask)
+    lm.backbone.enable_lora(2, target_layers="all")
+    added = sum(int(np.prod(w.shape)) for w in lm.trainable_weights)
+    assert added == lora_parameter_count(lm.config, 2, "all")
+    lm.backbone.merge_lora_weights()
+    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], logits[mask], atol=1e-5, rtol=1e-5)
+    lm.backbone.quantize("int8")
+    assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
+
+
 def test_backbone_config_round_trips(ours):
     backbone = ours.backbone
     again = keras_gemma.GemmaBackbone.from_config(backbone.get_config())
