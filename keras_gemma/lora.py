@@ -270,9 +270,8 @@ def load_lora_weights(backbone, path):
 
 def _load_peft(backbone, directory):
     """A PEFT adapter directory into the backbone (enabling LoRA as it needs)."""
-    targets, rank, factors = peft_format.read(
-        directory, backbone.config.num_layers, kernel_shapes(backbone.config)
-    )
+    config = backbone.config
+    targets, rank, factors = peft_format.read(directory, config.num_layers, lambda i: kernel_shapes(config, i))
     state = backbone.lora
     if state is not None and (state.rank, state.targets) != (rank, targets):
         raise ValueError(

@@ -255,6 +255,42 @@ def test_lora_and_int8_quantization_run(ours):
     assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
 
 
+def test_lora_adapters_go_through_peft(ours, hf_model, tmp_path):
+    """LoRA on every projection, written for PEFT: it loads onto the exported
+    model with the same logits (global layers have one key/value head and no
+    v_proj: their rank differs, per layer, and their values are skipped).
+    An adapter made by peft on transformers' model loads back here."""
+    import peft
+
+    lm = with_weights_of(ours)
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    lm.backbone.export_to_transformers(base_dir)
+    lm.backbone.enable_lora(2, alpha=3, target_layers="all")
+    rng = np.random.default_rng(0)
+    for variable in lm.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.2)
+    lm.backbone.save_lora_weights(adapter_dir, format="peft")
+    ids, mask = padded_batch(13)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    without = hf_logits(base, ids, mask)
+    expected = hf_logits(peft.PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
+    assert np.abs(expected - without)[mask].max() > 0.1  # the adapter bites
+    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+
+    config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "v_proj", "o_proj", "up_proj"])
+    model = peft.get_peft_model(build_gemma4(seed=1), config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # PEFT starts B at zero
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
+    model.save_pretrained(str(tmp_path / "theirs"))
+    again = with_weights_of(ours)
+    again.backbone.load_lora_weights(str(tmp_path / "theirs"))
+    expected = hf_logits(model, ids, mask)
+    np.testing.assert_allclose(logits_of(again, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+
+
 def test_backbone_config_round_trips(ours):
     backbone = ours.backbone
     again = keras_gemma.GemmaBackbone.from_config(backbone.get_config())

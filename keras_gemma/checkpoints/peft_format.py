@@ -14,6 +14,7 @@ target gets the largest rank needed (padded with zeros): exact, not minimal.
 
 import json
 import os
+import re
 
 import keras
 import numpy as np
@@ -35,6 +36,16 @@ MODULES = {
     "up": ("up_proj", "mlp.up_proj", "dense"),
     "down": ("down_proj", "mlp.down_proj", "dense"),
 }
+MODULES_BY_NAME = {module: path for module, path, _ in MODULES.values()}
+
+
+def _pattern_value(pattern, full_name, default):
+    """PEFT's `rank_pattern` / `alpha_pattern` lookup (`peft.utils.other.get_pattern_key`):
+    the first key that matches the end of the module's dotted name."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", full_name):
+            return value
+    return default
 
 
 def to_peft(kind, a, b):
@@ -76,7 +87,7 @@ def keras_rank(kind, peft_rank, kernel_shape):
 
 def save(backbone, state, layers, directory):
     """Writes `layers` ((name, EinsumDense) of `lora.targeted_layers`) as a PEFT adapter."""
-    tensors, rank_pattern, alpha_pattern = {}, {}, {}
+    tensors, heads_of = {}, {}  # heads_of: PEFT module -> {layer index: heads}
     for name, layer in layers:
         index, target = int(name.split(".")[1]), name.rsplit(".", 1)[1]
         module, path, kind = MODULES[target]
@@ -84,11 +95,18 @@ def save(backbone, state, layers, directory):
         b = keras.ops.convert_to_numpy(layer.lora_kernel_b).astype(np.float32)
         peft_a, peft_b = to_peft(kind, a, b)
         if kind == "qkv":
-            heads = a.shape[0]
-            rank_pattern[module] = state.rank * heads
-            alpha_pattern[module] = state.alpha * heads  # the same alpha / rank
+            heads_of.setdefault(module, {})[index] = a.shape[0]
         for suffix, array in (("lora_A", peft_a), ("lora_B", peft_b)):
             tensors[f"{PREFIX}.{index}.{path}.{suffix}.weight"] = (array.shape, np.float32, lambda x=array: x)
+    # A query/key/value update has rank `rank * heads` in PEFT's form (the same
+    # alpha / rank): one pattern entry per module, or per layer where layers
+    # differ in heads (Gemma 4's global layers).
+    rank_pattern, alpha_pattern = {}, {}
+    for module, heads in heads_of.items():
+        uniform = len(set(heads.values())) == 1
+        for index, count in heads.items():
+            key = module if uniform else f"layers.{index}.{MODULES_BY_NAME[module]}"
+            rank_pattern[key], alpha_pattern[key] = state.rank * count, state.alpha * count
     adapter_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -115,7 +133,10 @@ def read(directory, num_layers, kernel_shapes):
     """`(targets, rank, {(layer index, target): (A, B)})` in Keras' form, with
     PEFT's scaling folded into B (Keras scaling 1), from a PEFT adapter.
 
-    `kernel_shapes`: our kernel shape per target (`lora.kernel_shapes`).
+    `kernel_shapes(layer_index)`: our kernel shape per target in that layer
+    (`lora.kernel_shapes`); a target missing there (the values of a Gemma 4
+    global layer, which are its keys) is a projection neither model has in
+    that layer, and is skipped.
     Everything is checked and converted before the caller touches the model.
     """
     config_path, weights_path = (os.path.join(directory, f) for f in (CONFIG_FILE, WEIGHTS_FILE))
@@ -137,7 +158,9 @@ def read(directory, num_layers, kernel_shapes):
     for index, target in ((i, t) for i in range(num_layers) for t in targets):
         module, path, kind = MODULES[target]
         name = (index, target)
-        kernel_shape = kernel_shapes[target]
+        kernel_shape = kernel_shapes(index).get(target)
+        if kernel_shape is None:
+            continue
         pair = []
         for suffix in ("lora_A", "lora_B"):
             key = f"{PREFIX}.{index}.{path}.{suffix}.weight"
@@ -155,10 +178,11 @@ def read(directory, num_layers, kernel_shapes):
                 f"lora_A {peft_a.shape} and lora_B {peft_b.shape}, this model needs {expected_a} and "
                 f"{expected_b}. Load it into the model it was made for."
             )
-        r_pattern = adapter.get("rank_pattern") or {}
-        alpha = (adapter.get("alpha_pattern") or {}).get(module, adapter["lora_alpha"])
-        if r_pattern.get(module, adapter["r"]) != r:
-            raise ValueError(f"The PEFT adapter in {directory}: `{module}` of layer {index} has rank {r}, its config says {r_pattern.get(module, adapter['r'])}.")
+        full_name = f"{PREFIX}.{index}.{path}"
+        r_config = _pattern_value(adapter.get("rank_pattern"), full_name, adapter["r"])
+        alpha = _pattern_value(adapter.get("alpha_pattern"), full_name, adapter["lora_alpha"])
+        if r_config != r:
+            raise ValueError(f"The PEFT adapter in {directory}: `{module}` of layer {index} has rank {r}, its config says {r_config}.")
         scaling = alpha / (np.sqrt(r) if adapter.get("use_rslora") else r)
         factors[name] = (kind, peft_a, peft_b * scaling, kernel_shape)
         peft_ranks[name] = keras_rank(kind, r, kernel_shape)
