@@ -112,6 +112,27 @@ class GemmaBackbone(keras.Model):
             for i in range(config.num_layers)
         ]
         self.final_norm = RMSNorm(config.layer_norm_epsilon, name="final_norm", dtype=policy)
+        self.per_layer_token_embedding = self.per_layer_model_projection = self.per_layer_projection_norm = None
+        if config.per_layer_input_dim:  # Gemma 4 E2B/E4B: every layer's per-layer inputs, packed
+            width = config.num_layers * config.per_layer_input_dim
+            self.per_layer_token_embedding = keras.layers.Embedding(
+                config.per_layer_vocabulary_size, width, name="per_layer_token_embedding", dtype=policy,
+                embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
+            )
+            self.per_layer_model_projection = keras.layers.EinsumDense(
+                "btd,de->bte", (None, width), name="per_layer_model_projection", dtype=policy,
+            )
+            self.per_layer_projection_norm = RMSNorm(
+                config.layer_norm_epsilon, name="per_layer_projection_norm", dtype=policy
+            )
+        # Key/value sharing, worked out once: layer i attends to the keys and
+        # values of layer `kv_sources[i]` (itself, or an earlier one), and
+        # owns cache entry `cache_slots[i]` (None: it has no cache).
+        self.kv_sources = [config.kv_source(i) for i in range(config.num_layers)]
+        owners = [i for i in range(config.num_layers) if self.kv_sources[i] == i]
+        self.cache_slots = [owners.index(i) if i in owners else None for i in range(config.num_layers)]
+        self.last_kv_layer = owners[-1]
+        self.kv_read_by_others = {j for i, j in enumerate(self.kv_sources) if j != i}
         # Distinct (head_dim, base, scaling, fraction), so rotary tables are built once per call.
         self.rope_settings = sorted({block.rope for block in self.blocks})
         self.lora = None  # a `lora.LoraState` while LoRA is enabled
@@ -125,6 +146,10 @@ class GemmaBackbone(keras.Model):
         for block in self.blocks:
             block.build()
         self.final_norm.build((None, None, self.config.hidden_dim))
+        if self.per_layer_token_embedding is not None:
+            self.per_layer_token_embedding.build((None, None))
+            self.per_layer_model_projection.build((None, None, self.config.hidden_dim))
+            self.per_layer_projection_norm.build((None, None, None, self.config.per_layer_input_dim))
         self.built = True
 
     def call(self, inputs, training=None):
@@ -147,12 +172,14 @@ class GemmaBackbone(keras.Model):
                 `cumsum(padding_mask) - 1`, so a left-padded row sees the
                 same positions as the unpadded one. They must not decrease
                 along a row's real tokens.
-            cache: None or the list from `init_cache`.
+            cache: None or the list from `init_cache` (an entry per layer
+                that computes keys and values: `cache_slots`).
             cache_index: the index of `token_ids` in the padded sequence
                 (decode steps).
             last_only: the last column's hidden state only, (b, 1, d) (a
-                prompt chunk: the last block computes its keys and values
-                for every column, the rest for the last; Gemma 3 270M, a
+                prompt chunk: the last block that computes keys and values
+                computes them for every column, the rest for the last, and
+                so do the key/value-shared blocks after it; Gemma 3 270M, a
                 512-token prompt: 1/18 fewer products).
             layer_intercept_fn: `fn(x, i) -> x`, given the token embeddings
                 (b, t, d) as `i = -1` (before their `sqrt(hidden_dim)`
@@ -195,39 +222,64 @@ class GemmaBackbone(keras.Model):
         intercept = layer_intercept_fn or (lambda x, i: x)
         x = intercept(self.token_embedding(token_ids), -1)  # (b, t, d)
         x = x * ops.cast(math.sqrt(self.config.hidden_dim), x.dtype)
+        per_layer_inputs = self._per_layer_inputs(token_ids, x)  # (b, t, layers, p) or None
         rotary = {
             rope: rotary_tables(positions, *rope)
             for rope in self.rope_settings
         }
         new_cache = [] if cache is not None else None
         remat = self.remat == "blocks" and training and cache is None
+        shared = {}  # layer index -> the keys and values (`Attention.call`'s kv) later layers read
         for i, block in enumerate(self.blocks):
-            x, layer_cache = (_rematerialized(block) if remat else block)(
+            slot, source = self.cache_slots[i], self.kv_sources[i]
+            # (A block whose keys and values later blocks read is not rematerialized: they are its outputs too.)
+            x, layer_cache, kv = (_rematerialized(block) if remat and i not in self.kv_read_by_others else block)(
                 x,
                 rotary[block.rope],
                 positions,
                 key_positions,
-                cache=None if cache is None else cache[i],
+                cache=None if cache is None or slot is None else cache[slot],
                 cache_index=cache_index,
                 training=training,
-                last_only=last_only and i == len(self.blocks) - 1,
+                last_only=last_only and i >= self.last_kv_layer,
                 segment_ids=segment_ids,
+                per_layer_input=None if per_layer_inputs is None else per_layer_inputs[:, :, i],
+                shared_kv=shared.get(source) if source != i else None,
             )
+            if i in self.kv_read_by_others:
+                shared[i] = kv
             x = intercept(x, i)
-            if cache is not None:
+            if cache is not None and slot is not None:
                 new_cache.append(layer_cache)
         return self.final_norm(x), new_cache
+
+    def _per_layer_inputs(self, token_ids, x):
+        """Gemma 4's per-layer embeddings (b, t, layers, p) from the token ids
+        and the scaled token embeddings x (b, t, d), as transformers'
+        `get_per_layer_inputs` and `project_per_layer_inputs`; None when off."""
+        if self.per_layer_token_embedding is None:
+            return None
+        config = self.config
+        shape = (ops.shape(x)[0], ops.shape(x)[1], config.num_layers, config.per_layer_input_dim)
+        tokens = self.per_layer_token_embedding(token_ids)  # (b, t, layers * p)
+        tokens = ops.reshape(tokens * ops.cast(math.sqrt(config.per_layer_input_dim), tokens.dtype), shape)
+        projected = self.per_layer_model_projection(x) * ops.cast(config.hidden_dim**-0.5, x.dtype)
+        projected = self.per_layer_projection_norm(ops.reshape(projected, shape))  # (b, t, layers, p)
+        return (projected + ops.cast(tokens, projected.dtype)) * ops.cast(2**-0.5, projected.dtype)
 
     def init_cache(self, batch_size, max_length, dtype=None):
         """An empty cache: per layer `(keys, values, key_positions)`, keys
         and values (b, slots, k, h), positions (b, slots).
 
         Global layers hold `max_length` slots, sliding-window layers a ring
-        (`layers.ring_length`). Empty slots have position -1.
+        (`layers.ring_length`). Empty slots have position -1. Layers that
+        share another's keys and values have no entry (`cache_slots`).
         """
         dtype = dtype or self.compute_dtype
         cache = []
-        for block in self.blocks:
+        for block, slot in zip(self.blocks, self.cache_slots):
+            if slot is None:
+                continue
             attention = block.attention
             slots = attention.cache_length(max_length)
             kv_shape = (batch_size, slots, attention.num_key_value_heads, attention.head_dim)
@@ -252,6 +304,13 @@ class GemmaBackbone(keras.Model):
             keys), .output (n, h, d), .query_norm (h,), .key_norm (h,);
             blocks.{i}.feed_forward.gate (d, f), .up (d, f), .down (f, d);
             blocks.{i}.layer_scalar (1,) (Gemma 4).
+        Per-layer embeddings (Gemma 4 E2B/E4B; L layers, p their width, u
+        the per-layer vocabulary): per_layer_token_embedding (u, L * p),
+        per_layer_model_projection (d, L * p), per_layer_projection_norm
+        (p,); blocks.{i}.per_layer_input_gate (d, p),
+        .per_layer_projection (p, d), .post_per_layer_input_norm (d,).
+        Key/value-shared layers have no .key, .value or .key_norm; with
+        `use_double_wide_mlp` their f is twice `intermediate_dim`.
         Norm scales are zero-centred (the model multiplies by 1 + scale).
         On a quantized backbone the projections and the embedding are the raw
         int8 (int4: packed) storage, without their scales: load float
@@ -273,14 +332,22 @@ class GemmaBackbone(keras.Model):
             ):
                 if dense is not None:
                     weights[f"{prefix}.attention.{name}"] = _variable(dense, "kernel")
-            if attention.query_norm is not None:
-                weights[f"{prefix}.attention.query_norm"] = attention.query_norm.scale
-                weights[f"{prefix}.attention.key_norm"] = attention.key_norm.scale
+            for name in ("query_norm", "key_norm"):
+                if getattr(attention, name) is not None:
+                    weights[f"{prefix}.attention.{name}"] = getattr(attention, name).scale
             for name in ("gate", "up", "down"):
                 weights[f"{prefix}.feed_forward.{name}"] = _variable(getattr(block.feed_forward, name), "kernel")
             if block.use_layer_scalar:
                 weights[f"{prefix}.layer_scalar"] = block.layer_scalar
+            if block.per_layer_input_dim:
+                for name in ("per_layer_input_gate", "per_layer_projection"):
+                    weights[f"{prefix}.{name}"] = _variable(getattr(block, name), "kernel")
+                weights[f"{prefix}.post_per_layer_input_norm"] = block.post_per_layer_input_norm.scale
         weights["final_norm"] = self.final_norm.scale
+        if self.per_layer_token_embedding is not None:
+            weights["per_layer_token_embedding"] = _variable(self.per_layer_token_embedding, "embeddings")
+            weights["per_layer_model_projection"] = _variable(self.per_layer_model_projection, "kernel")
+            weights["per_layer_projection_norm"] = self.per_layer_projection_norm.scale
         return weights
 
     # -- presets (keras_gemma/checkpoints/preset.py) ---------------------------
@@ -441,7 +508,7 @@ def _rematerialized(block):
     argument) is differentiated; the rest are constants of the closure."""
 
     def call(x, *args, **kwargs):
-        return keras.remat(lambda x: block(x, *args, **kwargs)[0])(x), None
+        return keras.remat(lambda x: block(x, *args, **kwargs)[0])(x), None, None
 
     return call
 

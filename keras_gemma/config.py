@@ -62,6 +62,18 @@ class GemmaConfig:
         use_value_norm: scale-free RMSNorm over head_dim on values (Gemma 4).
         use_layer_scalar: each block's output is multiplied by a stored
             per-layer scalar (Gemma 4's `layer_scalar`, not trained).
+        per_layer_input_dim: width of each layer's per-layer embedding (PLE,
+            Gemma 4 E2B/E4B; HF `hidden_size_per_layer_input`), 0 for off.
+            A second token table holds `num_layers * per_layer_input_dim`
+            values per token; combined with a projection of the main
+            embedding, each block gets its slice through a gated residual.
+        per_layer_vocabulary_size: token ids of that table (HF
+            `vocab_size_per_layer_input`). Defaults to `vocabulary_size`.
+        num_kv_shared_layers: the trailing layers that compute no keys or
+            values: each attends to those of the last earlier layer of its
+            attention type (`kv_source`), and needs no cache of its own.
+        use_double_wide_mlp: those shared layers' feed-forward is twice
+            `intermediate_dim` wide (Gemma 4 E2B).
         layer_norm_epsilon: RMSNorm epsilon.
         max_sequence_length: context length the model was trained for.
         dropout: dropout on attention outputs and feed-forward during training.
@@ -92,6 +104,10 @@ class GemmaConfig:
     global_keys_as_values: bool = False
     use_value_norm: bool = False
     use_layer_scalar: bool = False
+    per_layer_input_dim: int = 0
+    per_layer_vocabulary_size: Optional[int] = None
+    num_kv_shared_layers: int = 0
+    use_double_wide_mlp: bool = False
     layer_norm_epsilon: float = 1e-6
     max_sequence_length: int = 8192
     dropout: float = 0.0
@@ -107,6 +123,8 @@ class GemmaConfig:
             object.__setattr__(self, "global_head_dim", self.head_dim)
         if self.num_global_key_value_heads is None:
             object.__setattr__(self, "num_global_key_value_heads", self.num_key_value_heads)
+        if self.per_layer_vocabulary_size is None:
+            object.__setattr__(self, "per_layer_vocabulary_size", self.vocabulary_size)
         self.validate()
 
     def validate(self):
@@ -121,12 +139,17 @@ class GemmaConfig:
             "max_sequence_length",
             "global_head_dim",
             "num_global_key_value_heads",
+            "per_layer_vocabulary_size",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(
                     f"`{name}` must be a positive integer, got {value!r}."
                 )
+        for name in ("per_layer_input_dim", "num_kv_shared_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"`{name}` must be a non-negative integer, got {value!r}.")
         for name in ("num_key_value_heads", "num_global_key_value_heads"):
             if self.num_query_heads % getattr(self, name):
                 raise ValueError(
@@ -177,6 +200,20 @@ class GemmaConfig:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+        if self.num_kv_shared_layers >= self.num_layers:
+            raise ValueError(
+                f"`num_kv_shared_layers` ({self.num_kv_shared_layers}) must be less than "
+                f"`num_layers` ({self.num_layers}): some layer must compute the keys and values."
+            )
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        missing = set(self.layer_types[first_shared:]) - set(self.layer_types[:first_shared])
+        if missing:
+            raise ValueError(
+                f"Key/value-shared layers of type {sorted(missing)} have no earlier layer of that "
+                f"type to read from (the first {first_shared} layers are {list(self.layer_types[:first_shared])})."
+            )
+        if self.use_double_wide_mlp and not self.num_kv_shared_layers:
+            raise ValueError("`use_double_wide_mlp` widens the key/value-shared layers; `num_kv_shared_layers` is 0.")
 
     # Per-layer values, worked out once.
     def window(self, layer_index):
@@ -205,6 +242,25 @@ class GemmaConfig:
         """Whether a layer's values are its keys' projection (no value kernel)."""
         return self.global_keys_as_values and self.layer_types[layer_index] == GLOBAL
 
+    def kv_source(self, layer_index):
+        """The layer whose keys and values `layer_index` attends to: itself,
+        or for one of the trailing `num_kv_shared_layers` the last earlier
+        non-shared layer of its attention type (as transformers' Gemma 4)."""
+        first_shared = self.num_layers - self.num_kv_shared_layers
+        if layer_index < first_shared:
+            return layer_index
+        kind = self.layer_types[layer_index]
+        return max(j for j in range(first_shared) if self.layer_types[j] == kind)
+
+    def layer_shares_kv(self, layer_index):
+        """Whether a layer reads another layer's keys and values (no key/value kernels, no cache)."""
+        return self.kv_source(layer_index) != layer_index
+
+    def layer_intermediate_dim(self, layer_index):
+        """Feed-forward width of a layer (doubled on shared layers with `use_double_wide_mlp`)."""
+        wide = self.use_double_wide_mlp and self.layer_shares_kv(layer_index)
+        return self.intermediate_dim * (2 if wide else 1)
+
     def gemma4_mechanisms(self):
         """Names of the Gemma 4 mechanisms this config turns on (empty for Gemma 1-3)."""
         on = {
@@ -215,6 +271,9 @@ class GemmaConfig:
             "use_layer_scalar": self.use_layer_scalar,
             "global_rope_fraction": self.global_rope_fraction != 1.0,
             "local_rope_fraction": self.local_rope_fraction != 1.0,
+            "per_layer_input_dim": self.per_layer_input_dim > 0,
+            "num_kv_shared_layers": self.num_kv_shared_layers > 0,
+            "use_double_wide_mlp": self.use_double_wide_mlp,
         }
         return [name for name, value in on.items() if value]
 
@@ -236,15 +295,20 @@ class GemmaConfig:
 
     def num_parameters(self):
         """Parameter count computed from the config (tied embeddings)."""
-        d = self.hidden_dim
+        d, p, layers = self.hidden_dim, self.per_layer_input_dim, self.num_layers
         total = self.vocabulary_size * d + d
-        for i in range(self.num_layers):
+        if p:  # the per-layer table, the projection of the embedding, its norm
+            total += self.per_layer_vocabulary_size * layers * p + d * layers * p + p
+        for i in range(layers):
             h, k = self.layer_head_dim(i), self.layer_key_value_heads(i)
-            total += d * h * (2 * self.num_query_heads + (1 if self.layer_keys_as_values(i) else 2) * k)
-            total += 3 * d * self.intermediate_dim
+            shared = self.layer_shares_kv(i)
+            key_values = 0 if shared else (1 if self.layer_keys_as_values(i) else 2)
+            total += d * h * (2 * self.num_query_heads + key_values * k)
+            total += 3 * d * self.layer_intermediate_dim(i)
             total += d * (4 if self.use_post_norms else 2)
-            total += 2 * h if self.use_qk_norm else 0
+            total += (h if shared else 2 * h) if self.use_qk_norm else 0
             total += 1 if self.use_layer_scalar else 0
+            total += 2 * d * p + d if p else 0  # gate, projection, norm
         return total
 
     @property

@@ -162,8 +162,9 @@ class Attention(keras.layers.Layer):
     sliding window, and an optional fixed-shape KV cache.
 
     Gemma 4 adds, per layer: a head width and key/value head count of its
-    own, values taken from the key projection (no value kernel), and a
-    scale-free norm on values.
+    own, values taken from the key projection (no value kernel), a
+    scale-free norm on values, and (E2B/E4B's trailing layers) no keys or
+    values at all: the layer attends to another layer's (`shared_kv`).
 
     Args:
         config: the `GemmaConfig`.
@@ -180,10 +181,12 @@ class Attention(keras.layers.Layer):
         self.query_scale = float(config.query_pre_attn_scalar) ** -0.5
         self.logit_softcap = config.attention_logit_softcap
         policy = self.dtype_policy
+        self.shares_kv = config.layer_shares_kv(layer_index)
         self.query_dense = _projection("btd,ndh->btnh", (None, n, h), "query", policy)
-        self.key_dense = _projection("bsd,kdh->bskh", (None, k, h), "key", policy)
-        self.value_dense = None  # values are the key projection's output
-        if not config.layer_keys_as_values(layer_index):
+        self.key_dense = self.value_dense = None  # None: another layer's keys and values
+        if not self.shares_kv:
+            self.key_dense = _projection("bsd,kdh->bskh", (None, k, h), "key", policy)
+        if not self.shares_kv and not config.layer_keys_as_values(layer_index):  # else values are the keys
             self.value_dense = _projection("bsd,kdh->bskh", (None, k, h), "value", policy)
         # Query heads are spelled "N" here: jax.numpy.einsum orders contracted
         # axes alphabetically, and "N" < "h" keeps them in the kernel's
@@ -194,7 +197,8 @@ class Attention(keras.layers.Layer):
         if config.use_qk_norm:
             eps = config.layer_norm_epsilon
             self.query_norm = RMSNorm(eps, name="query_norm", dtype=policy)
-            self.key_norm = RMSNorm(eps, name="key_norm", dtype=policy)
+            if not self.shares_kv:
+                self.key_norm = RMSNorm(eps, name="key_norm", dtype=policy)
         self.value_norm = None
         if config.use_value_norm:
             self.value_norm = RMSNorm(config.layer_norm_epsilon, with_scale=False, name="value_norm", dtype=policy)
@@ -204,9 +208,9 @@ class Attention(keras.layers.Layer):
             if dense is not None:
                 dense.build((None, None, self.hidden_dim))
         self.output_dense.build((None, None, self.num_query_heads, self.head_dim))
-        if self.query_norm is not None:
-            self.query_norm.build((self.head_dim,))
-            self.key_norm.build((self.head_dim,))
+        for norm in (self.query_norm, self.key_norm):
+            if norm is not None:
+                norm.build((self.head_dim,))
         self.built = True
 
     def cache_length(self, max_length):
@@ -214,7 +218,8 @@ class Attention(keras.layers.Layer):
         return ring_length(self.window, max_length)
 
     def call(
-        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, last_only=False, segment_ids=None
+        self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, last_only=False, segment_ids=None,
+        shared_kv=None,
     ):
         """Attends x (b, t, d) to itself, and to the cache if one is given.
 
@@ -234,43 +239,58 @@ class Attention(keras.layers.Layer):
                 still every column's, for the cache): output (b, 1, d).
             segment_ids: None, or (b, t) int: packed samples, each
                 attending to its own segment only (no cache).
+            shared_kv: for a layer that shares keys and values (no key
+                kernel), the `kv` its source layer returned in this call;
+                such a layer has no cache (None).
 
         Returns:
-            `(output (b, t, d), updated cache or None)`.
+            `(output (b, t, d), updated cache or None, kv)`: `kv` is what
+            the queries attended to, `(keys, values, positions)`: x's own
+            where `cache_index` is None (no cache, or the first chunk),
+            else the cache's.
         """
         q = self._query(x[:, -1:] if last_only else x)  # (b, t, n, h)
-        k = self.key_dense(x)  # (b, t, k, h)
-        v = k if self.value_dense is None else self.value_dense(x)  # (b, t, k, h)
         if self.query_norm is not None:
-            q, k = self.query_norm(q), self.key_norm(k)
-        if self.value_norm is not None:
-            v = self.value_norm(v)
+            q = self.query_norm(q)
         query_rotary = rotary
         segments = None if segment_ids is None else (segment_ids, segment_ids)
         if last_only:
             query_positions = query_positions[:, -1:]
             segments = None if segments is None else (segment_ids[:, -1:], segment_ids)
             query_rotary = tuple(table[:, -1:] for table in rotary)
-        q, k = apply_rotary(q, query_rotary), apply_rotary(k, rotary)
+        q = apply_rotary(q, query_rotary)
+        kv = shared_kv
+        if not self.shares_kv:
+            kv, cache = self._keys_and_values(x, rotary, key_positions, cache, cache_index)
+        if cache_index is None:
+            out = self.attend_itself(q, query_positions, *kv, segments)
+        else:
+            out = self.attend(q, query_positions, *kv)
+        return self.output_dense(out), cache, kv
 
+    def _keys_and_values(self, x, rotary, key_positions, cache, cache_index):
+        """x's keys and values into the cache: `(kv, updated cache)` (see `call`)."""
+        k = self.key_dense(x)  # (b, t, k, h)
+        v = k if self.value_dense is None else self.value_dense(x)  # (b, t, k, h)
+        if self.key_norm is not None:
+            k = self.key_norm(k)
+        if self.value_norm is not None:
+            v = self.value_norm(v)
+        k = apply_rotary(k, rotary)
         if cache is None:
-            out = self.attend_itself(q, query_positions, k, v, key_positions, segments)
-        elif cache_index is None:  # the first chunk: itself only
-            out = self.attend_itself(q, query_positions, k, v, key_positions)
-            cache = write_cache(cache, k, v, key_positions, 0)
-        elif x.shape[1] == 1:
+            return (k, v, key_positions), None
+        if cache_index is None:  # the first chunk: itself only
+            return (k, v, key_positions), write_cache(cache, k, v, key_positions, 0)
+        if x.shape[1] == 1:
             # A decode step: the slot it overwrites holds a key no query
             # sees any more (`window` or more back, or left padding).
             cache = write_cache(cache, k, v, key_positions, cache_index)
-            out = self.attend(q, query_positions, *cache)
-        else:
-            # A later prompt chunk: its keys may overwrite ring slots its
-            # own first queries still see, so it attends to the cache as it
-            # was and to its own keys, then writes.
-            keys, values, positions = (ops.concatenate(pair, axis=1) for pair in zip(cache, (k, v, key_positions)))
-            out = self.attend(q, query_positions, keys, values, positions)
-            cache = write_cache(cache, k, v, key_positions, cache_index)
-        return self.output_dense(out), cache
+            return cache, cache
+        # A later prompt chunk: its keys may overwrite ring slots its own
+        # first queries still see, so it attends to the cache as it was and
+        # to its own keys, then writes.
+        kv = tuple(ops.concatenate(pair, axis=1) for pair in zip(cache, (k, v, key_positions)))
+        return kv, write_cache(cache, k, v, key_positions, cache_index)
 
     def _query(self, x):
         """x (b, t, d) by the (n, d, h) query kernel: (b, t, n, h).
@@ -397,7 +417,8 @@ class DecoderBlock(keras.layers.Layer):
     """One Gemma block: pre-norms always, post-norms when the config has them.
 
     `x += post_attention_norm(attention(pre_attention_norm(x)))`, then the
-    same with the feed-forward.
+    same with the feed-forward; with per-layer embeddings (Gemma 4 E2B/E4B)
+    `x += post_per_layer_input_norm(per_layer_projection(gelu(per_layer_input_gate(x)) * per_layer_input))`.
     """
 
     def __init__(self, config, layer_index, **kwargs):
@@ -408,13 +429,21 @@ class DecoderBlock(keras.layers.Layer):
         self.pre_attention_norm = RMSNorm(eps, name="pre_attention_norm", dtype=policy)
         self.attention = Attention(config, layer_index, name="attention", dtype=policy)
         self.pre_ffw_norm = RMSNorm(eps, name="pre_ffw_norm", dtype=policy)
-        self.feed_forward = FeedForward(config.hidden_dim, config.intermediate_dim, name="feed_forward", dtype=policy)
+        self.feed_forward = FeedForward(
+            config.hidden_dim, config.layer_intermediate_dim(layer_index), name="feed_forward", dtype=policy
+        )
         self.post_attention_norm = self.post_ffw_norm = None
         if config.use_post_norms:
             self.post_attention_norm = RMSNorm(eps, name="post_attention_norm", dtype=policy)
             self.post_ffw_norm = RMSNorm(eps, name="post_ffw_norm", dtype=policy)
         self.dropout = keras.layers.Dropout(config.dropout, dtype=policy) if config.dropout else None
         self.use_layer_scalar = config.use_layer_scalar
+        self.per_layer_input_dim = p = config.per_layer_input_dim
+        self.per_layer_input_gate = self.per_layer_projection = self.post_per_layer_input_norm = None
+        if p:
+            self.per_layer_input_gate = _projection("btd,dp->btp", (None, p), "per_layer_input_gate", policy)
+            self.per_layer_projection = _projection("btp,pd->btd", (None, config.hidden_dim), "per_layer_projection", policy)
+            self.post_per_layer_input_norm = RMSNorm(eps, name="post_per_layer_input_norm", dtype=policy)
 
     def build(self, input_shape=None):
         if self.use_layer_scalar:  # Gemma 4: a stored constant per layer, not trained
@@ -422,10 +451,12 @@ class DecoderBlock(keras.layers.Layer):
         shape = (None, None, self.hidden_dim)
         for layer in (
             self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.feed_forward,
-            self.post_attention_norm, self.post_ffw_norm,
+            self.post_attention_norm, self.post_ffw_norm, self.per_layer_input_gate, self.post_per_layer_input_norm,
         ):
             if layer is not None:
                 layer.build(shape)
+        if self.per_layer_projection is not None:
+            self.per_layer_projection.build((None, None, self.per_layer_input_dim))
         self.built = True
 
     def _residual_branch(self, h, post_norm, training):
@@ -437,26 +468,33 @@ class DecoderBlock(keras.layers.Layer):
 
     def call(
         self, x, rotary, query_positions, key_positions, cache=None, cache_index=None, training=None, last_only=False,
-        segment_ids=None,
+        segment_ids=None, per_layer_input=None, shared_kv=None,
     ):
-        """`(x (b, t, d) through the block, updated cache)`; with `last_only`
-        (a prompt chunk's last block: what follows needs only the last
-        column's hidden state, and the cache every column's keys and
-        values) x's last column alone after the attention: (b, 1, d)."""
-        h, cache = self.attention(
+        """`(x (b, t, d) through the block, updated cache, kv)` (`kv`:
+        see `Attention.call`); with `last_only` (a prompt chunk's last
+        blocks: what follows needs only the last column's hidden state, and
+        the cache every column's keys and values) x's last column alone
+        after the attention: (b, 1, d). `per_layer_input`: (b, t, p), this
+        layer's slice of the per-layer embeddings, or None."""
+        h, cache, kv = self.attention(
             self.pre_attention_norm(x), rotary, query_positions, key_positions,
-            cache=cache, cache_index=cache_index, last_only=last_only, segment_ids=segment_ids,
+            cache=cache, cache_index=cache_index, last_only=last_only, segment_ids=segment_ids, shared_kv=shared_kv,
         )
         if last_only:
             x = x[:, -1:]
+            per_layer_input = None if per_layer_input is None else per_layer_input[:, -1:]
         x = _finite(x + self._residual_branch(h, self.post_attention_norm, training))
         h = self.feed_forward(self.pre_ffw_norm(x))
         if h.dtype != x.dtype:  # float16: the feed-forward ran in float32
             h = _into_float16(h, scale_free=self.post_ffw_norm is not None)
         x = _finite(x + self._residual_branch(h, self.post_ffw_norm, training))
+        if self.per_layer_input_dim:
+            gate = keras.activations.gelu(self.per_layer_input_gate(x), approximate=True)  # (b, t, p)
+            h = self.per_layer_projection(gate * ops.cast(per_layer_input, gate.dtype))  # (b, t, d)
+            x = _finite(x + self.post_per_layer_input_norm(h))
         if self.use_layer_scalar:
             x = x * ops.cast(self.layer_scalar, x.dtype)
-        return x, cache
+        return x, cache, kv
 
 
 def _into_float16(h, scale_free):

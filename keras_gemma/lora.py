@@ -78,24 +78,29 @@ def targeted_layers(backbone, targets):
         for name in targets:
             parent, attribute = TARGETS[name]
             layer = getattr(getattr(block, parent), attribute)
-            if layer is not None:  # None: a Gemma 4 global layer's values are its keys
+            if layer is not None:  # None: a Gemma 4 global layer's values are its keys, or a shared layer's
                 yield f"blocks.{i}.{parent}.{name}", layer
 
 
 def kernel_shapes(config, layer_index=None):
     """Target name -> the float kernel shape of its projection (in layer
     `layer_index`, whose head shapes may be its own; None: a local layer's).
-    A layer whose values are its keys has no "value"."""
+    A layer whose values are its keys has no "value"; one that shares
+    another layer's keys and values has neither "key" nor "value"."""
     n, d, f = config.num_query_heads, config.hidden_dim, config.intermediate_dim
     k, h = config.num_key_value_heads, config.head_dim
     if layer_index is not None:
         k, h = config.layer_key_value_heads(layer_index), config.layer_head_dim(layer_index)
+        f = config.layer_intermediate_dim(layer_index)
     shapes = {
         "query": (n, d, h), "key": (k, d, h), "value": (k, d, h),
         "output": (n, h, d), "gate": (d, f), "up": (d, f), "down": (f, d),
     }
     if layer_index is not None and config.layer_keys_as_values(layer_index):
         del shapes["value"]
+    if layer_index is not None and config.layer_shares_kv(layer_index):
+        shapes.pop("value", None)
+        del shapes["key"]
     return shapes
 
 

@@ -51,13 +51,15 @@ def _rope(hf, kind):
 # fine: it changes the mask of image tokens only; text stays causal.
 GEMMA4_UNSUPPORTED = (
     ("enable_moe_block", "mixture-of-experts blocks"),
-    ("hidden_size_per_layer_input", "per-layer embeddings"),
-    ("num_kv_shared_layers", "key/value sharing across layers"),
 )
 
 
 def _gemma4_fields(hf, layer_types):
     """GemmaConfig fields for a `gemma4_text` config (dense only).
+
+    Per-layer embeddings and key/value sharing (E2B, E4B) take
+    transformers' defaults where a field is absent (`hidden_size_per_layer_input`
+    256, `vocab_size_per_layer_input` 262144).
 
     Global layers' head width and key/value heads come from `per_layer_config`
     (what transformers 5.25 writes: index -> overrides) or from
@@ -85,7 +87,12 @@ def _gemma4_fields(hf, layer_types):
         overrides["head_dim"] = hf.get("global_head_dim", 512)
         if k_eq_v and hf.get("num_global_key_value_heads") is not None:
             overrides["num_key_value_heads"] = hf["num_global_key_value_heads"]
+    per_layer_input_dim = hf.get("hidden_size_per_layer_input", 256) or 0
     return dict(
+        per_layer_input_dim=per_layer_input_dim,
+        per_layer_vocabulary_size=hf.get("vocab_size_per_layer_input", 262_144) if per_layer_input_dim else None,
+        num_kv_shared_layers=hf.get("num_kv_shared_layers") or 0,
+        use_double_wide_mlp=bool(hf.get("use_double_wide_mlp")) and bool(hf.get("num_kv_shared_layers")),
         global_head_dim=overrides.get("head_dim"),
         num_global_key_value_heads=overrides.get("num_key_value_heads"),
         global_keys_as_values=k_eq_v,
@@ -252,8 +259,10 @@ def _gemma4_to_hf(config, hf):
             str(i): {"head_dim": config.global_head_dim, "num_key_value_heads": config.num_global_key_value_heads}
             for i, kind in enumerate(config.layer_types) if kind == GLOBAL
         },
-        hidden_size_per_layer_input=0,
-        num_kv_shared_layers=0,
+        hidden_size_per_layer_input=config.per_layer_input_dim,
+        vocab_size_per_layer_input=config.per_layer_vocabulary_size,
+        num_kv_shared_layers=config.num_kv_shared_layers,
+        use_double_wide_mlp=config.use_double_wide_mlp,
         enable_moe_block=False,
     )
     if LOCAL not in config.layer_types:
@@ -282,15 +291,21 @@ def tensor_names(config, prefix="model."):
     # ours are zero-centred (`RMSNorm`): "norm" adds or removes the 1.
     norm = "norm" if model_type_of(config) == "gemma4_text" else "copy"
     rows = [(f"{prefix}embed_tokens.weight", "token_embedding", "copy")]
+    if config.per_layer_input_dim:
+        rows += [
+            (f"{prefix}embed_tokens_per_layer.weight", "per_layer_token_embedding", "copy"),
+            (f"{prefix}per_layer_model_projection.weight", "per_layer_model_projection", "transpose"),
+            (f"{prefix}per_layer_projection_norm.weight", "per_layer_projection_norm", norm),
+        ]
     for i in range(config.num_layers):
         hf, ours = f"{prefix}layers.{i}.", f"blocks.{i}."
+        shares_kv = config.layer_shares_kv(i)  # no k_proj, v_proj or k_norm
         for hf_norm, our_norm in _norm_names(config):
             rows.append((f"{hf}{hf_norm}.weight", f"{ours}{our_norm}", norm))
-        rows += [
-            (f"{hf}self_attn.q_proj.weight", f"{ours}attention.query", "qkv"),
-            (f"{hf}self_attn.k_proj.weight", f"{ours}attention.key", "qkv"),
-        ]
-        if not config.layer_keys_as_values(i):
+        rows.append((f"{hf}self_attn.q_proj.weight", f"{ours}attention.query", "qkv"))
+        if not shares_kv:
+            rows.append((f"{hf}self_attn.k_proj.weight", f"{ours}attention.key", "qkv"))
+        if not shares_kv and not config.layer_keys_as_values(i):
             rows.append((f"{hf}self_attn.v_proj.weight", f"{ours}attention.value", "qkv"))
         rows += [
             (f"{hf}self_attn.o_proj.weight", f"{ours}attention.output", "out"),
@@ -299,12 +314,17 @@ def tensor_names(config, prefix="model."):
             (f"{hf}mlp.down_proj.weight", f"{ours}feed_forward.down", "transpose"),
         ]
         if config.use_qk_norm:
-            rows += [
-                (f"{hf}self_attn.q_norm.weight", f"{ours}attention.query_norm", norm),
-                (f"{hf}self_attn.k_norm.weight", f"{ours}attention.key_norm", norm),
-            ]
+            rows.append((f"{hf}self_attn.q_norm.weight", f"{ours}attention.query_norm", norm))
+        if config.use_qk_norm and not shares_kv:
+            rows.append((f"{hf}self_attn.k_norm.weight", f"{ours}attention.key_norm", norm))
         if config.use_layer_scalar:
             rows.append((f"{hf}layer_scalar", f"{ours}layer_scalar", "copy"))
+        if config.per_layer_input_dim:
+            rows += [
+                (f"{hf}per_layer_input_gate.weight", f"{ours}per_layer_input_gate", "transpose"),
+                (f"{hf}per_layer_projection.weight", f"{ours}per_layer_projection", "transpose"),
+                (f"{hf}post_per_layer_input_norm.weight", f"{ours}post_per_layer_input_norm", norm),
+            ]
     rows.append((f"{prefix}norm.weight", "final_norm", norm))
     return rows
 

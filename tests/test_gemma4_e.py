@@ -1,0 +1,235 @@
+"""Gemma 4 E2B/E4B's text decoder mechanisms against transformers'
+`Gemma4ForCausalLM`: per-layer embeddings (PLE) and key/value sharing.
+
+A tiny config where each bites: 6 layers, the last 2 sharing keys and
+values (layer 4, sliding, reads layer 3's; layer 5, global, reads layer
+1's), their feed-forward twice as wide (E2B's `use_double_wide_mlp`),
+per-layer embeddings 8 wide, and a sliding window (4) shorter than the
+padded batch (13). Then: each mechanism turned off moves the logits,
+`save_pretrained` loads here, `export_to_transformers` loads there, cached
+greedy decoding (ring caches wrapping, shared layers reading the cache
+their source wrote in the same step) equals uncached forward passes, and
+LoRA and int8 run.
+"""
+
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import keras_gemma
+from conftest import to_numpy
+from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
+from keras_gemma.checkpoints.huggingface import config_from_hf
+from keras_gemma.config import GemmaConfig
+from test_gemma4 import _greedy_equals_full_forward, build_gemma4
+
+TOLERANCE = 1e-4
+LAYER_TYPES = ["sliding_attention", "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
+
+
+def e_config(**overrides):
+    args = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=4, final_logit_softcapping=6.0, max_position_embeddings=512,
+        layer_types=LAYER_TYPES, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+        num_kv_shared_layers=2, use_double_wide_mlp=True,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+        },
+    )
+    return transformers.Gemma4TextConfig(**{**args, **overrides})
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+    return build_gemma4(e_config(), seed=1)
+
+
+@pytest.fixture(scope="module")
+def ours(hf_model):
+    return ours_from_hf(hf_model)
+
+
+def logits_of(model, ids, mask):
+    return to_numpy(model({"token_ids": ids, "padding_mask": mask}))
+
+
+def assert_same_logits(model, hf, seq_len=13):
+    ids, mask = padded_batch(seq_len)
+    actual, expected = logits_of(model, ids, mask), hf_logits(hf, ids, mask)
+    np.testing.assert_allclose(actual[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_config_from_transformers(ours, hf_model):
+    config, backbone = ours.config, ours.backbone
+    assert (config.per_layer_input_dim, config.per_layer_vocabulary_size) == (8, VOCAB)
+    assert config.num_kv_shared_layers == 2 and config.use_double_wide_mlp
+    assert [config.kv_source(i) for i in range(6)] == [0, 1, 2, 3, 3, 1]
+    assert hf_model.config.kv_sharing_modes == [None, "store", None, "store", "reuse", "reuse"]
+    assert backbone.cache_slots == [0, 1, 2, 3, None, None]
+    assert len(backbone.init_cache(1, 8)) == 4
+    shapes = {name: tuple(w.shape) for name, w in backbone.weight_map().items()}
+    assert shapes["per_layer_token_embedding"] == (VOCAB, 6 * 8)
+    assert shapes["per_layer_model_projection"] == (64, 6 * 8) and shapes["per_layer_projection_norm"] == (8,)
+    assert shapes["blocks.4.per_layer_input_gate"] == (64, 8) and shapes["blocks.4.per_layer_projection"] == (8, 64)
+    for i in (4, 5):
+        assert not {f"blocks.{i}.attention.{n}" for n in ("key", "value", "key_norm")} & set(shapes)
+        assert f"blocks.{i}.attention.query_norm" in shapes
+    assert shapes["blocks.3.feed_forward.up"] == (64, 48) and shapes["blocks.4.feed_forward.up"] == (64, 96)
+    assert config.num_parameters() == sum(int(np.prod(s)) for s in shapes.values())
+    assert {"per_layer_input_dim", "num_kv_shared_layers", "use_double_wide_mlp"} <= set(config.gemma4_mechanisms())
+
+
+def test_logits_match_transformers(ours, hf_model):
+    assert_same_logits(ours, hf_model)
+
+
+def test_long_rows_match_transformers(ours, hf_model):
+    """3 x 40 tokens: ten windows; the shared sliding layer's window too."""
+    assert_same_logits(ours, hf_model, seq_len=40)
+
+
+def test_single_wide_mlp_and_mha_match_transformers():
+    hf = build_gemma4(e_config(use_double_wide_mlp=False, attention_k_eq_v=False, num_kv_shared_layers=3), seed=5)
+    model = ours_from_hf(hf)
+    assert [model.config.kv_source(i) for i in range(6)] == [0, 1, 2, 2, 2, 1]
+    assert_same_logits(model, hf)
+
+
+def with_weights_of(model, **changes):
+    """A model with `changes` to the config and `model`'s weights where
+    names and shapes agree (the rest keep their initial values)."""
+    other = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(model.config.replace(**changes)))
+    source = model.backbone.weight_map()
+    for name, variable in other.backbone.weight_map().items():
+        if name in source and tuple(source[name].shape) == tuple(variable.shape):
+            variable.assign(source[name])
+    return other
+
+
+def moved(a, b, mask):
+    return np.max(np.abs(a[mask] - b[mask]))
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"per_layer_input_dim": 0},
+        {"num_kv_shared_layers": 0, "use_double_wide_mlp": False},
+        {"use_double_wide_mlp": False},
+    ],
+    ids=lambda c: next(iter(c)),
+)
+def test_each_mechanism_moves_the_logits(ours, changes):
+    ids, mask = padded_batch(13)
+    assert moved(logits_of(with_weights_of(ours, **changes), ids, mask), logits_of(ours, ids, mask), mask) > 100 * TOLERANCE
+
+
+def test_shared_layers_read_their_source(ours):
+    """The shared layers' output moves with their source's key kernel (layer
+    1, global, two layers back) and does not depend on the layer before."""
+    ids, mask = padded_batch(13)
+    logits = logits_of(ours, ids, mask)
+    other = with_weights_of(ours)
+    kernel = other.backbone.blocks[1].attention.key_dense.kernel
+    kernel.assign(-kernel)
+    hidden = {}
+    for model, key in ((ours, "ours"), (other, "other")):
+        def grab(x, i, key=key):
+            hidden[(key, i)] = to_numpy(x)
+            return x
+        model.backbone.hidden_states(ids, mask, layer_intercept_fn=grab)
+    assert moved(logits_of(other, ids, mask), logits, mask) > 100 * TOLERANCE
+    assert np.abs(hidden[("ours", 4)] - hidden[("other", 4)])[mask].max() > 1e-2
+
+
+def test_per_layer_inputs_reach_every_block(ours):
+    """Zeroing one layer's per-layer projection moves the logits: each
+    block's gated residual is read."""
+    ids, mask = padded_batch(13)
+    logits = logits_of(ours, ids, mask)
+    for i in (0, 5):
+        other = with_weights_of(ours)
+        kernel = other.backbone.blocks[i].per_layer_projection.kernel
+        kernel.assign(np.zeros(kernel.shape, "float32"))
+        assert moved(logits_of(other, ids, mask), logits, mask) > 100 * TOLERANCE
+
+
+def test_config_errors():
+    base = dict(
+        vocabulary_size=VOCAB, num_layers=3, hidden_dim=16, num_query_heads=2, num_key_value_heads=1,
+        head_dim=8, intermediate_dim=16,
+    )
+    with pytest.raises(ValueError, match="must be less than"):
+        GemmaConfig(**base, num_kv_shared_layers=3)
+    with pytest.raises(ValueError, match="no earlier layer"):
+        GemmaConfig(**base, num_kv_shared_layers=1, layer_types=("global", "global", "local"), sliding_window_size=4)
+    with pytest.raises(ValueError, match="non-negative"):
+        GemmaConfig(**base, per_layer_input_dim=-1)
+    with pytest.raises(ValueError, match="use_double_wide_mlp"):
+        GemmaConfig(**base, use_double_wide_mlp=True)
+
+
+def test_transformers_defaults_apply(hf_model):
+    """A gemma4_text config without the PLE fields gets transformers' defaults."""
+    fields = hf_model.config.to_dict()
+    del fields["hidden_size_per_layer_input"], fields["vocab_size_per_layer_input"]
+    config = config_from_hf(fields)
+    assert (config.per_layer_input_dim, config.per_layer_vocabulary_size) == (256, 262_144)
+    assert transformers.Gemma4TextConfig(**fields).hidden_size_per_layer_input == 256
+
+
+def test_save_pretrained_loads_here(hf_model, tmp_path):
+    hf_model.save_pretrained(str(tmp_path))
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
+    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
+
+
+def test_export_to_transformers_round_trips(ours, tmp_path):
+    directory = str(tmp_path / "export")
+    ours.backbone.export_to_transformers(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    assert hf.config.num_kv_shared_layers == 2 and hf.config.hidden_size_per_layer_input == 8
+    assert not hasattr(hf.model.layers[4].self_attn, "k_proj")
+    assert_same_logits(ours, hf)
+    again = keras_gemma.GemmaBackbone.from_preset(directory)
+    assert again.config == ours.config
+    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
+
+
+def test_lora_and_int8_quantization_run(ours):
+    """LoRA on every projection there is (shared layers have no key or value
+    kernels), counted per layer; int8 weights (the per-layer table too) keep
+    the top token."""
+    from keras_gemma.lora import kernel_shapes, lora_parameter_count
+
+    assert "key" not in kernel_shapes(ours.config, 4) and kernel_shapes(ours.config, 4)["up"] == (64, 96)
+    lm = with_weights_of(ours)
+    ids, mask = padded_batch(13)
+    logits = logits_of(lm, ids, mask)
+    lm.backbone.enable_lora(2, target_layers="all")
+    added = sum(int(np.prod(w.shape)) for w in lm.trainable_weights)
+    assert added == lora_parameter_count(lm.config, 2, "all")
+    lm.backbone.merge_lora_weights()
+    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], logits[mask], atol=1e-5, rtol=1e-5)
+    lm.backbone.quantize("int8")
+    assert lm.backbone.per_layer_token_embedding.quantization_mode == "int8"
+    assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
+
+
+def test_backbone_config_round_trips(ours):
+    again = keras_gemma.GemmaBackbone.from_config(ours.backbone.get_config())
+    assert again.config == ours.config
+
+
+def test_greedy_with_cache_equals_full_forward():
+    """A ragged batch (prompts of 150, 11 and 3 tokens: a chunk of 128
+    columns then one of 64) through ring caches (window 4, many wraps) and
+    full caches; the shared layers read their sources' caches."""
+    lm = ours_from_hf(build_gemma4(e_config(), seed=3, scale=0.05))
+    rng = np.random.default_rng(1)
+    _greedy_equals_full_forward(lm, [rng.integers(4, VOCAB, n).tolist() for n in (150, 11, 3)], 16)
