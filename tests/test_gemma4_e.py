@@ -216,6 +216,41 @@ def test_lora_and_int8_quantization_run(ours):
     assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
 
 
+def test_lora_adapters_go_through_peft(ours, tmp_path):
+    """LoRA on every projection, written for PEFT, loads onto the exported
+    model with the same logits (the shared layers have no k_proj or v_proj
+    there either), and reads back here."""
+    import peft
+
+    lm = with_weights_of(ours)
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    lm.backbone.export_to_transformers(base_dir)
+    lm.backbone.enable_lora(2, alpha=3, target_layers="all")
+    rng = np.random.default_rng(0)
+    for variable in lm.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.2)
+    lm.backbone.save_lora_weights(adapter_dir, format="peft")
+    ids, mask = padded_batch(13)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    expected = hf_logits(peft.PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
+    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+    again = with_weights_of(ours)
+    again.backbone.load_lora_weights(adapter_dir)
+    np.testing.assert_allclose(logits_of(again, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+
+
+def test_remat_keeps_the_outputs(ours):
+    """Rematerialized blocks (a source block is not: its keys and values
+    are read later) give the same hidden states."""
+    remat = keras_gemma.GemmaBackbone(ours.config, remat="blocks")
+    for name, variable in remat.weight_map().items():
+        variable.assign(ours.backbone.weight_map()[name])
+    ids, mask = padded_batch(13)
+    expected, _ = ours.backbone.hidden_states(ids, mask)
+    actual, _ = remat.hidden_states(ids, mask, training=True)
+    np.testing.assert_allclose(to_numpy(actual)[mask], to_numpy(expected)[mask], atol=1e-5, rtol=1e-5)
+
+
 def test_backbone_config_round_trips(ours):
     again = keras_gemma.GemmaBackbone.from_config(ours.backbone.get_config())
     assert again.config == ours.config
