@@ -120,7 +120,7 @@ class GemmaBackbone(keras.Model):
                 embeddings_initializer=keras.initializers.RandomNormal(stddev=0.02),
             )
             self.per_layer_model_projection = keras.layers.EinsumDense(
-                "btd,de->bte", (None, width), name="per_layer_model_projection", dtype=policy,
+                "btd,de->bte", (None, width), name="per_layer_model_projection", dtype=policy,  # e = layers * p
             )
             self.per_layer_projection_norm = RMSNorm(
                 config.layer_norm_epsilon, name="per_layer_projection_norm", dtype=policy

@@ -5,6 +5,7 @@ Einsum axis legend, used in every equation below:
     d: hidden_dim       n: query heads           k: key/value heads
     g: query heads per key/value head (n = k * g)
     h: head_dim         f: feed-forward (per-gate) width   v: vocabulary
+    p: per-layer input width (Gemma 4's per-layer embeddings)
 
 One forward path serves training, prefill and decode: the attention layer
 takes an optional fixed-shape cache (see `Attention.call`).
