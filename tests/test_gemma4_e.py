@@ -207,10 +207,10 @@ def test_export_to_transformers_round_trips(ours, tmp_path):
     assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
-def test_lora_and_int8_quantization_run(ours):
+def test_lora_and_int8_quantization_run(ours, tmp_path):
     """LoRA on every projection there is (shared layers have no key or value
     kernels), counted per layer; int8 weights (the per-layer table too) keep
-    the top token."""
+    the top token, and a quantized preset loads with the same logits."""
     from keras_gemma.lora import kernel_shapes, lora_parameter_count
 
     assert "key" not in kernel_shapes(ours.config, 4) and kernel_shapes(ours.config, 4)["up"] == (64, 96)
@@ -225,6 +225,10 @@ def test_lora_and_int8_quantization_run(ours):
     lm.backbone.quantize("int8")
     assert lm.backbone.per_layer_token_embedding.quantization_mode == "int8"
     assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
+    with pytest.warns(UserWarning):
+        lm.save_to_preset(str(tmp_path / "int8"))
+    again = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "int8"))
+    np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(lm, ids, mask))
 
 
 def test_lora_adapters_go_through_peft(ours, tmp_path):
