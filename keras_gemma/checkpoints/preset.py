@@ -69,6 +69,17 @@ def preset_handle(name):
     return get_preset(name).kaggle_handle
 
 
+def _download_builtin(builtin):
+    """A built-in preset's Kaggle directory; a failed download also names its
+    Hugging Face copy, which `from_preset` loads too."""
+    try:
+        return download.kaggle_download(builtin.kaggle_handle)
+    except download.DownloadError as e:
+        if builtin.hf_handle is None:
+            raise
+        raise type(e)(f"{e} The same model is on Hugging Face: from_preset({builtin.hf_handle!r}).") from None
+
+
 def _looks_like_path(handle):
     return os.sep in handle or "/" in handle or handle.startswith((".", "~")) or handle.endswith(".gguf")
 
@@ -80,7 +91,7 @@ def resolve(handle):
     if not isinstance(handle, str):
         raise TypeError(f"A preset handle must be a string or path, got {type(handle).__name__}.")
     if handle in PRESETS:
-        return _local_source(download.kaggle_download(preset_handle(handle)), handle)
+        return _local_source(_download_builtin(PRESETS[handle]), handle)
     if handle.startswith(download.KAGGLE_SCHEME):
         return _local_source(download.kaggle_download(handle), handle)
     if handle.startswith(download.HF_SCHEME):
