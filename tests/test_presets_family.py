@@ -280,3 +280,14 @@ def test_vaultgemma_checkpoint_round_trips(vault, tmp_path):
     theirs = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "out"), attn_implementation="eager")
     np.testing.assert_allclose(hf_logits(theirs.float().eval(), ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
     assert config_from_hf(config_to_hf(ours.config)) == ours.config
+
+
+def test_unreadable_kaggle_preset_names_the_hugging_face_copy(monkeypatch, tmp_path):
+    """keras-hub's Gemma 4 presets are `Gemma4Backbone`s, which the keras-hub
+    reader does not read yet: the error points at the Hugging Face copy."""
+    config = {"module": "keras_hub.src.models.gemma4.gemma4_backbone", "class_name": "Gemma4Backbone",
+              "config": {}, "registered_name": "keras_hub>Gemma4Backbone"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(download, "kaggle_download", lambda handle: str(tmp_path))
+    with pytest.raises(preset.CheckpointError, match=r"Gemma4Backbone.*from_preset\('hf://google/gemma-4-31B'\)"):
+        keras_gemma.GemmaCausalLM.from_preset("gemma4_31b")

@@ -152,7 +152,14 @@ def load_config(source):
         path = source.file(kh.CONFIG_FILE)
         if not os.path.exists(path):
             raise CheckpointError(f"{source.path} holds a tokenizer but no model: {path} is missing.")
-        config = kh.config_from_keras_hub(_read_json(path), path)
+        try:
+            config = kh.config_from_keras_hub(_read_json(path), path)
+        except CheckpointError as e:
+            builtin = PRESETS.get(source.handle)
+            if builtin is None or builtin.hf_handle is None:
+                raise
+            # E.g. keras-hub's Gemma4Backbone presets, which this reader cannot read yet.
+            raise CheckpointError(f"{e} The same model is on Hugging Face: from_preset({builtin.hf_handle!r}).") from None
         return kh.exact_config(source.path, config)
     if source.kind == HUGGING_FACE:
         return huggingface.config_from_hf(_read_json(source.file(kh.CONFIG_FILE)))
