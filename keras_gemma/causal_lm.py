@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_gemma import classify as classify_lib
 from keras_gemma import losses as losses_lib
 from keras_gemma import precision, quantization
 from keras_gemma.backbone import GemmaBackbone
@@ -122,6 +123,34 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         with precision.matmul_precision(self.backbone.compute_dtype):
             logits = self.backbone.token_embedding.reverse(hidden)
         return soft_cap(ops.cast(logits, "float32"), self.config.final_logit_softcap)
+
+    def classify(self, prompts, labels=("Yes", "No")):
+        """Probabilities of `labels` as the next token after each prompt.
+
+        The softmax over the labels' logits at each prompt's last real
+        token, as ShieldGemma's model card scores a prompt:
+        `softmax(logits[0, -1, [yes_id, no_id]])[0]` is the probability that
+        the text violates the policy.
+
+        Args:
+            prompts: a string, a list of strings (`<bos>` is added), a
+                conversation or list of them (rendered with the chat
+                template), or `{"token_ids", "padding_mask"}` with either
+                padding side.
+            labels: two or more labels, each one vocabulary token (text or
+                a token id). A label that tokenizes to several tokens raises.
+
+        Returns:
+            float32 numpy `(batch, len(labels))` summing to 1 along the
+            labels; `(len(labels),)` for one prompt.
+
+        Example:
+        ```python
+        lm = keras_gemma.GemmaCausalLM.from_preset("shieldgemma_2b_en")
+        p_violation = lm.classify(shieldgemma_prompt)[0]  # P("Yes")
+        ```
+        """
+        return classify_lib.label_probabilities(self, prompts, labels)
 
     def make_train_function(self, force=False):
         with cpu.remat_train_step(self):

@@ -54,6 +54,7 @@ MODEL_CLASSES = {
     "gemma2": transformers.Gemma2ForCausalLM,
     "gemma3_text": transformers.Gemma3ForCausalLM,
     "gemma4_text": transformers.Gemma4ForCausalLM,
+    "vaultgemma": transformers.VaultGemmaForCausalLM,
 }
 
 

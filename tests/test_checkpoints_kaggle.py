@@ -36,6 +36,12 @@ KAGGLE_HANDLES = {
     "gemma3_instruct_4b_text/3 gemma3_12b_text/3 gemma3_instruct_12b_text/3 gemma3_27b_text/4 "
     "gemma3_instruct_27b_text/3",
     "google/shieldgemma": "shieldgemma_2b_en/2 shieldgemma_9b_en/2 shieldgemma_27b_en/2",
+    # keras-hub 0.32's gemma_presets.py, gemma3_presets.py and gemma4_presets.py.
+    "keras/function-gemma": "function_gemma_instruct_270m/1",
+    "keras/medgemma": "medgemma_instruct_27b_text/1",
+    "keras/vaultgemma": "vault_gemma_1b_en/2",
+    "keras/translategemma": "translategemma_4b_it/1 translategemma_12b_it/1 translategemma_27b_it/1",
+    "keras/gemma4": "gemma4_31b/2 gemma4_instruct_31b/2",
 }
 
 

@@ -60,7 +60,9 @@ def test_every_known_preset_is_registered():
         gemma3_instruct_270m gemma3_1b gemma3_instruct_1b gemma3_4b_text
         gemma3_instruct_4b_text gemma3_12b_text gemma3_instruct_12b_text
         gemma3_27b_text gemma3_instruct_27b_text shieldgemma_2b_en
-        shieldgemma_9b_en shieldgemma_27b_en
+        shieldgemma_9b_en shieldgemma_27b_en function_gemma_instruct_270m
+        medgemma_instruct_27b_text vault_gemma_1b_en translategemma_4b_it
+        translategemma_12b_it translategemma_27b_it gemma4_31b gemma4_instruct_31b
     """.split()
     assert sorted(expected) == keras_gemma.list_presets()
     assert PRESETS["gemma2_9b_en"].kaggle_handle == "kaggle://keras/gemma2/keras/gemma2_9b_en/4"

@@ -9,7 +9,10 @@ import numpy as np
 from keras_gemma.checkpoints.weights import LazyTensor
 from keras_gemma.config import GLOBAL, LOCAL, GemmaConfig
 
-MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4")
+MODEL_TYPES = ("gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "vaultgemma")
+# Gemma 2's block without post-norms (transformers' `vaultgemma`); its pre-ffw
+# norm keeps Gemma 2's name, `pre_feedforward_layernorm`.
+NO_POST_NORMS = ("gemma", "vaultgemma")
 # Multimodal model types whose `text_config` is the text model we load.
 MULTIMODAL = {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}
 HF_LAYER_TYPES = {"sliding_attention": LOCAL, "full_attention": GLOBAL}
@@ -109,7 +112,7 @@ def _layer_types(hf, model_type):
             return tuple(HF_LAYER_TYPES[t] for t in hf["layer_types"])
         except KeyError as e:
             raise ValueError(f"Unknown layer type {e.args[0]!r} in the Hugging Face config.") from None
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "vaultgemma"):  # both default to Gemma 2's alternation
         return tuple(LOCAL if i % 2 == 0 else GLOBAL for i in range(n))
     if model_type in ("gemma3_text", "gemma4_text"):
         pattern = hf.get("sliding_window_pattern", hf.get("_sliding_window_pattern", 6))
@@ -146,7 +149,7 @@ def config_from_hf(hf):
         query_pre_attn_scalar=hf.get("query_pre_attn_scalar"),
         attention_logit_softcap=hf.get("attn_logit_softcapping"),
         final_logit_softcap=hf.get("final_logit_softcapping"),
-        use_post_norms=model_type != "gemma",
+        use_post_norms=model_type not in NO_POST_NORMS,
         use_qk_norm=model_type in ("gemma3_text", "gemma4_text"),
         global_rope_base=global_rope[0],
         global_rope_scaling=global_rope[1],
@@ -161,13 +164,16 @@ def config_from_hf(hf):
 
 
 def model_type_of(config):
-    """The HF `model_type` that describes `config`."""
+    """The HF `model_type` that describes `config` (a model without post-norms,
+    windows or soft-caps is Gemma 1, VaultGemma 1B included: the same math)."""
     if config.gemma4_mechanisms():
         return "gemma4_text"
     if config.use_qk_norm:
         return "gemma3_text"
     if config.use_post_norms:
         return "gemma2"
+    if LOCAL in config.layer_types or config.attention_logit_softcap or config.final_logit_softcap:
+        return "vaultgemma"
     return "gemma"
 
 
@@ -176,7 +182,7 @@ def config_to_hf(config):
     model_type = model_type_of(config)
     architectures = {
         "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM", "gemma3_text": "Gemma3ForCausalLM",
-        "gemma4_text": "Gemma4ForCausalLM",
+        "gemma4_text": "Gemma4ForCausalLM", "vaultgemma": "VaultGemmaForCausalLM",
     }
     hf = {
         "architectures": [architectures[model_type]],
@@ -206,8 +212,6 @@ def config_to_hf(config):
         return {"rope_type": "linear", "factor": scaling, "rope_theta": base}
 
     if model_type == "gemma":
-        if LOCAL in config.layer_types or config.attention_logit_softcap or config.final_logit_softcap:
-            raise ValueError("A model without post-norms but with windows or soft-caps has no Hugging Face equivalent.")
         hf["rope_parameters"] = rope(config.global_rope_base, config.global_rope_scaling)
         if config.query_pre_attn_scalar != config.head_dim:
             raise ValueError("Hugging Face's Gemma (1) has no query_pre_attn_scalar; it must equal head_dim.")
@@ -221,7 +225,7 @@ def config_to_hf(config):
     )
     if model_type == "gemma4_text":
         return _gemma4_to_hf(config, hf)
-    if model_type == "gemma2":
+    if model_type in ("gemma2", "vaultgemma"):
         if config.local_rope_base != config.global_rope_base or config.local_rope_scaling != config.global_rope_scaling:
             raise ValueError("Hugging Face's Gemma 2 has one rope base for all layers.")
         hf["rope_parameters"] = rope(config.global_rope_base, config.global_rope_scaling)
@@ -270,8 +274,10 @@ def _gemma4_to_hf(config, hf):
     return hf
 
 
-def _norm_names(config):
+def _norm_names(config, model_type):
     """(HF norm name, our norm name) per block; Gemma 1's second norm is the pre-ffw norm."""
+    if model_type == "vaultgemma":
+        return (("input_layernorm", "pre_attention_norm"), ("pre_feedforward_layernorm", "pre_ffw_norm"))
     if config.use_post_norms:
         return (
             ("input_layernorm", "pre_attention_norm"),
@@ -282,14 +288,17 @@ def _norm_names(config):
     return (("input_layernorm", "pre_attention_norm"), ("post_attention_layernorm", "pre_ffw_norm"))
 
 
-def tensor_names(config, prefix="model."):
+def tensor_names(config, prefix="model.", model_type=None):
     """Pairs (HF tensor name, canonical name, kind) for every weight of `config`.
 
     `kind` picks the layout transform in `to_canonical` / `from_canonical`.
+    `model_type` defaults to `model_type_of(config)`; "vaultgemma" names the
+    pre-ffw norm of a model without post-norms as Gemma 2 does.
     """
+    model_type = model_type or model_type_of(config)
     # Gemma 4 stores norm scales as the multiplier itself (ones at init);
     # ours are zero-centred (`RMSNorm`): "norm" adds or removes the 1.
-    norm = "norm" if model_type_of(config) == "gemma4_text" else "copy"
+    norm = "norm" if model_type == "gemma4_text" else "copy"
     rows = [(f"{prefix}embed_tokens.weight", "token_embedding", "copy")]
     if config.per_layer_input_dim:
         rows += [
@@ -300,7 +309,7 @@ def tensor_names(config, prefix="model."):
     for i in range(config.num_layers):
         hf, ours = f"{prefix}layers.{i}.", f"blocks.{i}."
         shares_kv = config.layer_shares_kv(i)  # no k_proj, v_proj or k_norm
-        for hf_norm, our_norm in _norm_names(config):
+        for hf_norm, our_norm in _norm_names(config, model_type):
             rows.append((f"{hf}{hf_norm}.weight", f"{ours}{our_norm}", norm))
         rows.append((f"{hf}self_attn.q_proj.weight", f"{ours}attention.query", "qkv"))
         if not shares_kv:
@@ -378,8 +387,11 @@ def canonical_weights(config, tensors):
     prefix = next(
         (p for p in TEXT_PREFIXES if f"{p}embed_tokens.weight" in tensors), "model."
     )
+    model_type = model_type_of(config)
+    if not config.use_post_norms and f"{prefix}layers.0.pre_feedforward_layernorm.weight" in tensors:
+        model_type = "vaultgemma"  # VaultGemma 1B's config is Gemma 1's; its norm names are not
     out = {}
-    for hf_name, name, kind in tensor_names(config, prefix):
+    for hf_name, name, kind in tensor_names(config, prefix, model_type):
         if hf_name not in tensors:
             continue
         value = tensors[hf_name]

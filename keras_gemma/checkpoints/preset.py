@@ -69,6 +69,17 @@ def preset_handle(name):
     return get_preset(name).kaggle_handle
 
 
+def _download_builtin(builtin):
+    """A built-in preset's Kaggle directory; a failed download also names its
+    Hugging Face copy, which `from_preset` loads too."""
+    try:
+        return download.kaggle_download(builtin.kaggle_handle)
+    except download.DownloadError as e:
+        if builtin.hf_handle is None:
+            raise
+        raise type(e)(f"{e} The same model is on Hugging Face: from_preset({builtin.hf_handle!r}).") from None
+
+
 def _looks_like_path(handle):
     return os.sep in handle or "/" in handle or handle.startswith((".", "~")) or handle.endswith(".gguf")
 
@@ -80,7 +91,7 @@ def resolve(handle):
     if not isinstance(handle, str):
         raise TypeError(f"A preset handle must be a string or path, got {type(handle).__name__}.")
     if handle in PRESETS:
-        return _local_source(download.kaggle_download(preset_handle(handle)), handle)
+        return _local_source(_download_builtin(PRESETS[handle]), handle)
     if handle.startswith(download.KAGGLE_SCHEME):
         return _local_source(download.kaggle_download(handle), handle)
     if handle.startswith(download.HF_SCHEME):
@@ -141,7 +152,14 @@ def load_config(source):
         path = source.file(kh.CONFIG_FILE)
         if not os.path.exists(path):
             raise CheckpointError(f"{source.path} holds a tokenizer but no model: {path} is missing.")
-        config = kh.config_from_keras_hub(_read_json(path), path)
+        try:
+            config = kh.config_from_keras_hub(_read_json(path), path)
+        except CheckpointError as e:
+            builtin = PRESETS.get(source.handle)
+            if builtin is None or builtin.hf_handle is None:
+                raise
+            # E.g. keras-hub's Gemma4Backbone presets, which this reader cannot read yet.
+            raise CheckpointError(f"{e} The same model is on Hugging Face: from_preset({builtin.hf_handle!r}).") from None
         return kh.exact_config(source.path, config)
     if source.kind == HUGGING_FACE:
         return huggingface.config_from_hf(_read_json(source.file(kh.CONFIG_FILE)))
