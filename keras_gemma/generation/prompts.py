@@ -31,7 +31,8 @@ COARSE_BUCKET = 512  # cache length and new-token buffer
 STOP_SLOTS = 4  # stop-id vector padded to a multiple of this (fewer shapes)
 DEFAULT_MAX_LENGTH = 1024
 # <end_of_turn> where there is no tokenizer to ask, known from the vocabulary
-# size: 107 in Gemma 1/2's 256k vocabulary, 106 in Gemma 3's 262k one.
+# size: 107 in Gemma 1/2's 256k vocabulary, 106 in Gemma 3's 262k one (where
+# Gemma 4 keeps its <turn|>).
 END_OF_TURN_BY_VOCABULARY = {256_000: 107, 262_144: 106}
 
 
@@ -83,9 +84,12 @@ def _allow_system(lm):
 
 
 def render_chat(lm, messages):
-    """A conversation as prompt text, `<bos>` left to `encode_text`."""
+    """A conversation as prompt text in the tokenizer's chat format, `<bos>`
+    left to `encode_text`."""
+    chat_format = getattr(tokenizer_of(lm), "chat_format", chat_template.GEMMA)
     return chat_template.apply_chat_template(
-        messages, add_generation_prompt=True, bos_token="", allow_system=_allow_system(lm)
+        messages, add_generation_prompt=True, bos_token="",
+        allow_system=_allow_system(lm), chat_format=chat_format,
     )
 
 
