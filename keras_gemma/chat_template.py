@@ -17,7 +17,8 @@ A `system` message may only come first; it is folded into the first user turn
 as `{system}\\n\\n{user}` (Gemma 3's rule; the Gemma 2 template rejects it,
 pass `allow_system=False` for that). Roles must alternate user/model.
 
-`GEMMA4` (Gemma 4)::
+`GEMMA4` (Gemma 4 12B, 26B, 31B; `GEMMA4_E` for E2B and E4B, whose
+generation prompt has no empty thought)::
 
     <bos><|turn>system
     <|think|>                     <- only with enable_thinking=True
@@ -99,7 +100,12 @@ GEMMA4 = ChatFormat(
     no_thinking_prompt="<|channel>thought\n<channel|>",
 )
 
-CHAT_FORMATS = {fmt.name: fmt for fmt in (GEMMA, GEMMA4)}
+# Gemma 4 E2B and E4B: the same, but the generation prompt carries no empty
+# thought when thinking is off (their chat_template.jinja lacks the
+# `<|channel>thought\n<channel|>` primer of the 12B, 26B and 31B ones).
+GEMMA4_E = dataclasses.replace(GEMMA4, name="gemma4_e", no_thinking_prompt="")
+
+CHAT_FORMATS = {fmt.name: fmt for fmt in (GEMMA, GEMMA4, GEMMA4_E)}
 
 # Gemma 1-3 names, kept for callers that import them.
 START_OF_TURN = GEMMA.start_of_turn
@@ -118,6 +124,20 @@ def get_chat_format(chat_format):
             f"{', '.join(sorted(CHAT_FORMATS))}."
         )
     return CHAT_FORMATS[chat_format]
+
+
+def chat_format_for_template(template):
+    """The format a Jinja chat template (a checkpoint's `chat_template.jinja`
+    or `tokenizer_config.json` "chat_template") writes, or None for one that
+    is none of Gemma's."""
+    if GEMMA4.start_of_turn in template:
+        # The primer is a Jinja string literal: "\\n" as written in the file.
+        primer = GEMMA4.no_thinking_prompt
+        has_primer = primer in template or primer.replace("\n", "\\n") in template
+        return GEMMA4 if has_primer else GEMMA4_E
+    if GEMMA.start_of_turn in template:
+        return GEMMA
+    return None
 
 
 def chat_format_for_vocabulary(pieces):

@@ -57,8 +57,10 @@ class GemmaTokenizer(keras.layers.Layer):
         proto: a path to a SentencePiece model (`tokenizer.model`,
             `vocabulary.spm`) or its serialized bytes. May be `None` for a
             tokenizer whose vocabulary comes later through `load_assets()`.
-        chat_format: `"gemma"`, `"gemma4"` or None (the default: read from
-            the vocabulary).
+        chat_format: `"gemma"`, `"gemma4"`, `"gemma4_e"` (Gemma 4 E2B/E4B)
+            or None (the default: read from the vocabulary, which cannot tell
+            Gemma 4's E models from the others; `from_preset` of a Hugging
+            Face checkpoint reads its chat template instead).
 
     Example:
 

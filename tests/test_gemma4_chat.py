@@ -7,13 +7,16 @@ model (a tiny one holding Gemma 4's special tokens), and generation against
 Gemma 4's end of turn, `<turn|>`.
 """
 
+import json
+import shutil
+
 import keras
 import numpy as np
 import pytest
 
 import keras_gemma
 from keras_gemma import chat_template
-from keras_gemma.chat_template import GEMMA, GEMMA4, apply_chat_template
+from keras_gemma.chat_template import GEMMA, GEMMA4, GEMMA4_E, apply_chat_template
 from keras_gemma.generation import prompts as prompts_lib
 from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
@@ -24,6 +27,7 @@ from tokenizer_fixtures import (  # noqa: F401 (fixtures)
     hf_gemma4_tokenizer,
     tiny_tokenizer,
 )
+from test_chat_template import GEMMA3_TEMPLATE
 
 # The text-only, tool-less part of google/gemma-4-31B-it's chat_template.jinja,
 # line for line as llama.cpp keeps it (ggml-org/llama.cpp,
@@ -108,6 +112,19 @@ GEMMA4_TEMPLATE = """{%- macro strip_thinking(text) -%}
 """
 
 
+# Gemma 4 E2B/E4B: their template has no empty-thought primer on the
+# generation prompt. Their own template text was not at hand: this is the
+# one above without the primer, which is the only difference known.
+GEMMA4_E_TEMPLATE = GEMMA4_TEMPLATE.replace(
+    """    {%- if not enable_thinking | default(false) -%}
+        {{- '<|channel>thought\\n<channel|>' -}}
+    {%- endif -%}
+""",
+    "",
+)
+assert GEMMA4_E_TEMPLATE != GEMMA4_TEMPLATE
+
+
 def system(text):
     return {"role": "system", "content": text}
 
@@ -154,11 +171,11 @@ CONVERSATIONS = {
 }
 
 
-def hf_render(hf_tokenizer, messages, add_generation_prompt, enable_thinking):
+def hf_render(hf_tokenizer, messages, add_generation_prompt, enable_thinking, template=GEMMA4_TEMPLATE):
     kwargs = {} if enable_thinking is None else {"enable_thinking": enable_thinking}
     return hf_tokenizer.apply_chat_template(
         messages,
-        chat_template=GEMMA4_TEMPLATE,
+        chat_template=template,
         tokenize=False,
         add_generation_prompt=add_generation_prompt,
         **kwargs,
@@ -179,6 +196,30 @@ def test_matches_transformers_rendering(
         enable_thinking=bool(enable_thinking),
     )
     assert ours == hf_render(hf_gemma4_tokenizer, messages, add_generation_prompt, enable_thinking)
+
+
+@pytest.mark.parametrize("enable_thinking", [None, True])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("name", ["user", "system_user", "multi_turn", "thoughts_in_history"])
+def test_e_models_have_no_empty_thought(hf_gemma4_tokenizer, name, add_generation_prompt, enable_thinking):
+    messages = CONVERSATIONS[name]
+    ours = apply_chat_template(
+        messages, add_generation_prompt=add_generation_prompt, chat_format="gemma4_e",
+        enable_thinking=bool(enable_thinking),
+    )
+    expected = hf_render(
+        hf_gemma4_tokenizer, messages, add_generation_prompt, enable_thinking, GEMMA4_E_TEMPLATE
+    )
+    assert ours == expected
+    if add_generation_prompt:
+        assert ours.endswith("<|turn>model\n")
+
+
+def test_format_from_template_text():
+    assert chat_template.chat_format_for_template(GEMMA4_TEMPLATE) is GEMMA4
+    assert chat_template.chat_format_for_template(GEMMA4_E_TEMPLATE) is GEMMA4_E
+    assert chat_template.chat_format_for_template(GEMMA3_TEMPLATE) is GEMMA
+    assert chat_template.chat_format_for_template("{{ messages }}") is None
 
 
 def test_reference_text():
@@ -243,6 +284,26 @@ def test_explicit_chat_format(gemma4_spm_path):
     # keras-hub's Gemma4Tokenizer config keys are accepted (and ignored).
     GemmaTokenizer(str(gemma4_spm_path), has_vision_tokens=True, has_audio_tokens=False,
                    has_video_tokens=True)
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"chat_template.jinja": GEMMA4_TEMPLATE}, GEMMA4),
+        ({"chat_template.jinja": GEMMA4_E_TEMPLATE}, GEMMA4_E),
+        ({"tokenizer_config.json": json.dumps({"chat_template": GEMMA4_E_TEMPLATE})}, GEMMA4_E),
+        ({"tokenizer_config.json": json.dumps({"bos_token": "<bos>"})}, GEMMA4),  # from the vocabulary
+        ({}, GEMMA4),
+    ],
+)
+def test_hugging_face_checkpoint_names_its_format(tmp_path, gemma4_spm_path, files, expected):
+    shutil.copy(gemma4_spm_path, tmp_path / "tokenizer.model")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    tokenizer = GemmaTokenizer.from_preset(str(tmp_path))
+    assert tokenizer.chat_format is expected
+    assert tokenizer.end_of_turn_id == tokenizer.token_to_id("<turn|>")
 
 
 def test_special_tokens_are_single_ids(gemma4_tokenizer, hf_gemma4_tokenizer):
