@@ -194,6 +194,34 @@ def _strip_thoughts(text, chat_format):
     return "".join(kept).strip()
 
 
+def split_thinking(reply, chat_format=GEMMA4):
+    """`(thinking, answer)` of a reply made with thinking on: the text inside
+    the thought channel (`<|channel>thought\\n...<channel|>`, its "thought"
+    header dropped; a thought cut short counts too) and the rest, trimmed, as
+    the template writes it back into a conversation. `thinking` is "" when
+    there is none.
+
+    Example:
+
+    ```python
+    split_thinking("<|channel>thought\\nAdd them.<channel|>4")  # ("Add them.", "4")
+    ```
+    """
+    chat_format = get_chat_format(chat_format)
+    if chat_format.thought_channel is None:
+        return "", reply.strip()
+    open_, close = chat_format.thought_channel
+    thoughts, answer = [], []
+    for part in reply.split(close):
+        if open_ in part:  # a thought, closed or cut short
+            before, thought = part.split(open_, 1)
+            answer.append(before)
+            thoughts.append(thought.removeprefix("thought").strip())
+        else:
+            answer.append(part)
+    return "\n".join(thoughts), "".join(answer).strip()
+
+
 def _check_messages(messages, chat_format):
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise ValueError(

@@ -60,6 +60,10 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         add_start_token: prepend `<bos>` (Gemma needs it: leave it on).
         add_end_token: append `<eos>` to plain text and to responses.
         packing: pack several samples into each row (see above).
+        enable_thinking: render conversations with Gemma 4's thinking on
+            (`<|think|>` in the system turn, no empty thought after the
+            generation prompt); also read by `lm.chat` and `lm.generate`.
+            Gemma 1-3's format has no thinking mode.
 
     Example:
 
@@ -88,6 +92,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         add_start_token=True,
         add_end_token=True,
         packing=False,
+        enable_thinking=False,
         **kwargs,
     ):
         kwargs.pop("config_file", None)  # in keras-hub's preprocessor.json
@@ -100,6 +105,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
         self.packing = packing
+        self.enable_thinking = enable_thinking
         self.dropped_samples = []
         self.num_dropped_samples = 0
 
@@ -115,6 +121,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         `chat_template.apply_chat_template`; `enable_thinking=True` for Gemma
         4's thinking)."""
         kwargs.setdefault("chat_format", self.chat_format)
+        kwargs.setdefault("enable_thinking", self.enable_thinking)
         return chat_template.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
@@ -190,7 +197,9 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     def _conversation_segments(self, conversation, bos, index):
         chat_format = self.chat_format
         try:
-            turns = chat_template.chat_turns(conversation, chat_format=chat_format)
+            turns = chat_template.chat_turns(
+                conversation, chat_format=chat_format, enable_thinking=self.enable_thinking
+            )
         except ValueError as error:
             raise ValueError(f"Conversation {index}: {error}") from None
         # Text between trained parts, and the trained parts themselves. Cuts
@@ -240,7 +249,8 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                 try:
                     texts.append(
                         chat_template.apply_chat_template(
-                            conversation, bos_token=bos, chat_format=self.chat_format
+                            conversation, bos_token=bos, chat_format=self.chat_format,
+                            enable_thinking=self.enable_thinking,
                         )
                     )
                 except ValueError as error:
@@ -300,6 +310,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                 "add_start_token": self.add_start_token,
                 "add_end_token": self.add_end_token,
                 "packing": self.packing,
+                "enable_thinking": self.enable_thinking,
             }
         )
         return config

@@ -422,3 +422,55 @@ def test_generation_stops_at_turn_end(gemma4_text_lm):
         assert lm.chat(messages, max_new_tokens=16) == tokenizer.detokenize(words[:1])
     finally:
         lm.compile(sampler="greedy")
+
+
+def test_chat_with_thinking(gemma4_text_lm):
+    lm = gemma4_text_lm
+    tokenizer = lm.preprocessor.tokenizer
+    channel, channel_end = tokenizer.token_to_id("<|channel>"), tokenizer.token_to_id("<channel|>")
+    thought, words = tokenizer.tokenize("thought\nHi"), tokenizer.tokenize("there")
+    end = tokenizer.end_of_turn_id
+    lm.compile(sampler=ScriptedSampler([channel, *thought, channel_end, *words, end] + [words[0]] * 20))
+    lm.preprocessor.enable_thinking = True
+    try:
+        messages = [user("Hello world")]
+        full = lm.generate(messages, max_new_tokens=24)
+        assert full.startswith(
+            "<|turn>system\n<|think|>\n<turn|>\n<|turn>user\nHello world<turn|>\n<|turn>model\n<|channel>"
+        )
+        reply = lm.chat(messages, max_new_tokens=24)
+        # The thought markers stay in the reply (other control tokens do not).
+        assert reply == "<|channel>thought\nHi<channel|>there"
+        assert "".join(lm.chat(messages, max_new_tokens=24, stream=True)) == reply
+        assert chat_template.split_thinking(reply) == ("Hi", "there")
+        # Given back, the reply's thoughts are left out, as the template does.
+        history = messages + [model(reply), user("Again")]
+        assert "<|turn>model\nthere<turn|>\n" in lm.preprocessor.apply_chat_template(history)
+    finally:
+        lm.preprocessor.enable_thinking = False
+        lm.compile(sampler="greedy")
+
+
+def test_preprocessor_thinking_setting(gemma4_tokenizer, tiny_tokenizer):
+    preprocessor = GemmaCausalLMPreprocessor(gemma4_tokenizer, sequence_length=64, enable_thinking=True)
+    assert preprocessor.get_config()["enable_thinking"] is True
+    assert GemmaCausalLMPreprocessor.from_config(preprocessor.get_config()).enable_thinking is True
+    messages = [user("Hi")]
+    text = apply_chat_template(messages, chat_format=GEMMA4, enable_thinking=True)
+    assert preprocessor.apply_chat_template(messages) == text
+    prompt = preprocessor.generate_preprocess(messages)
+    assert prompt["token_ids"][: int(prompt["padding_mask"].sum())].tolist() == gemma4_tokenizer(text)
+    x, _, _ = preprocessor(messages + [model("Yo")])
+    assert gemma4_tokenizer.token_to_id("<|think|>") in x["token_ids"].tolist()
+    # Gemma 1-3's format has none.
+    with pytest.raises(ValueError, match="no thinking mode"):
+        GemmaCausalLMPreprocessor(tiny_tokenizer, enable_thinking=True).apply_chat_template(messages)
+
+
+def test_split_thinking():
+    split = chat_template.split_thinking
+    assert split("<|channel>thought\nAdd them.<channel|>4") == ("Add them.", "4")
+    assert split(" plain answer ") == ("", "plain answer")
+    assert split("<|channel>thought\ncut short") == ("cut short", "")
+    assert split(" a <|channel>thought\nx<channel|> b <|channel>y<channel|>!") == ("x\ny", "a  b !")
+    assert split("<|channel>x<channel|>y", chat_format=GEMMA) == ("", "<|channel>x<channel|>y")

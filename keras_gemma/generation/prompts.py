@@ -90,6 +90,7 @@ def render_chat(lm, messages):
     return chat_template.apply_chat_template(
         messages, add_generation_prompt=True, bos_token="",
         allow_system=_allow_system(lm), chat_format=chat_format,
+        enable_thinking=getattr(lm.preprocessor, "enable_thinking", False),
     )
 
 
@@ -312,9 +313,23 @@ def finish_rows(out, limits, stop_ids):
 
 
 def detokenize(lm, ids):
-    """Text of new tokens: control tokens (stop tokens, turn markers) dropped."""
+    """Text of new tokens: control tokens (stop tokens, turn markers) dropped,
+    except the chat format's thought markers (Gemma 4's `<|channel>`,
+    `<channel|>`), so that `chat_template.split_thinking` can find the
+    thoughts of a reply."""
     tokenizer = _need_tokenizer(lm, "Text output")
-    return tokenizer.detokenize(list(ids), skip_special_tokens=True)
+    markers = getattr(getattr(tokenizer, "chat_format", None), "thought_channel", None) or ()
+    keep = [tokenizer.token_to_id(marker) for marker in markers]
+    if not keep or tokenizer.unk_token_id in keep:
+        return tokenizer.detokenize(list(ids), skip_special_tokens=True)
+    text, run = [], []
+    for token in ids:
+        if int(token) in keep:
+            text += [tokenizer.detokenize(run, skip_special_tokens=True), tokenizer.id_to_token(int(token))]
+            run = []
+        else:
+            run.append(int(token))
+    return "".join(text) + tokenizer.detokenize(run, skip_special_tokens=True)
 
 
 def format_outputs(lm, prompts, rows, strip_prompt):
