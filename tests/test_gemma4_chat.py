@@ -474,3 +474,37 @@ def test_split_thinking():
     assert split("<|channel>thought\ncut short") == ("cut short", "")
     assert split(" a <|channel>thought\nx<channel|> b <|channel>y<channel|>!") == ("x\ny", "a  b !")
     assert split("<|channel>x<channel|>y", chat_format=GEMMA) == ("", "<|channel>x<channel|>y")
+
+
+class _GGUFMetadata:
+    """Stands in for an open GGUF file: its tokenizer metadata."""
+
+    def __init__(self, spm_path, template):
+        import sentencepiece
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+        model = model_pb2.ModelProto()
+        model.ParseFromString(open(spm_path, "rb").read())
+        processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
+        self.metadata = {
+            "tokenizer.ggml.model": "llama",
+            "tokenizer.ggml.tokens": [piece.piece for piece in model.pieces],
+            "tokenizer.ggml.scores": np.array([piece.score for piece in model.pieces], np.float32),
+            "tokenizer.ggml.token_type": np.array([piece.type for piece in model.pieces], np.int32),
+            "tokenizer.ggml.bos_token_id": processor.bos_id(),
+            "tokenizer.ggml.eos_token_id": processor.eos_id(),
+            "tokenizer.ggml.unknown_token_id": processor.unk_id(),
+            "tokenizer.ggml.padding_token_id": processor.pad_id(),
+        }
+        if template is not None:
+            self.metadata["tokenizer.chat_template"] = template
+
+
+@pytest.mark.parametrize(
+    "template, expected", [(GEMMA4_TEMPLATE, GEMMA4), (GEMMA4_E_TEMPLATE, GEMMA4_E), (None, GEMMA4)]
+)
+def test_gguf_chat_template_names_the_format(gemma4_spm_path, gemma4_tokenizer, template, expected):
+    tokenizer = GemmaTokenizer.from_gguf(_GGUFMetadata(gemma4_spm_path, template))
+    assert tokenizer.chat_format is expected
+    text = apply_chat_template(CONVERSATIONS["multi_turn"], chat_format=expected)
+    assert tokenizer(text) == gemma4_tokenizer(text)
