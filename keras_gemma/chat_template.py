@@ -1,9 +1,10 @@
 """Gemma's chat formats, written in Python.
 
 Renders character for character what the Hugging Face Jinja templates of the
-instruction-tuned Gemma models render (see `tests/test_chat_template.py`).
-Two formats, each a `ChatFormat` (data, chosen by the tokenizer from its
-vocabulary, never by version checks):
+instruction-tuned Gemma models render (see `tests/test_chat_template.py` and
+`tests/test_gemma4_chat.py`). Each format is a `ChatFormat`, data that the
+tokenizer carries (read from its vocabulary or its checkpoint's chat
+template), never a version check:
 
 `GEMMA` (Gemma 1, 2 and 3)::
 
@@ -51,9 +52,9 @@ class ChatFormat:
         start_of_turn: opens a turn, followed by the role and "\\n".
         end_of_turn: closes a turn (followed by "\\n"); generation stops on it.
         roles: the roles a message may have.
-        native_system: a leading system message gets a turn of its own;
-            otherwise it is folded into the first user turn.
-        alternate_roles: roles must alternate user/model, starting with user.
+        native_system: a leading system message gets a turn of its own and
+            roles may come in any order; otherwise the system text is folded
+            into the first user turn and roles alternate user/model.
         think_token: written first in the system turn when thinking is on;
             None: the format has no thinking mode.
         thought_channel: `(open, close)` markers of the model's thoughts,
@@ -67,7 +68,6 @@ class ChatFormat:
     end_of_turn: str
     roles: tuple
     native_system: bool = False
-    alternate_roles: bool = True
     think_token: str = None
     thought_channel: tuple = None
     no_thinking_prompt: str = ""
@@ -87,22 +87,23 @@ GEMMA = ChatFormat(
 # From google/gemma-4-31B-it's chat_template.jinja, as llama.cpp keeps it
 # (ggml-org/llama.cpp models/templates/google-gemma-4-31B-it-interleaved.jinja,
 # commit 3240d8f92c08e9db0be78358b29e06a1f531fe33); its text-only, tool-less
-# part is quoted in tests/test_chat_template.py and rendered there with Jinja.
+# part is quoted in tests/test_gemma4_chat.py and rendered there by
+# transformers. Tools, images and audio are not covered.
 GEMMA4 = ChatFormat(
     name="gemma4",
     start_of_turn="<|turn>",
     end_of_turn="<turn|>",
     roles=("user", "assistant", "model", "system", "developer"),
     native_system=True,
-    alternate_roles=False,
     think_token="<|think|>",
     thought_channel=("<|channel>", "<channel|>"),
     no_thinking_prompt="<|channel>thought\n<channel|>",
 )
 
 # Gemma 4 E2B and E4B: the same, but the generation prompt carries no empty
-# thought when thinking is off (their chat_template.jinja lacks the
-# `<|channel>thought\n<channel|>` primer of the 12B, 26B and 31B ones).
+# thought when thinking is off: their chat_template.jinja lacks the
+# `<|channel>thought\n<channel|>` primer of the 12B, 26B and 31B ones (as
+# third-party Gemma 4 runtimes record; their own template text was not at hand).
 GEMMA4_E = dataclasses.replace(GEMMA4, name="gemma4_e", no_thinking_prompt="")
 
 CHAT_FORMATS = {fmt.name: fmt for fmt in (GEMMA, GEMMA4, GEMMA4_E)}
@@ -115,7 +116,7 @@ GENERATION_PROMPT = GEMMA.generation_prompt
 
 
 def get_chat_format(chat_format):
-    """A `ChatFormat` from itself or its name ("gemma", "gemma4")."""
+    """A `ChatFormat` from itself or its name ("gemma", "gemma4", "gemma4_e")."""
     if isinstance(chat_format, ChatFormat):
         return chat_format
     if chat_format not in CHAT_FORMATS:
