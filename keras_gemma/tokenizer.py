@@ -156,7 +156,10 @@ class GemmaTokenizer(keras.layers.Layer):
             path_or_reader: a path to a `.gguf` file or a `gguf.GGUFReader`.
         """
         from keras_gemma.checkpoints.gguf_format import GGUFFile
-        from keras_gemma.gguf_tokenizer import read_gguf_vocabulary, sentencepiece_proto_from_gguf
+        from keras_gemma.gguf_tokenizer import (
+            read_gguf_vocabulary,
+            sentencepiece_proto_from_gguf,
+        )
 
         if isinstance(path_or_reader, (str, os.PathLike)):
             path_or_reader = GGUFFile(path_or_reader)  # its metadata parsed once

@@ -13,13 +13,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
-
-import keras_gemma
-from keras_gemma import chat_template
-from keras_gemma.chat_template import GEMMA, GEMMA4, GEMMA4_E, apply_chat_template
-from keras_gemma.generation import prompts as prompts_lib
-from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
-from keras_gemma.tokenizer import GemmaTokenizer
+from test_chat_template import GEMMA3_TEMPLATE
 from tokenizer_fixtures import (  # noqa: F401 (fixtures)
     GEMMA4_SPECIAL_TOKENS,
     gemma4_spm_path,
@@ -27,7 +21,13 @@ from tokenizer_fixtures import (  # noqa: F401 (fixtures)
     hf_gemma4_tokenizer,
     tiny_tokenizer,
 )
-from test_chat_template import GEMMA3_TEMPLATE
+
+import keras_gemma
+from keras_gemma import chat_template
+from keras_gemma.chat_template import GEMMA, GEMMA4, GEMMA4_E, apply_chat_template
+from keras_gemma.generation import prompts as prompts_lib
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
+from keras_gemma.tokenizer import GemmaTokenizer
 
 # The text-only, tool-less part of google/gemma-4-31B-it's chat_template.jinja,
 # line for line as llama.cpp keeps it (ggml-org/llama.cpp,
@@ -186,7 +186,7 @@ def hf_render(hf_tokenizer, messages, add_generation_prompt, enable_thinking, te
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("name", sorted(CONVERSATIONS))
 def test_matches_transformers_rendering(
-    hf_gemma4_tokenizer, name, add_generation_prompt, enable_thinking
+    hf_gemma4_tokenizer, name, add_generation_prompt, enable_thinking  # noqa: F811
 ):
     messages = CONVERSATIONS[name]
     ours = apply_chat_template(
@@ -201,7 +201,7 @@ def test_matches_transformers_rendering(
 @pytest.mark.parametrize("enable_thinking", [None, True])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("name", ["user", "system_user", "multi_turn", "thoughts_in_history"])
-def test_e_models_have_no_empty_thought(hf_gemma4_tokenizer, name, add_generation_prompt, enable_thinking):
+def test_e_models_have_no_empty_thought(hf_gemma4_tokenizer, name, add_generation_prompt, enable_thinking):  # noqa: F811
     messages = CONVERSATIONS[name]
     ours = apply_chat_template(
         messages, add_generation_prompt=add_generation_prompt, chat_format="gemma4_e",
@@ -265,7 +265,7 @@ def test_thinking_needs_a_format_that_has_it():
 # -- tokenizer ---------------------------------------------------------------------
 
 
-def test_tokenizer_carries_the_gemma4_format(gemma4_tokenizer, tiny_tokenizer):
+def test_tokenizer_carries_the_gemma4_format(gemma4_tokenizer, tiny_tokenizer):  # noqa: F811
     assert gemma4_tokenizer.chat_format is GEMMA4
     assert gemma4_tokenizer.start_of_turn_id == gemma4_tokenizer.token_to_id("<|turn>")
     assert gemma4_tokenizer.end_of_turn_id == gemma4_tokenizer.token_to_id("<turn|>")
@@ -275,7 +275,7 @@ def test_tokenizer_carries_the_gemma4_format(gemma4_tokenizer, tiny_tokenizer):
     assert tiny_tokenizer.end_of_turn_id == tiny_tokenizer.token_to_id("<end_of_turn>")
 
 
-def test_explicit_chat_format(gemma4_spm_path):
+def test_explicit_chat_format(gemma4_spm_path):  # noqa: F811
     tokenizer = GemmaTokenizer(str(gemma4_spm_path), chat_format="gemma")
     assert tokenizer.chat_format is GEMMA and tokenizer.end_of_turn_id is None
     config = tokenizer.get_config()
@@ -296,7 +296,7 @@ def test_explicit_chat_format(gemma4_spm_path):
         ({}, GEMMA4),
     ],
 )
-def test_hugging_face_checkpoint_names_its_format(tmp_path, gemma4_spm_path, files, expected):
+def test_hugging_face_checkpoint_names_its_format(tmp_path, gemma4_spm_path, files, expected):  # noqa: F811
     shutil.copy(gemma4_spm_path, tmp_path / "tokenizer.model")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma4_text"}))
     for name, text in files.items():
@@ -306,7 +306,7 @@ def test_hugging_face_checkpoint_names_its_format(tmp_path, gemma4_spm_path, fil
     assert tokenizer.end_of_turn_id == tokenizer.token_to_id("<turn|>")
 
 
-def test_special_tokens_are_single_ids(gemma4_tokenizer, hf_gemma4_tokenizer):
+def test_special_tokens_are_single_ids(gemma4_tokenizer, hf_gemma4_tokenizer):  # noqa: F811
     for token in GEMMA4_SPECIAL_TOKENS:
         ids = gemma4_tokenizer(token)
         assert ids == [gemma4_tokenizer.token_to_id(token)]
@@ -319,7 +319,7 @@ def test_special_tokens_are_single_ids(gemma4_tokenizer, hf_gemma4_tokenizer):
 
 
 @pytest.mark.parametrize("enable_thinking", [False, True])
-def test_chat_ids_match_transformers(gemma4_tokenizer, hf_gemma4_tokenizer, enable_thinking):
+def test_chat_ids_match_transformers(gemma4_tokenizer, hf_gemma4_tokenizer, enable_thinking):  # noqa: F811
     turn = gemma4_tokenizer.start_of_turn_id
     for messages in CONVERSATIONS.values():
         text = apply_chat_template(messages, chat_format=GEMMA4, enable_thinking=enable_thinking)
@@ -336,7 +336,7 @@ def test_chat_ids_match_transformers(gemma4_tokenizer, hf_gemma4_tokenizer, enab
 # -- preprocessor ------------------------------------------------------------------
 
 
-def test_preprocessor_uses_the_tokenizer_format(gemma4_tokenizer):
+def test_preprocessor_uses_the_tokenizer_format(gemma4_tokenizer):  # noqa: F811
     preprocessor = GemmaCausalLMPreprocessor(gemma4_tokenizer, sequence_length=256)
     messages = CONVERSATIONS["multi_turn"]
     assert preprocessor.apply_chat_template(messages) == apply_chat_template(messages, chat_format=GEMMA4)
@@ -349,7 +349,7 @@ def test_preprocessor_uses_the_tokenizer_format(gemma4_tokenizer):
     assert prompt["token_ids"][:length].tolist() == expected
 
 
-def test_training_on_a_gemma4_conversation(gemma4_tokenizer):
+def test_training_on_a_gemma4_conversation(gemma4_tokenizer):  # noqa: F811
     preprocessor = GemmaCausalLMPreprocessor(gemma4_tokenizer, sequence_length=256)
     messages = CONVERSATIONS["multi_turn"] + [model("<|channel>thought\nhm<channel|>Bye.")]
     x, y, weight = preprocessor(messages)
@@ -372,7 +372,7 @@ def test_training_on_a_gemma4_conversation(gemma4_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def gemma4_text_lm(gemma4_tokenizer):
+def gemma4_text_lm(gemma4_tokenizer):  # noqa: F811
     keras.utils.set_random_seed(3)
     backbone = keras_gemma.GemmaBackbone(
         vocabulary_size=gemma4_tokenizer.vocabulary_size(), num_layers=2, hidden_dim=32,
@@ -451,7 +451,7 @@ def test_chat_with_thinking(gemma4_text_lm):
         lm.compile(sampler="greedy")
 
 
-def test_preprocessor_thinking_setting(gemma4_tokenizer, tiny_tokenizer):
+def test_preprocessor_thinking_setting(gemma4_tokenizer, tiny_tokenizer):  # noqa: F811
     preprocessor = GemmaCausalLMPreprocessor(gemma4_tokenizer, sequence_length=64, enable_thinking=True)
     assert preprocessor.get_config()["enable_thinking"] is True
     assert GemmaCausalLMPreprocessor.from_config(preprocessor.get_config()).enable_thinking is True
@@ -484,7 +484,8 @@ class _GGUFMetadata:
         from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
         model = model_pb2.ModelProto()
-        model.ParseFromString(open(spm_path, "rb").read())
+        with open(spm_path, "rb") as f:
+            model.ParseFromString(f.read())
         processor = sentencepiece.SentencePieceProcessor(model_file=str(spm_path))
         self.metadata = {
             "tokenizer.ggml.model": "llama",
@@ -503,7 +504,7 @@ class _GGUFMetadata:
 @pytest.mark.parametrize(
     "template, expected", [(GEMMA4_TEMPLATE, GEMMA4), (GEMMA4_E_TEMPLATE, GEMMA4_E), (None, GEMMA4)]
 )
-def test_gguf_chat_template_names_the_format(gemma4_spm_path, gemma4_tokenizer, template, expected):
+def test_gguf_chat_template_names_the_format(gemma4_spm_path, gemma4_tokenizer, template, expected):  # noqa: F811
     tokenizer = GemmaTokenizer.from_gguf(_GGUFMetadata(gemma4_spm_path, template))
     assert tokenizer.chat_format is expected
     text = apply_chat_template(CONVERSATIONS["multi_turn"], chat_format=expected)

@@ -206,7 +206,7 @@ def gemma4_spm_path():
     return _tiny_spm("gemma4")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gemma4_tokenizer():
     from keras_gemma.tokenizer import GemmaTokenizer
 
@@ -219,7 +219,7 @@ def gemma4_tokenizer():
     return _gemma4_tokenizer()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hf_gemma4_tokenizer():
     from transformers import GemmaTokenizer as HFGemmaTokenizer
 
