@@ -63,8 +63,9 @@ def read_gguf_vocabulary(path_or_reader):
     Returns:
         A dict with `tokens` (list of str), `scores` (float32 array),
         `token_types` (int32 array), `model` (`tokenizer.ggml.model`),
-        `add_space_prefix` and the special ids `bos_id`, `eos_id`, `unk_id`,
-        `pad_id` (None where the file has none).
+        `add_space_prefix`, the special ids `bos_id`, `eos_id`, `unk_id`,
+        `pad_id` (None where the file has none) and `chat_template`
+        (`tokenizer.chat_template`, or None).
     """
     if hasattr(path_or_reader, "metadata"):  # an open `GGUFFile`
         metadata = path_or_reader.metadata
@@ -96,6 +97,7 @@ def read_gguf_vocabulary(path_or_reader):
         "eos_id": special("eos_token_id"),
         "unk_id": special("unknown_token_id"),
         "pad_id": special("padding_token_id"),
+        "chat_template": metadata.get("tokenizer.chat_template"),
     }
 
 

@@ -29,8 +29,9 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     - `{"prompts": [...], "responses": [...]}`: `<bos> prompt response <eos>`,
       loss on the response and its `<eos>` only;
     - a conversation (list of `{"role", "content"}` dicts) or a list of them:
-      rendered with Gemma's chat template (no generation prompt, no `<eos>`),
-      loss on the text of each model turn and its `<end_of_turn>` only.
+      rendered with the tokenizer's chat format (no generation prompt, no
+      `<eos>`), loss on the text of each model turn and its end-of-turn marker
+      (`<end_of_turn>`, Gemma 4's `<turn|>`) only.
 
     Output: `x = {"token_ids": int32 (B, L), "padding_mask": bool (B, L)}`,
     `y` int32 (B, L) holding the next token id of each position, and
@@ -59,6 +60,10 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         add_start_token: prepend `<bos>` (Gemma needs it: leave it on).
         add_end_token: append `<eos>` to plain text and to responses.
         packing: pack several samples into each row (see above).
+        enable_thinking: render conversations with Gemma 4's thinking on
+            (`<|think|>` in the system turn, no empty thought after the
+            generation prompt); also read by `lm.chat` and `lm.generate`.
+            Gemma 1-3's format has no thinking mode.
 
     Example:
 
@@ -87,6 +92,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         add_start_token=True,
         add_end_token=True,
         packing=False,
+        enable_thinking=False,
         **kwargs,
     ):
         kwargs.pop("config_file", None)  # in keras-hub's preprocessor.json
@@ -99,13 +105,23 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         self.add_start_token = add_start_token
         self.add_end_token = add_end_token
         self.packing = packing
+        self.enable_thinking = enable_thinking
         self.dropped_samples = []
         self.num_dropped_samples = 0
 
     # -- chat -----------------------------------------------------------------
 
+    @property
+    def chat_format(self):
+        """The tokenizer's chat format (`chat_template.GEMMA` or `GEMMA4`)."""
+        return getattr(self.tokenizer, "chat_format", chat_template.GEMMA)
+
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
-        """Gemma chat text of a conversation (see `chat_template.apply_chat_template`)."""
+        """Chat text of a conversation in the tokenizer's chat format (see
+        `chat_template.apply_chat_template`; `enable_thinking=True` for Gemma
+        4's thinking)."""
+        kwargs.setdefault("chat_format", self.chat_format)
+        kwargs.setdefault("enable_thinking", self.enable_thinking)
         return chat_template.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
@@ -179,8 +195,11 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         return [self._conversation_segments(c, bos, i) for i, c in enumerate(data)], batched
 
     def _conversation_segments(self, conversation, bos, index):
+        chat_format = self.chat_format
         try:
-            turns = chat_template.chat_turns(conversation)
+            turns = chat_template.chat_turns(
+                conversation, chat_format=chat_format, enable_thinking=self.enable_thinking
+            )
         except ValueError as error:
             raise ValueError(f"Conversation {index}: {error}") from None
         # Text between trained parts, and the trained parts themselves. Cuts
@@ -188,13 +207,13 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         # ids equal those of the whole rendered text (tested).
         texts, trained = [], []
         for role, text in turns:
-            if role == "user":
-                texts.append(chat_template.format_turn(role, text))
+            if role != "model":
+                texts.append(chat_template.format_turn(role, text, chat_format))
                 trained.append(False)
             else:
                 texts += [
-                    f"{chat_template.START_OF_TURN}model\n",
-                    text + chat_template.END_OF_TURN,
+                    chat_format.generation_prompt,
+                    text + chat_format.end_of_turn,
                     "\n",
                 ]
                 trained += [False, True, False]
@@ -206,8 +225,9 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     def generate_preprocess(self, x, sequence_length=None):
         """Token ids and padding mask of prompts, for generation.
 
-        `<bos>` + prompt, no `<eos>`; a conversation is rendered with the chat
-        template and its generation prompt (`<start_of_turn>model\\n`). A dict
+        `<bos>` + prompt, no `<eos>`; a conversation is rendered in the
+        tokenizer's chat format with its generation prompt
+        (`<start_of_turn>model\\n`; Gemma 4 adds an empty thought). A dict
         may give `{"prompts": [...]}`. Ids are padded on the right to
         `sequence_length` (default: the layer's); a longer prompt raises
         `ValueError` rather than being cut.
@@ -228,7 +248,10 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
             for index, conversation in enumerate(data):
                 try:
                     texts.append(
-                        chat_template.apply_chat_template(conversation, bos_token=bos)
+                        chat_template.apply_chat_template(
+                            conversation, bos_token=bos, chat_format=self.chat_format,
+                            enable_thinking=self.enable_thinking,
+                        )
                     )
                 except ValueError as error:
                     raise ValueError(f"Conversation {index}: {error}") from None
@@ -287,6 +310,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                 "add_start_token": self.add_start_token,
                 "add_end_token": self.add_end_token,
                 "packing": self.packing,
+                "enable_thinking": self.enable_thinking,
             }
         )
         return config

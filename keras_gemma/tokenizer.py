@@ -14,6 +14,7 @@ import keras
 import numpy as np
 import sentencepiece
 
+from keras_gemma import chat_template
 from keras_gemma.checkpoints import preset
 
 VOCABULARY_FILENAME = "vocabulary.spm"  # keras-hub's name, under assets/tokenizer/
@@ -42,13 +43,24 @@ class GemmaTokenizer(keras.layers.Layer):
 
     Turns strings into lists of token ids and back. No `<bos>` is added here;
     `GemmaCausalLMPreprocessor` adds it. Control tokens written as text (the
-    turn markers `<start_of_turn>`/`<end_of_turn>`, `<bos>`, `<eos>`, `<pad>`,
-    ...) become their single ids, as in transformers and llama.cpp.
+    turn markers `<start_of_turn>`/`<end_of_turn>`, Gemma 4's `<|turn>`,
+    `<turn|>`, `<|think|>`, `<|channel>`, `<channel|>`, `<bos>`, `<eos>`,
+    `<pad>`, ...) become their single ids, as in transformers and llama.cpp.
+
+    The tokenizer carries its chat format (`chat_format`, a
+    `chat_template.ChatFormat`): Gemma 4's where the vocabulary holds
+    `<|turn>`/`<turn|>`, Gemma 1-3's otherwise. `start_of_turn_id` and
+    `end_of_turn_id` are that format's turn markers, so generation stops on
+    the right one.
 
     Args:
         proto: a path to a SentencePiece model (`tokenizer.model`,
             `vocabulary.spm`) or its serialized bytes. May be `None` for a
             tokenizer whose vocabulary comes later through `load_assets()`.
+        chat_format: `"gemma"`, `"gemma4"`, `"gemma4_e"` (Gemma 4 E2B/E4B)
+            or None (the default: read from the vocabulary, which cannot tell
+            Gemma 4's E models from the others; `from_preset` of a Hugging
+            Face checkpoint reads its chat template instead).
 
     Example:
 
@@ -58,14 +70,18 @@ class GemmaTokenizer(keras.layers.Layer):
     tokenizer.detokenize(ids)
     tokenizer(["a batch", "of strings"])  # list of lists
     tokenizer.start_of_turn_id, tokenizer.end_of_turn_id  # 106, 107 (Gemma 1/2)
+    tokenizer.chat_format.name  # "gemma", or "gemma4" for Gemma 4's vocabulary
     ```
     """
 
     file_assets = [VOCABULARY_FILENAME]
 
-    def __init__(self, proto=None, **kwargs):
+    def __init__(self, proto=None, chat_format=None, **kwargs):
         # keras-hub configs carry these; they do not apply here.
-        for key in ("sequence_length", "add_bos", "add_eos", "config_file"):
+        for key in (
+            "sequence_length", "add_bos", "add_eos", "config_file",
+            "has_vision_tokens", "has_audio_tokens", "has_video_tokens",  # Gemma4Tokenizer
+        ):
             kwargs.pop(key, None)
         kwargs.setdefault("dtype", "int32")
         super().__init__(**kwargs)
@@ -75,6 +91,10 @@ class GemmaTokenizer(keras.layers.Layer):
         self.built = True
         self.proto = None
         self._processor = None
+        self._chat_format_name = chat_format
+        self.chat_format = (
+            chat_template.GEMMA if chat_format is None else chat_template.get_chat_format(chat_format)
+        )
         if proto is not None:
             self.set_proto(proto)
 
@@ -115,8 +135,10 @@ class GemmaTokenizer(keras.layers.Layer):
         self.bos_token_id = lookup("<bos>")
         self.eos_token_id = lookup("<eos>")
         self.unk_token_id = processor.unk_id()
-        self.start_of_turn_id = lookup("<start_of_turn>")
-        self.end_of_turn_id = lookup("<end_of_turn>")
+        if self._chat_format_name is None:
+            self.chat_format = chat_template.chat_format_for_vocabulary(self._piece_ids)
+        self.start_of_turn_id = lookup(self.chat_format.start_of_turn)
+        self.end_of_turn_id = lookup(self.chat_format.end_of_turn)
         for name in ("pad", "bos", "eos"):
             if getattr(self, f"{name}_token_id") is None:
                 raise ValueError(f"The vocabulary has no `<{name}>` piece.")
@@ -127,13 +149,25 @@ class GemmaTokenizer(keras.layers.Layer):
 
         Tokenizes like transformers'
         `AutoTokenizer.from_pretrained(dir, gguf_file=...)` (and llama.cpp).
+        The chat format comes from the file's chat template where it has one.
         See `keras_gemma/gguf_tokenizer.py` for what a naive rebuild gets wrong.
 
         Args:
             path_or_reader: a path to a `.gguf` file or a `gguf.GGUFReader`.
         """
-        from keras_gemma.gguf_tokenizer import sentencepiece_proto_from_gguf
+        from keras_gemma.checkpoints.gguf_format import GGUFFile
+        from keras_gemma.gguf_tokenizer import (
+            read_gguf_vocabulary,
+            sentencepiece_proto_from_gguf,
+        )
 
+        if isinstance(path_or_reader, (str, os.PathLike)):
+            path_or_reader = GGUFFile(path_or_reader)  # its metadata parsed once
+        if kwargs.get("chat_format") is None:
+            # The file's chat template tells Gemma 4's E models from the others.
+            template = read_gguf_vocabulary(path_or_reader)["chat_template"]
+            chat_format = chat_template.chat_format_for_template(template) if isinstance(template, str) else None
+            kwargs["chat_format"] = chat_format and chat_format.name
         return cls(proto=sentencepiece_proto_from_gguf(path_or_reader), **kwargs)
 
     def _check_vocabulary(self):
@@ -303,6 +337,7 @@ class GemmaTokenizer(keras.layers.Layer):
         config = super().get_config()
         # The vocabulary travels as an asset (vocabulary.spm), as in keras-hub.
         config["proto"] = None
+        config["chat_format"] = self._chat_format_name
         return config
 
 

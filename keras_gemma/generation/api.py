@@ -220,7 +220,8 @@ class GenerationMixin:
             max_new_tokens, max_length: as in `generate`.
             stop_token_ids: as in `generate`, except that `"auto"` also
                 ends the reply where the model opens a new turn, as well as
-                on `<end_of_turn>` and `<eos>`: on `<start_of_turn>`, or a
+                on `<end_of_turn>` (Gemma 4: `<turn|>`) and `<eos>`: on
+                `<start_of_turn>` (Gemma 4: `<|turn>`), or a
                 turn header written as text (the piece "user" or "model",
                 then a newline), as a base model writes it. One
                 conversation's reply is decoded step by step so that it
@@ -230,7 +231,10 @@ class GenerationMixin:
                 `stream_chat`).
 
         Returns:
-            The reply text, without turn markers.
+            The reply text, without turn markers. The conversation is written
+            in the tokenizer's chat format; for Gemma 4's thinking set
+            `lm.preprocessor.enable_thinking = True`, and the reply keeps its
+            thought markers (`chat_template.split_thinking` separates them).
 
         Example:
         ```python

@@ -31,7 +31,8 @@ COARSE_BUCKET = 512  # cache length and new-token buffer
 STOP_SLOTS = 4  # stop-id vector padded to a multiple of this (fewer shapes)
 DEFAULT_MAX_LENGTH = 1024
 # <end_of_turn> where there is no tokenizer to ask, known from the vocabulary
-# size: 107 in Gemma 1/2's 256k vocabulary, 106 in Gemma 3's 262k one.
+# size: 107 in Gemma 1/2's 256k vocabulary, 106 in Gemma 3's 262k one (where
+# Gemma 4 keeps its <turn|>).
 END_OF_TURN_BY_VOCABULARY = {256_000: 107, 262_144: 106}
 
 
@@ -83,9 +84,13 @@ def _allow_system(lm):
 
 
 def render_chat(lm, messages):
-    """A conversation as prompt text, `<bos>` left to `encode_text`."""
+    """A conversation as prompt text in the tokenizer's chat format, `<bos>`
+    left to `encode_text`."""
+    chat_format = getattr(tokenizer_of(lm), "chat_format", chat_template.GEMMA)
     return chat_template.apply_chat_template(
-        messages, add_generation_prompt=True, bos_token="", allow_system=_allow_system(lm)
+        messages, add_generation_prompt=True, bos_token="",
+        allow_system=_allow_system(lm), chat_format=chat_format,
+        enable_thinking=getattr(lm.preprocessor, "enable_thinking", False),
     )
 
 
@@ -308,9 +313,23 @@ def finish_rows(out, limits, stop_ids):
 
 
 def detokenize(lm, ids):
-    """Text of new tokens: control tokens (stop tokens, turn markers) dropped."""
+    """Text of new tokens: control tokens (stop tokens, turn markers) dropped,
+    except the chat format's thought markers (Gemma 4's `<|channel>`,
+    `<channel|>`), so that `chat_template.split_thinking` can find the
+    thoughts of a reply."""
     tokenizer = _need_tokenizer(lm, "Text output")
-    return tokenizer.detokenize(list(ids), skip_special_tokens=True)
+    markers = getattr(getattr(tokenizer, "chat_format", None), "thought_channel", None) or ()
+    keep = [tokenizer.token_to_id(marker) for marker in markers]
+    if not keep or tokenizer.unk_token_id in keep:
+        return tokenizer.detokenize(list(ids), skip_special_tokens=True)
+    text, run = [], []
+    for token in ids:
+        if int(token) in keep:
+            text += [tokenizer.detokenize(run, skip_special_tokens=True), tokenizer.id_to_token(int(token))]
+            run = []
+        else:
+            run.append(int(token))
+    return "".join(text) + tokenizer.detokenize(run, skip_special_tokens=True)
 
 
 def format_outputs(lm, prompts, rows, strip_prompt):
