@@ -64,14 +64,15 @@ def gemma3(sizes, sliding_window_size, query_pre_attn_scalar=None, global_rope_s
 
 def gemma4(
     sizes, sliding_window_size, global_head_dim=512, num_global_key_value_heads=None,
-    global_keys_as_values=False, pattern=GEMMA4_PATTERN, max_sequence_length=262_144,
+    global_keys_as_values=False, pattern=GEMMA4_PATTERN, max_sequence_length=262_144, **mechanisms,
 ):
     """A dense Gemma 4 text decoder (google-deepmind/gemma `gm/nn/gemma4/_gemma4.py`
     `_gemma4_config`; transformers' `Gemma4TextConfig`): global layers with
     their own head width, a quarter of their rope pairs rotating, scale-free
     value norm, attention scaling 1.0 (the q/k norms set the scale), stored
     layer scalars and a final soft-cap of 30. The last layer is global
-    (transformers forces it)."""
+    (transformers forces it). `mechanisms`: the E models' per-layer
+    embeddings and key/value sharing."""
     layer_types = layer_pattern(sizes["num_layers"], pattern)[:-1] + (GLOBAL,)
     return GemmaConfig(
         vocabulary_size=GEMMA3_VOCAB,
@@ -91,6 +92,7 @@ def gemma4(
         global_keys_as_values=global_keys_as_values,
         max_sequence_length=max_sequence_length,
         **sizes,
+        **mechanisms,
     )
 
 
@@ -118,6 +120,18 @@ ARCHITECTURES = {
     "gemma4_31b": gemma4(
         dims(60, 5376, 32, 16, 21504), 1024, num_global_key_value_heads=4, global_keys_as_values=True
     ),
+    # Gemma 4 E2B and E4B (google/gemma-4-E2B, -E4B config.json `text_config`):
+    # a 256-wide per-layer embedding per layer, the trailing 20 (18) layers
+    # reading the keys and values of the last earlier layer of their type,
+    # E2B's shared layers with a double-wide feed-forward; window 512.
+    "gemma4_e2b": gemma4(
+        dims(35, 1536, 8, 1, 6144), 512, pattern=(LOCAL,) * 4 + (GLOBAL,), max_sequence_length=131_072,
+        per_layer_input_dim=256, num_kv_shared_layers=20, use_double_wide_mlp=True,
+    ),
+    "gemma4_e4b": gemma4(
+        dims(42, 2560, 8, 2, 10240), 512, max_sequence_length=131_072,
+        per_layer_input_dim=256, num_kv_shared_layers=18,
+    ),
 }
 
 # Published parameter counts (text-only), ../shared/REFERENCE.md section 2.
@@ -138,6 +152,13 @@ PUBLISHED_PARAMETERS = {
     # (language model 30,697,345,340 + vision tower 569,550,384 + projector
     # 6,193,152 = 31,273,088,876, HF's "31.3B"); the model card's "30.7B".
     "gemma4_31b": 30_697_345_340,
+    # transformers' Gemma4ForCausalLM on the released E2B/E4B text configs
+    # (tests/test_gemma4_e.py builds it on the meta device and counts). The
+    # model cards' "5.1B / 8B with embeddings" add the vision and audio
+    # encoders; E2B's "2.3B effective" is this less the per-layer table
+    # (262,144 x 35 x 256).
+    "gemma4_e2b": 4_628_569_379,
+    "gemma4_e4b": 7_463_013_418,
 }
 
 
@@ -237,6 +258,16 @@ def _entries():
             "TranslateGemma 27B instruct (55 languages), text part", "google/translategemma-27b-it",
         ),
         # Gemma 4 (keras-hub's gemma4_presets.py); vision+text models, the text decoder loads here.
+        ("keras/gemma4", "gemma4_2b", 2, "gemma4_e2b", False, "Gemma 4 E2B base, text decoder", "google/gemma-4-E2B"),
+        (
+            "keras/gemma4", "gemma4_instruct_2b", 2, "gemma4_e2b", True, "Gemma 4 E2B instruct, text decoder",
+            "google/gemma-4-E2B-it",
+        ),
+        ("keras/gemma4", "gemma4_4b", 2, "gemma4_e4b", False, "Gemma 4 E4B base, text decoder", "google/gemma-4-E4B"),
+        (
+            "keras/gemma4", "gemma4_instruct_4b", 2, "gemma4_e4b", True, "Gemma 4 E4B instruct, text decoder",
+            "google/gemma-4-E4B-it",
+        ),
         ("keras/gemma4", "gemma4_31b", 2, "gemma4_31b", False, "Gemma 4 31B base, text decoder", "google/gemma-4-31B"),
         (
             "keras/gemma4", "gemma4_instruct_31b", 2, "gemma4_31b", True, "Gemma 4 31B instruct, text decoder",

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import keras_gemma
+from keras_gemma.presets import PUBLISHED_PARAMETERS
 from conftest import to_numpy
 from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
@@ -313,3 +314,6 @@ def test_released_configs(fields, cached_layers):
     sources = {config.kv_source(i) for i in range(first_shared, config.num_layers)}
     assert sources == {i for i, mode in enumerate(hf_config.kv_sharing_modes) if mode == "store"}
     assert sum(config.kv_source(i) == i for i in range(config.num_layers)) == cached_layers
+    preset = keras_gemma.get_preset("gemma4_2b" if fields is E2B else "gemma4_4b")
+    assert preset.config == config
+    assert preset.config.num_parameters() == PUBLISHED_PARAMETERS[preset.architecture]

@@ -60,6 +60,10 @@ NEW = {
     ),
     "gemma4_31b": ("kaggle://keras/gemma4/keras/gemma4_31b/2", "gemma4_31b", False, "google/gemma-4-31B"),
     "gemma4_instruct_31b": ("kaggle://keras/gemma4/keras/gemma4_instruct_31b/2", "gemma4_31b", True, "google/gemma-4-31B-it"),
+    "gemma4_2b": ("kaggle://keras/gemma4/keras/gemma4_2b/2", "gemma4_e2b", False, "google/gemma-4-E2B"),
+    "gemma4_instruct_2b": ("kaggle://keras/gemma4/keras/gemma4_instruct_2b/2", "gemma4_e2b", True, "google/gemma-4-E2B-it"),
+    "gemma4_4b": ("kaggle://keras/gemma4/keras/gemma4_4b/2", "gemma4_e4b", False, "google/gemma-4-E4B"),
+    "gemma4_instruct_4b": ("kaggle://keras/gemma4/keras/gemma4_instruct_4b/2", "gemma4_e4b", True, "google/gemma-4-E4B-it"),
 }
 
 # Published text-model parameter counts of the new architectures.
