@@ -287,11 +287,15 @@ def test_vaultgemma_checkpoint_round_trips(vault, tmp_path):
 
 
 def test_unreadable_kaggle_preset_names_the_hugging_face_copy(monkeypatch, tmp_path):
-    """keras-hub's Gemma 4 presets are `Gemma4Backbone`s, which the keras-hub
-    reader does not read yet: the error points at the Hugging Face copy."""
+    """keras-hub's Gemma 4 presets (`Gemma4Backbone`s) load
+    (tests/test_checkpoints_keras_hub_gemma4.py); one this reader cannot read
+    (here a config without its sizes; or mixture of experts) names the
+    Hugging Face copy in the error."""
     config = {"module": "keras_hub.src.models.gemma4.gemma4_backbone", "class_name": "Gemma4Backbone",
               "config": {}, "registered_name": "keras_hub>Gemma4Backbone"}
     (tmp_path / "config.json").write_text(json.dumps(config))
     monkeypatch.setattr(download, "kaggle_download", lambda handle: str(tmp_path))
-    with pytest.raises(preset.CheckpointError, match=r"Gemma4Backbone.*from_preset\('hf://google/gemma-4-31B'\)"):
+    with pytest.raises(
+        preset.CheckpointError, match=r"Gemma4Backbone config lacks .*from_preset\('hf://google/gemma-4-31B'\)"
+    ):
         keras_gemma.GemmaCausalLM.from_preset("gemma4_31b")

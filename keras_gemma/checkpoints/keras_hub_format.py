@@ -1,7 +1,7 @@
 """The keras-hub (and keras-nlp) preset layout: what Kaggle serves.
 
-A preset directory holds `config.json` (the serialized `GemmaBackbone` or
-`Gemma3Backbone`), `model.weights.h5` (or `model.weights.json` and shards),
+A preset directory holds `config.json` (the serialized `GemmaBackbone`,
+`Gemma3Backbone` or, read only, `Gemma4Backbone`), `model.weights.h5` (or `model.weights.json` and shards),
 `metadata.json`, and for tasks `tokenizer.json`, `preprocessor.json`,
 `task.json` and `assets/tokenizer/vocabulary.spm`.
 
@@ -30,6 +30,13 @@ queries by `head_dim ** -0.5` although its config carries
 `query_head_dim_normalize` (False for Gemma 2 27B and Gemma 3 27B, meaning
 `(hidden_dim / num_query_heads) ** -0.5`). We honour the flag, which matches
 transformers and the Gemma reports; keras-hub itself gets 27B wrong.
+
+keras-hub's `Gemma4Backbone` presets (every released one has a vision
+encoder, the E models an audio one too) load as their text decoder
+(`gemma4_config_from_keras_hub`, `gemma4_h5_paths`): its blocks are
+`gemma4_text_decoder_block[_i]`, its norm scales multipliers (ours
+zero-centred), its layer scalars shape (). We do not write that class: a
+Gemma 4 model saves as keras_gemma's native preset (`quantized_format.py`).
 """
 
 import datetime
@@ -56,7 +63,9 @@ PREPROCESSOR_FILE = "preprocessor.json"
 TASK_FILE = "task.json"
 VOCABULARY_PATH = os.path.join("assets", "tokenizer", "vocabulary.spm")
 
-GEMMA_CLASSES = ("GemmaBackbone", "Gemma3Backbone")
+GEMMA_CLASSES = ("GemmaBackbone", "Gemma3Backbone")  # what we write (and read)
+GEMMA4_CLASS = "Gemma4Backbone"  # read only: its text decoder
+READ_CLASSES = GEMMA_CLASSES + (GEMMA4_CLASS,)
 GEMMA2_PATTERN = (LOCAL, GLOBAL)  # keras-hub: `i % 2 == 0` is local
 GEMMA3_PATTERN = (LOCAL,) * 5 + (GLOBAL,)  # keras-hub: `i % 6 < 5` is local
 GEMMA3_LOCAL_BASE, GEMMA3_GLOBAL_BASE = 10_000.0, 1_000_000.0
@@ -71,10 +80,10 @@ def is_keras_hub_config(config_json):
 def _class_name(config_json, path):
     name = config_json.get("class_name")
     registered = config_json.get("registered_name") or ""
-    if name not in GEMMA_CLASSES:
+    if name not in READ_CLASSES:
         raise CheckpointError(
             f"{path} describes a {registered or name!r}, not a Gemma backbone "
-            f"(expected class_name {' or '.join(GEMMA_CLASSES)})."
+            f"(expected class_name {', '.join(READ_CLASSES[:-1])} or {READ_CLASSES[-1]})."
         )
     return name
 
@@ -90,6 +99,8 @@ def _max_sequence_length(config, default):
 def config_from_keras_hub(config_json, path=CONFIG_FILE):
     """A `GemmaConfig` from a keras-hub / keras-nlp backbone `config.json` dict."""
     class_name = _class_name(config_json, path)
+    if class_name == GEMMA4_CLASS:
+        return gemma4_config_from_keras_hub(config_json, path)
     c = config_json["config"]
     n = c["num_layers"]
     post_attention, post_ffw = c.get("use_post_attention_norm", False), c.get("use_post_ffw_norm", False)
@@ -136,6 +147,132 @@ def config_from_keras_hub(config_json, path=CONFIG_FILE):
         default_length = 131_072
     config = GemmaConfig(**fields)
     return config.replace(max_sequence_length=_max_sequence_length(config, default_length))
+
+
+# -- Gemma 4 (keras-hub's Gemma4Backbone, read only) ----------------------------
+#
+# keras-hub 0.32's `Gemma4Backbone` is always Gemma 4's block: four norms,
+# q/k norms and a scale-free value norm, attention scaling 1 (its
+# `query_head_dim_normalize` is kept for show and unused), a stored
+# `layer_scalar` per block. Its config says which layers are global
+# (`layer_types`, else every `sliding_window_pattern`-th), their head width
+# (`global_head_dim`) and key/value heads (`num_global_key_value_heads`, which
+# also turns on keys-as-values there), the rope bases (None: 1e6 global, 1e4
+# local) and the global layers' rotated share; the E models' per-layer
+# embeddings (`hidden_size_per_layer_input`) and key/value sharing.
+# The vision and audio encoders' weights are not ours to load (the text
+# decoder is); what the text decoder cannot be here is refused.
+
+GEMMA4_LOCAL_BASE, GEMMA4_GLOBAL_BASE = 10_000.0, 1_000_000.0
+GEMMA4_LAYER_TYPES = {"full_attention": GLOBAL, "sliding_attention": LOCAL}
+GEMMA4_DEFAULT_LENGTH = 131_072
+# (config key, value that is fine, what a different value would be).
+GEMMA4_REFUSED = (
+    ("enable_moe_block", False, "mixture-of-experts blocks (Gemma 4 26B A4B)"),
+    ("is_embedding_model", False, "an embedding model (pooling heads, not a causal language model)"),
+    ("use_bidirectional_attention", False, "bidirectional attention over all tokens (an embedding model)"),
+)
+
+
+def _gemma4_layer_types(c, n, path):
+    types = c.get("layer_types")
+    if types is None:
+        pattern = c.get("sliding_window_pattern", 6)
+        if not isinstance(pattern, int) or isinstance(pattern, bool) or pattern <= 0:
+            raise CheckpointError(f"{path}: sliding_window_pattern must be a positive integer, got {pattern!r}.")
+        return tuple(GLOBAL if i % pattern == pattern - 1 else LOCAL for i in range(n))
+    if not isinstance(types, (list, tuple)) or len(types) != n:
+        raise CheckpointError(f"{path}: layer_types must list one attention type per layer ({n}), got {types!r}.")
+    unknown = sorted({t for t in types if t not in GEMMA4_LAYER_TYPES}, key=str)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: unknown layer type(s) {unknown} in layer_types (expected {' or '.join(GEMMA4_LAYER_TYPES)})."
+        )
+    return tuple(GEMMA4_LAYER_TYPES[t] for t in types)
+
+
+def _gemma4_rope_fraction(factor, head_dim, path):
+    """Our rotated fraction for keras-hub's `global_rope_partial_rotary_factor`.
+
+    keras-hub rotates `max(2, int(factor * head_dim))` rounded down to even
+    dimensions, i.e. that many // 2 frequency pairs; we rotate
+    `int(fraction * head_dim // 2)` pairs.
+    """
+    factor = 1.0 if factor is None else float(factor)
+    if not 0.0 < factor <= 1.0:
+        raise CheckpointError(f"{path}: global_rope_partial_rotary_factor must be in (0, 1], got {factor!r}.")
+    raw = int(factor * head_dim)
+    pairs = max(2, raw - raw % 2) // 2
+    for fraction in (factor, 2 * pairs / head_dim):
+        if int(fraction * head_dim // 2) == pairs:
+            return fraction
+    raise CheckpointError(f"{path}: cannot express a rotary factor of {factor!r} over {head_dim} dimensions.")
+
+
+def gemma4_config_from_keras_hub(config_json, path=CONFIG_FILE):
+    """A `GemmaConfig` for the text decoder of a keras-hub `Gemma4Backbone` config."""
+    c = config_json.get("config")
+    if not isinstance(c, dict):
+        raise CheckpointError(f"{path}: keras-hub's Gemma4Backbone config has no `config` dict.")
+    required = ("vocabulary_size", "num_layers", "num_query_heads", "num_key_value_heads", "hidden_dim",
+                "intermediate_dim", "head_dim")
+    missing = [key for key in required if c.get(key) is None]
+    if missing:
+        raise CheckpointError(f"{path}: keras-hub's Gemma4Backbone config lacks {', '.join(missing)}.")
+    for key, fine, mechanism in GEMMA4_REFUSED:
+        if bool(c.get(key, fine)) != fine:
+            raise CheckpointError(f"{path}: this Gemma4Backbone has {mechanism} (`{key}`={c[key]!r}), not supported here.")
+    n = c["num_layers"]
+    layer_types = _gemma4_layer_types(c, n, path)
+    sliding = LOCAL in layer_types
+    if sliding and not c.get("use_sliding_window_attention", True):
+        raise CheckpointError(
+            f"{path}: use_sliding_window_attention=False (sliding-attention layers without a window) "
+            "is not supported here."
+        )
+    head_dim = c["head_dim"]
+    global_head_dim = c.get("global_head_dim") or head_dim
+    global_kv_heads = c.get("num_global_key_value_heads")
+    per_layer_input_dim = c.get("hidden_size_per_layer_input") or 0
+    num_kv_shared = c.get("num_kv_shared_layers") or 0
+    fields = dict(
+        vocabulary_size=c["vocabulary_size"],
+        num_layers=n,
+        hidden_dim=c["hidden_dim"],
+        num_query_heads=c["num_query_heads"],
+        num_key_value_heads=c["num_key_value_heads"],
+        head_dim=head_dim,
+        intermediate_dim=c["intermediate_dim"],
+        layer_types=layer_types,
+        sliding_window_size=c.get("sliding_window_size", 512) if sliding else None,
+        query_pre_attn_scalar=1.0,  # keras-hub's Gemma 4 attention: scaling 1, the q/k norms set the scale
+        attention_logit_softcap=c.get("attention_logit_soft_cap"),
+        final_logit_softcap=c.get("final_logit_soft_cap"),
+        use_post_norms=True,
+        use_qk_norm=True,
+        use_value_norm=True,
+        use_layer_scalar=True,
+        global_rope_base=float(c.get("global_rope_wavelength") or GEMMA4_GLOBAL_BASE),
+        local_rope_base=float(c.get("local_rope_wavelength") or GEMMA4_LOCAL_BASE),
+        global_rope_scaling=float(c.get("global_rope_scaling_factor", 1.0)),
+        local_rope_scaling=float(c.get("local_rope_scaling_factor", 1.0)),
+        global_rope_fraction=_gemma4_rope_fraction(c.get("global_rope_partial_rotary_factor"), global_head_dim, path),
+        global_head_dim=global_head_dim,
+        num_global_key_value_heads=global_kv_heads,
+        # keras-hub: global layers with their own key/value head count compute values with the key kernel.
+        global_keys_as_values=global_kv_heads is not None and GLOBAL in layer_types,
+        per_layer_input_dim=per_layer_input_dim,
+        per_layer_vocabulary_size=(c.get("vocab_size_per_layer_input") or None) if per_layer_input_dim else None,
+        num_kv_shared_layers=num_kv_shared,
+        use_double_wide_mlp=bool(c.get("use_double_wide_mlp")) and num_kv_shared > 0,
+        layer_norm_epsilon=c.get("layer_norm_epsilon", 1e-6),
+        dropout=float(c.get("dropout", 0.0)),
+    )
+    try:
+        config = GemmaConfig(**fields)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: keras-hub's Gemma4Backbone config is not a model keras_gemma can build: {e}") from None
+    return config.replace(max_sequence_length=_max_sequence_length(config, GEMMA4_DEFAULT_LENGTH))
 
 
 def backbone_class_for(config):
@@ -326,28 +463,92 @@ def _read_dataset(path, dataset):
     return np.asarray(array, dtype=np.float32)
 
 
-def _is_vision(dataset):
-    """A multimodal Gemma 3's image tower (`layers/gemma3_vision_encoder/...`): not ours to load."""
+def gemma4_h5_paths(config):
+    """Canonical name -> (h5 dataset path, kind) for a keras-hub `Gemma4Backbone`'s text decoder.
+
+    `kind`: "copy"; "norm" (keras-hub's Gemma 4 norm scales are the multiplier
+    itself, ones at init; ours are zero-centred); "scalar" (a block's
+    `layer_scalar`, shape () there, (1,) here). The top-level layers are
+    named by class, in the order the functional graph holds them: the
+    per-layer projection norm comes before the final norm.
+    """
+    per_layer = config.per_layer_input_dim > 0
+    paths = {
+        "token_embedding": ("layers/reversible_embedding/vars/0", "copy"),
+        "final_norm": (f"layers/rms_normalization{'_1' if per_layer else ''}/vars/0", "norm"),
+    }
+    if per_layer:
+        paths.update(
+            per_layer_token_embedding=("layers/embedding/vars/0", "copy"),
+            per_layer_model_projection=("layers/dense/vars/0", "copy"),
+            per_layer_projection_norm=("layers/rms_normalization/vars/0", "norm"),
+        )
+    for i in range(config.num_layers):
+        block, ours = "layers/gemma4_text_decoder_block" + (f"_{i}" if i else ""), f"blocks.{i}"
+        for norm in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+            paths[f"{ours}.{norm}"] = (f"{block}/{norm}/vars/0", "norm")
+        projections = [("query", "query_dense"), ("output", "output_dense")]
+        norms = [("query_norm", "query_norm")]
+        if not config.layer_shares_kv(i):  # shared layers read their source's keys and values
+            projections.append(("key", "key_dense"))
+            norms.append(("key_norm", "key_norm"))
+            if not config.layer_keys_as_values(i):
+                projections.append(("value", "value_dense"))
+        for name, theirs in projections:
+            paths[f"{ours}.attention.{name}"] = (f"{block}/attention/{theirs}/vars/0", "copy")
+        for name, theirs in norms:
+            paths[f"{ours}.attention.{name}"] = (f"{block}/attention/{theirs}/vars/0", "norm")
+        for name, theirs in (("gate", "gating_ffw"), ("up", "gating_ffw_2"), ("down", "ffw_linear")):
+            paths[f"{ours}.feed_forward.{name}"] = (f"{block}/{theirs}/vars/0", "copy")
+        paths[f"{ours}.layer_scalar"] = (f"{block}/vars/0", "scalar")
+        if per_layer:
+            paths[f"{ours}.per_layer_input_gate"] = (f"{block}/per_layer_input_gate/vars/0", "copy")
+            paths[f"{ours}.per_layer_projection"] = (f"{block}/per_layer_up_proj/vars/0", "copy")
+            paths[f"{ours}.post_per_layer_input_norm"] = (f"{block}/post_per_layer_input_norm/vars/0", "norm")
+    return paths
+
+
+def _is_encoder(dataset):
+    """A multimodal model's image or audio tower (`layers/gemma3_vision_encoder/...`,
+    `layers/gemma4_audio_encoder/...`): not ours to load."""
     parts = dataset.split("/")
-    return len(parts) > 1 and parts[0] == "layers" and "vision" in parts[1]
+    return len(parts) > 1 and parts[0] == "layers" and ("vision" in parts[1] or "audio" in parts[1])
+
+
+def _transformed(file, dataset, shape, kind):
+    if kind == "copy":
+        return LazyTensor(shape, lambda: _read_dataset(file, dataset))
+    if kind == "norm":
+        return LazyTensor(shape, lambda: _read_dataset(file, dataset) - np.float32(1.0))
+    if kind == "scalar":
+        return LazyTensor((1,), lambda: np.reshape(_read_dataset(file, dataset), (1,)))
+    raise AssertionError(kind)
 
 
 def read_weights(directory, config, class_name):
     """Canonical name -> `LazyTensor` for a keras-hub preset's weights.
 
     A dataset the model has no place for (other than a multimodal model's
-    vision tower) is reported under its h5 path, as `unexpected`.
+    vision or audio tower) is reported under its h5 path, as `unexpected`;
+    a shape that differs (a scalar where a (1,) is expected, say) is
+    reported by `assign_weights`.
     """
     datasets = {}
     for path in _weight_files(directory):
         datasets.update(_datasets(path))
-    paths = h5_paths(config, class_name)
+    if class_name == GEMMA4_CLASS:
+        paths = gemma4_h5_paths(config)
+    else:
+        paths = {name: (dataset, "copy") for name, dataset in h5_paths(config, class_name).items()}
     out = {}
-    for name, dataset in paths.items():
+    for name, (dataset, kind) in paths.items():
         if dataset in datasets:
             file, shape = datasets.pop(dataset)
-            out[name] = LazyTensor(shape, lambda f=file, d=dataset: _read_dataset(f, d))
-    leftover = sorted(d for d in datasets if not _is_vision(d))
+            if kind == "scalar" and shape not in ((), (1,)):
+                out[name] = LazyTensor(shape, None)  # the wrong shape, reported as such
+            else:
+                out[name] = _transformed(file, dataset, shape, kind)
+    leftover = sorted(d for d in datasets if not _is_encoder(d))
     for dataset in leftover:
         out[f"h5:{dataset}"] = LazyTensor(datasets[dataset][1], None)
     return out

@@ -161,7 +161,8 @@ def load_config(source):
             builtin = PRESETS.get(source.handle)
             if builtin is None or builtin.hf_handle is None:
                 raise
-            # E.g. keras-hub's Gemma4Backbone presets, which this reader cannot read yet.
+            # A Kaggle copy we cannot read (a mechanism not supported here, a
+            # config from a newer keras-hub): the Hugging Face copy may load.
             raise CheckpointError(f"{e} The same model is on Hugging Face: from_preset({builtin.hf_handle!r}).") from None
         return kh.exact_config(source.path, config)
     if source.kind == HUGGING_FACE:
@@ -276,9 +277,29 @@ def _tokenizer(source, cls):
         if chat_format is not None:
             kwargs["chat_format"] = chat_format.name
     try:
-        return cls(path, **kwargs)
+        tokenizer = cls(path, **kwargs)
+        if _keras_hub_layout(source) and tokenizer.chat_format is chat_template.GEMMA4 and _is_gemma4_e(source):
+            tokenizer = cls(path, chat_format=chat_template.GEMMA4_E.name)
+        return tokenizer
     except (RuntimeError, OSError) as e:
         raise CheckpointError(f"Cannot read the tokenizer {path} (truncated or corrupt?): {e}") from None
+
+
+def _is_gemma4_e(source):
+    """Whether a keras-hub preset is a Gemma 4 E model (per-layer embeddings:
+    E2B, E4B), whose chat format has no empty thought on the generation
+    prompt (`chat_template.GEMMA4_E`). keras-hub's Gemma4Tokenizer does not
+    say; the backbone's config.json beside it does."""
+    path = source.file(kh.CONFIG_FILE)
+    if not os.path.exists(path):
+        return False
+    with contextlib.suppress(ValueError, OSError, CheckpointError):
+        config_json = _read_json(path)
+        if config_json.get("class_name") == kh.GEMMA4_CLASS:
+            return bool((config_json.get("config") or {}).get("hidden_size_per_layer_input"))
+        if quantized_format.is_quantized_config(config_json):
+            return quantized_format.read_config(config_json, path).per_layer_input_dim > 0
+    return False
 
 
 def _hf_chat_format(source):
