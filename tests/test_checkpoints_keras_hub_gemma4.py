@@ -167,7 +167,7 @@ def test_tokenizer_and_preprocessor_come_along(kind, presets, spm_path):
 def test_backbone_from_preset_and_saving_back(presets, tmp_path):
     """GemmaBackbone.from_preset reads it too; the model saves as keras_gemma's
     native preset (keras_gemma does not write Gemma4Backbone presets) and comes back equal."""
-    theirs, directory = presets["dense"]
+    _, directory = presets["dense"]
     backbone = keras_gemma.GemmaBackbone.from_preset(directory)
     lm = keras_gemma.GemmaCausalLM(backbone)
     ids, mask = padded_batch(SEQUENCE_LENGTH)
@@ -256,3 +256,21 @@ def test_vision_encoder_weights_are_left_out(spm_path, tmp_path):
         logits_of(keras_gemma.GemmaCausalLM(ours), ids, mask)[mask], keras_hub_logits(text_only, ids, mask)[mask],
         atol=TOLERANCE, rtol=TOLERANCE,
     )
+
+
+@pytest.mark.parametrize("architecture", ["gemma4_31b", "gemma4_e2b", "gemma4_e4b"])
+def test_released_presets_read_as_their_architectures(architecture):
+    """keras-hub's presets were converted from the released Hugging Face
+    configs by keras-hub's own converter: its Gemma4Backbone config reads as
+    the architecture of our built-in preset (context length included)."""
+    from keras_hub.src.utils.transformers.convert_gemma4 import convert_backbone_config
+    from test_gemma4_e import E2B, E4B
+    from test_presets_family import gemma4_31b_config
+
+    from keras_gemma.checkpoints import keras_hub_format
+    from keras_gemma.presets import ARCHITECTURES
+
+    text = {"gemma4_31b": gemma4_31b_config()["text_config"], "gemma4_e2b": E2B, "gemma4_e4b": E4B}[architecture]
+    kwargs = convert_backbone_config({**text, "model_type": "gemma4_text"})
+    config_json = {"class_name": "Gemma4Backbone", "registered_name": "keras_hub>Gemma4Backbone", "config": kwargs}
+    assert keras_hub_format.config_from_keras_hub(config_json) == ARCHITECTURES[architecture]
