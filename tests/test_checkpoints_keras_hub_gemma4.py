@@ -164,6 +164,16 @@ def test_tokenizer_and_preprocessor_come_along(kind, presets, spm_path):
     assert tokenizer(text) == ours.preprocessor.tokenizer(text)
 
 
+def test_e_model_keeps_its_chat_format_through_a_native_preset(presets, tmp_path):
+    ours = keras_gemma.GemmaCausalLM.from_preset(presets["e"][1])
+    with pytest.warns(UserWarning, match="native preset"):
+        ours.save_to_preset(str(tmp_path / "native"))
+    again = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "native"))
+    assert again.preprocessor.tokenizer.chat_format.name == "gemma4_e"
+    ids, mask = padded_batch(SEQUENCE_LENGTH)
+    np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(ours, ids, mask))
+
+
 def test_backbone_from_preset_and_saving_back(presets, tmp_path):
     """GemmaBackbone.from_preset reads it too; the model saves as keras_gemma's
     native preset (keras_gemma does not write Gemma4Backbone presets) and comes back equal."""
