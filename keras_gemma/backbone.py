@@ -252,6 +252,12 @@ class GemmaBackbone(keras.Model):
             keys), .output (n, h, d), .query_norm (h,), .key_norm (h,);
             blocks.{i}.feed_forward.gate (d, f), .up (d, f), .down (f, d);
             blocks.{i}.layer_scalar (1,) (Gemma 4).
+        With a mixture of experts (e experts, g their width):
+            blocks.{i}.{pre_moe_norm,post_moe_norm,post_dense_ffw_norm} (d,);
+            blocks.{i}.moe.router (d, e), .router_scale (d,) and
+            .expert_scale (e,) (multipliers, ones at init), .gate_up
+            (e, 2, d, g) (each expert's gate kernel, then its up kernel),
+            .down (e, g, d).
         Norm scales are zero-centred (the model multiplies by 1 + scale).
         On a quantized backbone the projections and the embedding are the raw
         int8 (int4: packed) storage, without their scales: load float
@@ -260,7 +266,10 @@ class GemmaBackbone(keras.Model):
         weights = {"token_embedding": _variable(self.token_embedding, "embeddings")}
         for i, block in enumerate(self.blocks):
             prefix = f"blocks.{i}"
-            for norm_name in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+            for norm_name in (
+                "pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm",
+                "pre_moe_norm", "post_moe_norm", "post_dense_ffw_norm",
+            ):
                 norm = getattr(block, norm_name)
                 if norm is not None:
                     weights[f"{prefix}.{norm_name}"] = norm.scale
@@ -278,6 +287,9 @@ class GemmaBackbone(keras.Model):
                 weights[f"{prefix}.attention.key_norm"] = attention.key_norm.scale
             for name in ("gate", "up", "down"):
                 weights[f"{prefix}.feed_forward.{name}"] = _variable(getattr(block.feed_forward, name), "kernel")
+            if block.moe is not None:
+                for name in ("router", "router_scale", "expert_scale", "gate_up", "down"):
+                    weights[f"{prefix}.moe.{name}"] = getattr(block.moe, name)
             if block.use_layer_scalar:
                 weights[f"{prefix}.layer_scalar"] = block.layer_scalar
         weights["final_norm"] = self.final_norm.scale

@@ -62,6 +62,12 @@ class GemmaConfig:
         use_value_norm: scale-free RMSNorm over head_dim on values (Gemma 4).
         use_layer_scalar: each block's output is multiplied by a stored
             per-layer scalar (Gemma 4's `layer_scalar`, not trained).
+        num_experts: experts of a mixture-of-experts feed-forward beside the
+            dense one in every block (Gemma 4 26B-A4B's `enable_moe_block`
+            with HF `num_experts`), or None for none.
+        top_k_experts: experts each token is routed to (HF `top_k_experts`).
+        moe_intermediate_dim: width of each expert's gate (HF
+            `moe_intermediate_size`).
         layer_norm_epsilon: RMSNorm epsilon.
         max_sequence_length: context length the model was trained for.
         dropout: dropout on attention outputs and feed-forward during training.
@@ -92,6 +98,9 @@ class GemmaConfig:
     global_keys_as_values: bool = False
     use_value_norm: bool = False
     use_layer_scalar: bool = False
+    num_experts: Optional[int] = None
+    top_k_experts: Optional[int] = None
+    moe_intermediate_dim: Optional[int] = None
     layer_norm_epsilon: float = 1e-6
     max_sequence_length: int = 8192
     dropout: float = 0.0
@@ -175,8 +184,25 @@ class GemmaConfig:
         for name in ("global_rope_fraction", "local_rope_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}.")
+        self._validate_experts()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
+
+    def _validate_experts(self):
+        fields = ("num_experts", "top_k_experts", "moe_intermediate_dim")
+        if self.num_experts is None:
+            given = [name for name in fields[1:] if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given} set without `num_experts`: set `num_experts` for a mixture of experts.")
+            return
+        for name in fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer with `num_experts` set, got {value!r}.")
+        if self.top_k_experts > self.num_experts:
+            raise ValueError(
+                f"`top_k_experts` ({self.top_k_experts}) must not exceed `num_experts` ({self.num_experts})."
+            )
 
     # Per-layer values, worked out once.
     def window(self, layer_index):
@@ -215,6 +241,7 @@ class GemmaConfig:
             "use_layer_scalar": self.use_layer_scalar,
             "global_rope_fraction": self.global_rope_fraction != 1.0,
             "local_rope_fraction": self.local_rope_fraction != 1.0,
+            "num_experts": self.num_experts is not None,
         }
         return [name for name, value in on.items() if value]
 
@@ -245,6 +272,9 @@ class GemmaConfig:
             total += d * (4 if self.use_post_norms else 2)
             total += 2 * h if self.use_qk_norm else 0
             total += 1 if self.use_layer_scalar else 0
+            if self.num_experts is not None:  # router (kernel, scale, expert scales), experts, 3 norms
+                e, f = self.num_experts, self.moe_intermediate_dim
+                total += d * e + d + e + 3 * e * d * f + 3 * d
         return total
 
     @property

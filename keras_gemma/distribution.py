@@ -54,6 +54,11 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         attention output (n, h, d): (model, None, batch) by head, else
             (None, batch, model)
         feed_forward gate/up (d, f): (batch, model); down (f, d): (model, batch)
+        moe gate_up (e, 2, d, g): (None, None, batch, model); down (e, g, d):
+            (None, model, batch): each expert as the dense feed-forward,
+            split along its width g, so the gathered (decode) dispatch
+            takes whole experts on every device; the router and its scales
+            (small) are replicated.
     """
     model = _axis(device_mesh, model_parallel_dim_name)
     batch = _axis(device_mesh, data_parallel_dim_name)
@@ -71,6 +76,8 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         layout_map[r".*attention/output/kernel$"] = (None, batch, model)
     layout_map[r".*feed_forward/(gate|up)/kernel$"] = (batch, model)
     layout_map[r".*feed_forward/down/kernel$"] = (model, batch)
+    layout_map[r".*moe/gate_up$"] = (None, None, batch, model)
+    layout_map[r".*moe/down$"] = (None, model, batch)
     if config is not None:
         problems = layout_problems(layout_map, config)
         if problems:
@@ -87,7 +94,12 @@ def weight_shapes(config):
     n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
     d, f, v = config.hidden_dim, config.intermediate_dim, config.vocabulary_size
     block = "decoder_block_0"
+    experts = {}
+    if config.num_experts is not None:
+        e, g = config.num_experts, config.moe_intermediate_dim
+        experts = {f"{block}/moe/gate_up": (e, 2, d, g), f"{block}/moe/down": (e, g, d)}
     return {
+        **experts,
         "token_embedding/embeddings": (v, d),
         f"{block}/attention/query/kernel": (n, d, h),
         f"{block}/attention/key/kernel": (k, d, h),

@@ -50,14 +50,13 @@ def _rope(hf, kind):
 # the field is truthy. `use_bidirectional_attention="vision"` (26B, 31B) is
 # fine: it changes the mask of image tokens only; text stays causal.
 GEMMA4_UNSUPPORTED = (
-    ("enable_moe_block", "mixture-of-experts blocks"),
     ("hidden_size_per_layer_input", "per-layer embeddings"),
     ("num_kv_shared_layers", "key/value sharing across layers"),
 )
 
 
 def _gemma4_fields(hf, layer_types):
-    """GemmaConfig fields for a `gemma4_text` config (dense only).
+    """GemmaConfig fields for a `gemma4_text` config.
 
     Global layers' head width and key/value heads come from `per_layer_config`
     (what transformers 5.25 writes: index -> overrides) or from
@@ -85,7 +84,18 @@ def _gemma4_fields(hf, layer_types):
         overrides["head_dim"] = hf.get("global_head_dim", 512)
         if k_eq_v and hf.get("num_global_key_value_heads") is not None:
             overrides["num_key_value_heads"] = hf["num_global_key_value_heads"]
+    experts = {}
+    if hf.get("enable_moe_block"):
+        missing = [f for f in ("num_experts", "top_k_experts", "moe_intermediate_size") if not hf.get(f)]
+        if missing:
+            raise ValueError(f"A Gemma 4 config with `enable_moe_block` needs {missing}.")
+        experts = dict(
+            num_experts=hf.get("num_experts"),
+            top_k_experts=hf.get("top_k_experts"),
+            moe_intermediate_dim=hf.get("moe_intermediate_size"),
+        )
     return dict(
+        **experts,
         global_head_dim=overrides.get("head_dim"),
         num_global_key_value_heads=overrides.get("num_key_value_heads"),
         global_keys_as_values=k_eq_v,
@@ -227,7 +237,7 @@ def config_to_hf(config):
 
 
 def _gemma4_to_hf(config, hf):
-    """`config_to_hf` for a dense Gemma 4 text model."""
+    """`config_to_hf` for a Gemma 4 text model."""
     required = dict(
         use_post_norms=True, use_qk_norm=True, use_value_norm=True, use_layer_scalar=True,
         query_pre_attn_scalar=1.0, attention_logit_softcap=None,
@@ -254,8 +264,14 @@ def _gemma4_to_hf(config, hf):
         },
         hidden_size_per_layer_input=0,
         num_kv_shared_layers=0,
-        enable_moe_block=False,
+        enable_moe_block=config.num_experts is not None,
     )
+    if config.num_experts is not None:
+        hf.update(
+            num_experts=config.num_experts,
+            top_k_experts=config.top_k_experts,
+            moe_intermediate_size=config.moe_intermediate_dim,
+        )
     if LOCAL not in config.layer_types:
         hf["sliding_window"] = 512  # unused: HF's field is not optional
     return hf
@@ -303,6 +319,17 @@ def tensor_names(config, prefix="model."):
                 (f"{hf}self_attn.q_norm.weight", f"{ours}attention.query_norm", norm),
                 (f"{hf}self_attn.k_norm.weight", f"{ours}attention.key_norm", norm),
             ]
+        if config.num_experts is not None:
+            rows += [
+                (f"{hf}pre_feedforward_layernorm_2.weight", f"{ours}pre_moe_norm", norm),
+                (f"{hf}post_feedforward_layernorm_2.weight", f"{ours}post_moe_norm", norm),
+                (f"{hf}post_feedforward_layernorm_1.weight", f"{ours}post_dense_ffw_norm", norm),
+                (f"{hf}router.proj.weight", f"{ours}moe.router", "transpose"),
+                (f"{hf}router.scale", f"{ours}moe.router_scale", "copy"),
+                (f"{hf}router.per_expert_scale", f"{ours}moe.expert_scale", "copy"),
+                (f"{hf}experts.gate_up_proj", f"{ours}moe.gate_up", "experts_gate_up"),
+                (f"{hf}experts.down_proj", f"{ours}moe.down", "experts_down"),
+            ]
         if config.use_layer_scalar:
             rows.append((f"{hf}layer_scalar", f"{ours}layer_scalar", "copy"))
     rows.append((f"{prefix}norm.weight", "final_norm", norm))
@@ -325,6 +352,11 @@ def to_canonical(array, kind, config, head_dim=None):
         return np.transpose(np.reshape(array, (array.shape[0], -1, h)), (1, 2, 0))
     if kind == "transpose":
         return np.transpose(array)
+    if kind == "experts_gate_up":  # (e, 2g, d): gates then ups -> (e, 2, d, g)
+        e, _, d = array.shape
+        return np.transpose(np.reshape(array, (e, 2, -1, d)), (0, 1, 3, 2))
+    if kind == "experts_down":  # (e, d, g) -> (e, g, d)
+        return np.transpose(array, (0, 2, 1))
     return array
 
 
@@ -340,6 +372,11 @@ def from_canonical(array, kind, config):
         return np.transpose(array)
     if kind == "norm":
         return array + np.asarray(1.0, array.dtype)
+    if kind == "experts_gate_up":  # (e, 2, d, g) -> (e, 2g, d)
+        e, _, d, g = array.shape
+        return np.reshape(np.transpose(array, (0, 1, 3, 2)), (e, 2 * g, d))
+    if kind == "experts_down":  # (e, g, d) -> (e, d, g)
+        return np.transpose(array, (0, 2, 1))
     return array
 
 
