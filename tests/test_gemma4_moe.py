@@ -105,10 +105,6 @@ def test_logits_match_transformers(ours, hf_model):
     assert ours.config.sliding_window_size < ids.shape[1]
 
 
-def test_long_rows_match_transformers(ours, hf_model):
-    assert_same_logits(ours, hf_model, seq_len=40)
-
-
 def test_gathered_dispatch_equals_dense(ours):
     """A few tokens go through only their chosen experts' kernels; the same
     tokens through every expert with the gate matrix give the same output."""
@@ -209,11 +205,24 @@ def test_layout_map_covers_the_experts(ours):
 
 
 def test_greedy_with_cache_equals_full_forward():
-    """A ragged batch through ring and full caches: prompts go through every
-    expert (dense dispatch), decode steps through the chosen ones (3 rows x
-    top 2 <= 8 experts: gathered)."""
-    from test_gemma4 import _greedy_equals_full_forward
-
+    """A ragged batch through ring caches (window 4, wrapped) and full
+    caches: prompts go through every expert (dense dispatch), decode steps
+    through the chosen ones (3 rows x top 2 <= 8 experts: gathered). The
+    uncached check is one right-padded forward of the 13-column shape the
+    other tests use (JAX's eager operations, compiled per shape, are reused)."""
     lm = ours_from_hf(build_moe(seed=3, scale=0.05, router_scale=40.0))
     rng = np.random.default_rng(1)
-    _greedy_equals_full_forward(lm, [rng.integers(4, VOCAB, n).tolist() for n in (40, 11, 3)], 12)
+    prompts, new_tokens = [rng.integers(4, VOCAB, n).tolist() for n in (5, 4, 2)], 8
+    ids, mask = np.zeros((3, 5), np.int32), np.zeros((3, 5), bool)
+    for i, prompt in enumerate(prompts):
+        ids[i, : len(prompt)], mask[i, : len(prompt)] = prompt, True
+    output = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=new_tokens, stop_token_ids=None)
+    rows = [row[m].tolist() for row, m in zip(output["token_ids"], output["padding_mask"])]
+    full, full_mask = np.zeros((3, 13), np.int32), np.zeros((3, 13), bool)
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        assert len(row) == len(prompt) + new_tokens and row[: len(prompt)] == prompt
+        full[i, : len(row)], full_mask[i, : len(row)] = row, True
+    picks = logits_of(lm, full, full_mask).argmax(-1)
+    for i, (prompt, row) in enumerate(zip(prompts, rows)):
+        assert row[len(prompt):] == picks[i, len(prompt) - 1 : len(row) - 1].tolist()
+        assert len(set(row[len(prompt):])) >= 3, rows
