@@ -368,7 +368,8 @@ class GemmaBackbone(keras.Model):
             rank: the adapters' rank.
             alpha: the update is scaled by `alpha / rank` (default: `rank`).
             target_layers: `"all"` or names among `query`, `key`, `value`,
-                `output`, `gate`, `up`, `down`.
+                `output`, `gate`, `up`, `down` (the dense feed-forward's; a
+                mixture of experts' router and expert banks stay frozen).
 
         Example:
         ```python
@@ -397,7 +398,8 @@ class GemmaBackbone(keras.Model):
 
     def quantize(self, mode=None, config=None, weight_only=True, **kwargs):
         """Weight-only `"int8"` or `"int4"` quantization of every projection and
-        of the tied embedding / output head (norms stay float).
+        of the tied embedding / output head (norms stay float, and so do a
+        mixture of experts' router and expert banks).
 
         Args:
             mode: `"int8"` or `"int4"`.

@@ -7,7 +7,8 @@ Keras adds two float32 matrices per targeted projection, `lora_kernel_a`
 starts at zero, so enabling LoRA leaves the outputs unchanged. On an
 int8/int4 base (`quantize` first) the adapters stay float: QLoRA-style.
 
-Everything else (embedding, norms, base kernels) is frozen.
+Everything else (embedding, norms, base kernels, a mixture of experts' router
+and expert banks) is frozen.
 
 Example:
 ```python

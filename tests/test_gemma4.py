@@ -199,7 +199,7 @@ def test_released_config_fields_load():
     last_sliding = {**fields, "layer_types": LAYER_TYPES[:-1] + ["sliding_attention"]}
     assert config_from_hf(last_sliding).layer_types[-1] == "global"
     for field, value in (
-        ("enable_moe_block", True), ("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
+        ("hidden_size_per_layer_input", 256), ("num_kv_shared_layers", 2),
         ("use_bidirectional_attention", "all"),
     ):
         with pytest.raises(ValueError, match="not supported yet"):

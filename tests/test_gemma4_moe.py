@@ -166,6 +166,16 @@ def test_export_to_transformers_round_trips(ours, tmp_path):
     assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
+def test_save_to_preset_round_trips(ours, tmp_path):
+    directory = str(tmp_path / "preset")
+    with pytest.warns(UserWarning, match="native preset"):
+        ours.save_to_preset(directory)
+    again = keras_gemma.GemmaCausalLM.from_preset(directory)
+    assert again.config == ours.config
+    ids, mask = padded_batch(13)
+    np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(ours, ids, mask))
+
+
 def test_lora_and_int8_leave_the_experts_float(ours):
     """LoRA targets the dense projections and freezes the experts (a
     target among them is refused); int8 quantizes the same projections and
