@@ -61,6 +61,35 @@ def gemma3(sizes, sliding_window_size, query_pre_attn_scalar=None, global_rope_s
     )
 
 
+def gemma4(sizes, sliding_window_size, global_head_dim, num_global_key_value_heads, max_sequence_length, **experts):
+    """Gemma 4 text decoders, as `checkpoints.huggingface.config_from_hf`
+    reads the released config.json: keys as values on global layers,
+    proportional rope there (a quarter of the frequency pairs), the value
+    norm, attention scaling 1.0 (the q/k norms set it), a layer scalar; with
+    `num_experts`, `top_k_experts`, `moe_intermediate_dim`, a mixture of
+    experts beside each block's dense feed-forward."""
+    return GemmaConfig(
+        vocabulary_size=GEMMA3_VOCAB,
+        layer_types=layer_pattern(sizes["num_layers"], GEMMA3_PATTERN),
+        sliding_window_size=sliding_window_size,
+        query_pre_attn_scalar=1.0,
+        final_logit_softcap=30.0,
+        use_post_norms=True,
+        use_qk_norm=True,
+        global_rope_base=1_000_000.0,
+        local_rope_base=10_000.0,
+        global_rope_fraction=0.25,
+        global_head_dim=global_head_dim,
+        num_global_key_value_heads=num_global_key_value_heads,
+        global_keys_as_values=True,
+        use_value_norm=True,
+        use_layer_scalar=True,
+        max_sequence_length=max_sequence_length,
+        **experts,
+        **sizes,
+    )
+
+
 ARCHITECTURES = {
     "gemma_2b": gemma1(dims(18, 2048, 8, 1, 16384)),
     "gemma_7b": gemma1(dims(28, 3072, 16, 16, 24576)),
@@ -73,6 +102,11 @@ ARCHITECTURES = {
     "gemma3_12b": gemma3(dims(48, 3840, 16, 8, 15360), 1024, global_rope_scaling=8.0),
     "gemma3_27b": gemma3(
         dims(62, 5376, 32, 16, 21504, head_dim=128), 1024, query_pre_attn_scalar=168, global_rope_scaling=8.0
+    ),
+    # google/gemma-4-26B-A4B(-it) config.json's text_config.
+    "gemma4_26b_a4b": gemma4(
+        dims(30, 2816, 16, 8, 2112), 1024, global_head_dim=512, num_global_key_value_heads=2,
+        max_sequence_length=262_144, num_experts=128, top_k_experts=8, moe_intermediate_dim=704,
     ),
 }
 

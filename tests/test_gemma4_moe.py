@@ -149,6 +149,33 @@ def test_bad_expert_configs_are_refused(ours):
         config_from_hf({**fields, "num_experts": None})
 
 
+# google/gemma-4-26B-A4B's config.json text_config (the fields that shape the text model).
+RELEASED_26B_A4B = {
+    "model_type": "gemma4_text", "num_hidden_layers": 30, "hidden_size": 2816, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
+    "intermediate_size": 2112, "moe_intermediate_size": 704, "num_experts": 128, "top_k_experts": 8,
+    "enable_moe_block": True, "sliding_window": 1024, "max_position_embeddings": 262144,
+    "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0, "attention_k_eq_v": True,
+    "vocab_size": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+    "num_kv_shared_layers": 0, "hidden_size_per_layer_input": None, "use_double_wide_mlp": False,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    "rope_parameters": {
+        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+}
+
+
+def test_26b_a4b_architecture_is_the_released_config():
+    """The preset architecture equals what `config_from_hf` reads from the
+    released config.json (25.2B text parameters, 128 experts, top 8)."""
+    from keras_gemma.presets import ARCHITECTURES
+
+    config = ARCHITECTURES["gemma4_26b_a4b"]
+    assert config_from_hf({"model_type": "gemma4", "text_config": RELEASED_26B_A4B}) == config
+    assert round(config.num_parameters() / 1e9, 1) == 25.2
+
+
 def test_save_pretrained_loads_here(hf_model, tmp_path):
     hf_model.save_pretrained(str(tmp_path))
     backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
@@ -212,6 +239,22 @@ def test_layout_map_covers_the_experts(ours):
         assert (layout_map[path] is not None) == path.endswith(("gate_up", "down")), path
     with pytest.raises(ValueError, match="50 is not divisible"):
         get_layout_map(mesh, config=config.replace(moe_intermediate_dim=50))
+
+
+@pytest.mark.skipif(backend() != "jax", reason="keras.distribution sharding is JAX-only")
+def test_26b_a4b_global_layers_are_not_split_by_head_where_they_cannot_be():
+    """16 query heads and 8 local kv heads divide 4 devices, its global
+    layers' 2 kv heads do not: attention goes along the hidden dimension."""
+    from keras_gemma.distribution import get_layout_map, layout_problems
+    from keras_gemma.presets import ARCHITECTURES
+
+    config = ARCHITECTURES["gemma4_26b_a4b"]
+    for shape in ((1, 2), (1, 4), (2, 4), (1, 8)):
+        mesh = keras.distribution.DeviceMesh(shape, ("batch", "model"), [f"cpu:{i}" for i in range(int(np.prod(shape)))])
+        layout_map = get_layout_map(mesh, config=config)
+        assert layout_problems(layout_map, config) == [], shape
+        key = tuple(layout_map["decoder_block_5/attention/key/kernel"].axes)
+        assert key == (("model", "batch", None) if shape[1] == 2 else (None, "model", "batch")), shape
 
 
 def test_greedy_with_cache_equals_full_forward():

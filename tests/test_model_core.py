@@ -41,6 +41,8 @@ def batch(vocabulary_size=64, seq_len=9):
 # Published counts, REFERENCE.md section 2.
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_parameter_count_equals_published(architecture):
+    if architecture not in PUBLISHED_PARAMETERS:
+        pytest.skip(f"no published count for {architecture}")
     assert ARCHITECTURES[architecture].num_parameters() == PUBLISHED_PARAMETERS[architecture]
 
 
