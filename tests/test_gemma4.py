@@ -198,11 +198,8 @@ def test_released_config_fields_load():
     # transformers makes the last layer global whatever `layer_types` says
     last_sliding = {**fields, "layer_types": LAYER_TYPES[:-1] + ["sliding_attention"]}
     assert config_from_hf(last_sliding).layer_types[-1] == "global"
-    for field, value in (
-        ("enable_moe_block", True), ("use_bidirectional_attention", "all"),
-    ):
-        with pytest.raises(ValueError, match="not supported yet"):
-            config_from_hf({**fields, field: value})
+    with pytest.raises(ValueError, match="not supported yet"):
+        config_from_hf({**fields, "use_bidirectional_attention": "all"})
 
 
 def test_save_pretrained_loads_here(hf_model, tmp_path):
