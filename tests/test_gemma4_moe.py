@@ -174,9 +174,11 @@ def test_26b_a4b_architecture_is_the_released_config():
     config = ARCHITECTURES["gemma4_26b_a4b"]
     assert config_from_hf({"model_type": "gemma4", "text_config": RELEASED_26B_A4B}) == config
     assert round(config.num_parameters() / 1e9, 1) == 25.2
-    # transformers' model at full size, on the meta device (no weights).
+    # transformers' model at full size, on the meta device (no weights);
+    # its config class takes 0, not the file's null, for "no per-layer input".
     with torch.device("meta"):
-        hf = transformers.Gemma4ForCausalLM(transformers.Gemma4TextConfig(**RELEASED_26B_A4B))
+        hf_config = transformers.Gemma4TextConfig(**{**RELEASED_26B_A4B, "hidden_size_per_layer_input": 0})
+        hf = transformers.Gemma4ForCausalLM(hf_config)
     buffers = sum(b.numel() for name, b in hf.named_buffers() if name.endswith("layer_scalar"))
     assert config.num_parameters() == sum(p.numel() for p in hf.parameters()) + buffers
 
