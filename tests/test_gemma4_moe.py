@@ -20,11 +20,10 @@ import transformers
 import keras
 import keras_gemma
 from conftest import backend, to_numpy
-from hf_reference import VOCAB, build_hf, hf_logits, ours_from_hf, padded_batch
+from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
-from test_gemma4 import gemma4_config
+from gemma4_reference import TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, logits_of, with_weights_of
 
-TOLERANCE = 1e-4
 EXPERTS, TOP_K, WIDTH = 8, 2, 32
 
 
@@ -34,21 +33,8 @@ def moe_config(**overrides):
 
 
 def build_moe(hf_config=None, seed=0, scale=0.25, router_scale=4.0):
-    """`build_hf`, then multiplier norms and scales around 1, layer scalars
-    in [0.5, 1.5], and a router kernel `router_scale` times larger."""
-    model = build_hf(hf_config or moe_config(), seed=seed, scale=scale)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith(("norm.weight", "layernorm_1.weight", "layernorm_2.weight", "router.scale")):
-                param.add_(1.0)
-            elif name.endswith("per_expert_scale"):
-                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
-            elif name.endswith("router.proj.weight"):
-                param.mul_(router_scale)
-        for layer in model.model.layers:
-            layer.layer_scalar.copy_(0.5 + torch.rand(1, generator=generator))
-    return model
+    """`build_gemma4` with a router kernel `router_scale` times larger."""
+    return build_gemma4(hf_config or moe_config(), seed=seed, scale=scale, router_scale=router_scale)
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +45,6 @@ def hf_model():
 @pytest.fixture(scope="module")
 def ours(hf_model):
     return ours_from_hf(hf_model)
-
-
-def logits_of(model, ids, mask):
-    return to_numpy(model({"token_ids": ids, "padding_mask": mask}))
-
-
-def assert_same_logits(model, hf, seq_len=13):
-    ids, mask = padded_batch(seq_len)
-    actual, expected = logits_of(model, ids, mask), hf_logits(hf, ids, mask)
-    np.testing.assert_allclose(actual[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
-    return ids, mask, actual
 
 
 def test_config_from_transformers(ours):
@@ -115,15 +90,6 @@ def test_gathered_dispatch_equals_dense(ours):
     assert np.count_nonzero(to_numpy(gates), axis=-1).tolist() == [[TOP_K] * 3] * 2
     np.testing.assert_allclose(to_numpy(moe.gathered(x, experts, weights)), to_numpy(moe.dense(x, gates)), atol=1e-5)
     np.testing.assert_allclose(to_numpy(moe(x[:1, :2], router_input=x[:1, :2])), to_numpy(moe.dense(x, gates))[:1, :2], atol=1e-5)
-
-
-def with_weights_of(model, **changes):
-    other = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(model.config.replace(**changes)))
-    source = model.backbone.weight_map()
-    for name, variable in other.backbone.weight_map().items():
-        if name in source:
-            variable.assign(source[name])
-    return other
 
 
 @pytest.mark.parametrize(
