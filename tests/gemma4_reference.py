@@ -95,3 +95,21 @@ def greedy_equals_full_forward(lm, prompts, new_tokens):
         picks = to_numpy(lm({"token_ids": np.array([row], np.int32)}))[0].argmax(-1).tolist()
         assert row[len(prompt):] == picks[len(prompt) - 1 : -1]
     assert all(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, rows)), rows
+
+
+def assert_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """transformers' `save_pretrained` loads here with its logits, and
+    `export_to_transformers` loads there with ours and back here with the
+    same config; returns the exported model for variant checks."""
+    hf_model.save_pretrained(str(tmp_path / "saved"))
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "saved"))
+    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
+    directory = str(tmp_path / "export")
+    ours.backbone.export_to_transformers(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Gemma4ForCausalLM"
+    assert_same_logits(ours, hf)
+    again = keras_gemma.GemmaBackbone.from_preset(directory)
+    assert again.config == ours.config
+    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
+    return hf

@@ -19,6 +19,7 @@ import transformers
 import keras_gemma
 from conftest import to_numpy
 from gemma4_reference import (
+    assert_checkpoints_round_trip,
     LAYER_TYPES, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved,
     with_weights_of,
 )
@@ -149,22 +150,10 @@ def test_released_config_fields_load():
         config_from_hf({**fields, "use_bidirectional_attention": "all"})
 
 
-def test_save_pretrained_loads_here(hf_model, tmp_path):
-    hf_model.save_pretrained(str(tmp_path))
-    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
-    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
-
-
-def test_export_to_transformers_round_trips(ours, tmp_path):
-    directory = str(tmp_path / "export")
-    ours.backbone.export_to_transformers(directory)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
-    assert type(hf).__name__ == "Gemma4ForCausalLM"
+def test_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """`save_pretrained` loads here; `export_to_transformers` loads there."""
+    hf = assert_checkpoints_round_trip(ours, hf_model, tmp_path)
     assert hf.model.layers[1].self_attn.v_proj is None and hf.model.layers[1].self_attn.head_dim == 32
-    assert_same_logits(ours, hf)
-    again = keras_gemma.GemmaBackbone.from_preset(directory)
-    assert again.config == ours.config
-    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
 def test_save_to_preset_round_trips(ours, tmp_path):

@@ -24,6 +24,7 @@ from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
 from keras_gemma.config import GemmaConfig
 from gemma4_reference import (
+    assert_checkpoints_round_trip,
     ROPE, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved,
     with_weights_of,
 )
@@ -162,22 +163,11 @@ def test_transformers_defaults_apply(hf_model):
     assert transformers.Gemma4TextConfig(**fields).hidden_size_per_layer_input == 256
 
 
-def test_save_pretrained_loads_here(hf_model, tmp_path):
-    hf_model.save_pretrained(str(tmp_path))
-    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
-    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
-
-
-def test_export_to_transformers_round_trips(ours, tmp_path):
-    directory = str(tmp_path / "export")
-    ours.backbone.export_to_transformers(directory)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+def test_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """`save_pretrained` loads here; `export_to_transformers` loads there."""
+    hf = assert_checkpoints_round_trip(ours, hf_model, tmp_path)
     assert hf.config.num_kv_shared_layers == 2 and hf.config.hidden_size_per_layer_input == 8
     assert not hasattr(hf.model.layers[4].self_attn, "k_proj")
-    assert_same_logits(ours, hf)
-    again = keras_gemma.GemmaBackbone.from_preset(directory)
-    assert again.config == ours.config
-    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
 def test_lora_and_int8_quantization_run(ours, tmp_path):

@@ -22,7 +22,7 @@ import keras_gemma
 from conftest import backend, to_numpy
 from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
-from gemma4_reference import TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, logits_of, with_weights_of
+from gemma4_reference import assert_checkpoints_round_trip, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, logits_of, with_weights_of
 
 EXPERTS, TOP_K, WIDTH = 8, 2, 32
 
@@ -149,21 +149,10 @@ def test_26b_a4b_architecture_is_the_released_config():
     assert config.num_parameters() == sum(p.numel() for p in hf.parameters()) + buffers
 
 
-def test_save_pretrained_loads_here(hf_model, tmp_path):
-    hf_model.save_pretrained(str(tmp_path))
-    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
-    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
-
-
-def test_export_to_transformers_round_trips(ours, tmp_path):
-    directory = str(tmp_path / "export")
-    ours.backbone.export_to_transformers(directory)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+def test_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """`save_pretrained` loads here; `export_to_transformers` loads there."""
+    hf = assert_checkpoints_round_trip(ours, hf_model, tmp_path)
     assert hf.config.enable_moe_block and hf.config.num_experts == EXPERTS and hf.config.top_k_experts == TOP_K
-    assert_same_logits(ours, hf)
-    again = keras_gemma.GemmaBackbone.from_preset(directory)
-    assert again.config == ours.config
-    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
 def test_save_to_preset_round_trips(ours, tmp_path):
