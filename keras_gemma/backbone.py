@@ -311,6 +311,12 @@ class GemmaBackbone(keras.Model):
         .per_layer_projection (p, d), .post_per_layer_input_norm (d,).
         Key/value-shared layers have no .key, .value or .key_norm; with
         `use_double_wide_mlp` their f is twice `intermediate_dim`.
+        With a mixture of experts (e experts, g their width):
+            blocks.{i}.{pre_moe_norm,post_moe_norm,post_dense_ffw_norm} (d,);
+            blocks.{i}.moe.router (d, e), .router_scale (d,) and
+            .expert_scale (e,) (multipliers, ones at init), .gate_up
+            (e, 2, d, g) (each expert's gate kernel, then its up kernel),
+            .down (e, g, d).
         Norm scales are zero-centred (the model multiplies by 1 + scale).
         On a quantized backbone the projections and the embedding are the raw
         int8 (int4: packed) storage, without their scales: load float
@@ -319,7 +325,10 @@ class GemmaBackbone(keras.Model):
         weights = {"token_embedding": _variable(self.token_embedding, "embeddings")}
         for i, block in enumerate(self.blocks):
             prefix = f"blocks.{i}"
-            for norm_name in ("pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm"):
+            for norm_name in (
+                "pre_attention_norm", "post_attention_norm", "pre_ffw_norm", "post_ffw_norm",
+                "pre_moe_norm", "post_moe_norm", "post_dense_ffw_norm",
+            ):
                 norm = getattr(block, norm_name)
                 if norm is not None:
                     weights[f"{prefix}.{norm_name}"] = norm.scale
@@ -337,6 +346,9 @@ class GemmaBackbone(keras.Model):
                     weights[f"{prefix}.attention.{name}"] = getattr(attention, name).scale
             for name in ("gate", "up", "down"):
                 weights[f"{prefix}.feed_forward.{name}"] = _variable(getattr(block.feed_forward, name), "kernel")
+            if block.moe is not None:
+                for name in ("router", "router_scale", "expert_scale", "gate_up", "down"):
+                    weights[f"{prefix}.moe.{name}"] = getattr(block.moe, name)
             if block.use_layer_scalar:
                 weights[f"{prefix}.layer_scalar"] = block.layer_scalar
             if block.per_layer_input_dim:
@@ -423,7 +435,8 @@ class GemmaBackbone(keras.Model):
             rank: the adapters' rank.
             alpha: the update is scaled by `alpha / rank` (default: `rank`).
             target_layers: `"all"` or names among `query`, `key`, `value`,
-                `output`, `gate`, `up`, `down`.
+                `output`, `gate`, `up`, `down` (the dense feed-forward's; a
+                mixture of experts' router and expert banks stay frozen).
 
         Example:
         ```python
@@ -452,7 +465,8 @@ class GemmaBackbone(keras.Model):
 
     def quantize(self, mode=None, config=None, weight_only=True, **kwargs):
         """Weight-only `"int8"` or `"int4"` quantization of every projection and
-        of the tied embedding / output head (norms stay float).
+        of the tied embedding / output head (norms stay float, and so do a
+        mixture of experts' router and expert banks).
 
         Args:
             mode: `"int8"` or `"int4"`.

@@ -74,6 +74,12 @@ class GemmaConfig:
             attention type (`kv_source`), and needs no cache of its own.
         use_double_wide_mlp: those shared layers' feed-forward is twice
             `intermediate_dim` wide (Gemma 4 E2B).
+        num_experts: experts of a mixture-of-experts feed-forward beside the
+            dense one in every block (Gemma 4 26B-A4B's `enable_moe_block`
+            with HF `num_experts`), or None for none.
+        top_k_experts: experts each token is routed to (HF `top_k_experts`).
+        moe_intermediate_dim: width of each expert's gate (HF
+            `moe_intermediate_size`).
         layer_norm_epsilon: RMSNorm epsilon.
         max_sequence_length: context length the model was trained for.
         dropout: dropout on attention outputs and feed-forward during training.
@@ -108,6 +114,9 @@ class GemmaConfig:
     per_layer_vocabulary_size: Optional[int] = None
     num_kv_shared_layers: int = 0
     use_double_wide_mlp: bool = False
+    num_experts: Optional[int] = None
+    top_k_experts: Optional[int] = None
+    moe_intermediate_dim: Optional[int] = None
     layer_norm_epsilon: float = 1e-6
     max_sequence_length: int = 8192
     dropout: float = 0.0
@@ -198,6 +207,7 @@ class GemmaConfig:
         for name in ("global_rope_fraction", "local_rope_fraction"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"`{name}` must be in [0, 1], got {getattr(self, name)!r}.")
+        self._validate_experts()
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"`dropout` must be in [0, 1), got {self.dropout!r}.")
         if self.num_kv_shared_layers >= self.num_layers:
@@ -214,6 +224,22 @@ class GemmaConfig:
             )
         if self.use_double_wide_mlp and not self.num_kv_shared_layers:
             raise ValueError("`use_double_wide_mlp` widens the key/value-shared layers; `num_kv_shared_layers` is 0.")
+
+    def _validate_experts(self):
+        fields = ("num_experts", "top_k_experts", "moe_intermediate_dim")
+        if self.num_experts is None:
+            given = [name for name in fields[1:] if getattr(self, name) is not None]
+            if given:
+                raise ValueError(f"{given} set without `num_experts`: set `num_experts` for a mixture of experts.")
+            return
+        for name in fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"`{name}` must be a positive integer with `num_experts` set, got {value!r}.")
+        if self.top_k_experts > self.num_experts:
+            raise ValueError(
+                f"`top_k_experts` ({self.top_k_experts}) must not exceed `num_experts` ({self.num_experts})."
+            )
 
     # Per-layer values, worked out once.
     def window(self, layer_index):
@@ -274,6 +300,7 @@ class GemmaConfig:
             "per_layer_input_dim": self.per_layer_input_dim > 0,
             "num_kv_shared_layers": self.num_kv_shared_layers > 0,
             "use_double_wide_mlp": self.use_double_wide_mlp,
+            "num_experts": self.num_experts is not None,
         }
         return [name for name, value in on.items() if value]
 
@@ -309,6 +336,9 @@ class GemmaConfig:
             total += (h if shared else 2 * h) if self.use_qk_norm else 0
             total += 1 if self.use_layer_scalar else 0
             total += 2 * d * p + d if p else 0  # gate, projection, norm
+            if self.num_experts is not None:  # router (kernel, scale, expert scales), experts, 3 norms
+                e, f = self.num_experts, self.moe_intermediate_dim
+                total += d * e + d + e + 3 * e * d * f + 3 * d
         return total
 
     @property

@@ -4,9 +4,10 @@
 axis and, FSDP-style, along the data-parallel axis too; small weights (norms,
 quantization scales, LoRA adapters) stay replicated. Attention is sharded by
 head (Megatron-style: column-parallel q/k/v, row-parallel output) only when
-both the query and the key/value head counts divide the model axis; otherwise
-(MQA with one kv head, 4 heads on 8 devices, or no config given) along the
-hidden dimension, which every Gemma preset divides by 2, 4 and 8. A kv-head
+the query and the key/value head counts (global layers' too) divide the
+model axis; otherwise (MQA with one kv head, 4 heads on 8 devices, Gemma 4
+26B's 2 global kv heads on 4 devices, or no config given) along the hidden
+dimension, which every Gemma preset divides by 2, 4 and 8. A kv-head
 axis of size 1 is never sharded.
 
 Example (8 devices):
@@ -54,12 +55,18 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         attention output (n, h, d): (model, None, batch) by head, else
             (None, batch, model)
         feed_forward gate/up (d, f): (batch, model); down (f, d): (model, batch)
+        moe gate_up (e, 2, d, g): (None, None, batch, model); down (e, g, d):
+            (None, model, batch): each expert as the dense feed-forward,
+            split along its width g, so the gathered (decode) dispatch
+            takes whole experts on every device; the router and its scales
+            (small) are replicated.
     """
     model = _axis(device_mesh, model_parallel_dim_name)
     batch = _axis(device_mesh, data_parallel_dim_name)
     model_size = _axis_size(device_mesh, model)
     by_head = config is not None and all(
-        heads % model_size == 0 for heads in (config.num_query_heads, config.num_key_value_heads)
+        heads % model_size == 0
+        for heads in (config.num_query_heads, config.num_key_value_heads, config.num_global_key_value_heads)
     )
     layout_map = keras.distribution.LayoutMap(device_mesh)
     layout_map[r".*token_embedding/embeddings$"] = (model, batch)
@@ -71,6 +78,8 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
         layout_map[r".*attention/output/kernel$"] = (None, batch, model)
     layout_map[r".*feed_forward/(gate|up)/kernel$"] = (batch, model)
     layout_map[r".*feed_forward/down/kernel$"] = (model, batch)
+    layout_map[r".*moe/gate_up$"] = (None, None, batch, model)
+    layout_map[r".*moe/down$"] = (None, model, batch)
     if config is not None:
         problems = layout_problems(layout_map, config)
         if problems:
@@ -82,21 +91,29 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
 
 
 def weight_shapes(config):
-    """Variable path suffix -> shape for the sharded weights of one block
-    (all blocks are alike), without building the model."""
-    n, k, h = config.num_query_heads, config.num_key_value_heads, config.head_dim
-    d, f, v = config.hidden_dim, config.intermediate_dim, config.vocabulary_size
-    block = "decoder_block_0"
-    return {
-        "token_embedding/embeddings": (v, d),
-        f"{block}/attention/query/kernel": (n, d, h),
-        f"{block}/attention/key/kernel": (k, d, h),
-        f"{block}/attention/value/kernel": (k, d, h),
-        f"{block}/attention/output/kernel": (n, h, d),
-        f"{block}/feed_forward/gate/kernel": (d, f),
-        f"{block}/feed_forward/up/kernel": (d, f),
-        f"{block}/feed_forward/down/kernel": (f, d),
-    }
+    """Variable path suffix -> shape for the sharded weights of one block of
+    each attention type (blocks of a type are alike; Gemma 4's global layers
+    have head shapes of their own), without building the model."""
+    n, d, f, v = config.num_query_heads, config.hidden_dim, config.intermediate_dim, config.vocabulary_size
+    shapes = {"token_embedding/embeddings": (v, d)}
+    for kind in sorted(set(config.layer_types)):
+        i = config.layer_types.index(kind)
+        k, h, block = config.layer_key_value_heads(i), config.layer_head_dim(i), f"decoder_block_{i}"
+        shapes.update({
+            f"{block}/attention/query/kernel": (n, d, h),
+            f"{block}/attention/key/kernel": (k, d, h),
+            f"{block}/attention/value/kernel": (k, d, h),
+            f"{block}/attention/output/kernel": (n, h, d),
+            f"{block}/feed_forward/gate/kernel": (d, f),
+            f"{block}/feed_forward/up/kernel": (d, f),
+            f"{block}/feed_forward/down/kernel": (f, d),
+        })
+        if config.layer_keys_as_values(i):
+            del shapes[f"{block}/attention/value/kernel"]
+        if config.num_experts is not None:
+            e, g = config.num_experts, config.moe_intermediate_dim
+            shapes.update({f"{block}/moe/gate_up": (e, 2, d, g), f"{block}/moe/down": (e, g, d)})
+    return shapes
 
 
 def layout_problems(layout_map, config, shapes=None):

@@ -6,6 +6,8 @@ Einsum axis legend, used in every equation below:
     g: query heads per key/value head (n = k * g)
     h: head_dim         f: feed-forward (per-gate) width   v: vocabulary
     p: per-layer input width (Gemma 4's per-layer embeddings)
+    e: experts          k (in `MixtureOfExperts`): experts chosen per token
+    c: an expert's (gate, up) pair
 
 One forward path serves training, prefill and decode: the attention layer
 takes an optional fixed-shape cache (see `Attention.call`).
@@ -34,6 +36,12 @@ def soft_cap(x, cap):
     return ops.tanh(x / cap) * cap
 
 
+def rms_normalize(x, epsilon):
+    """`x * rsqrt(mean(x ** 2) + epsilon)` over the last axis, in float32."""
+    x32 = ops.cast(x, "float32")
+    return x32 * ops.rsqrt(ops.mean(ops.square(x32), axis=-1, keepdims=True) + epsilon)
+
+
 class RMSNorm(keras.layers.Layer):
     """RMS normalisation with a zero-centred scale: `x * rsqrt(ms + eps) * (1 + scale)`.
 
@@ -54,9 +62,7 @@ class RMSNorm(keras.layers.Layer):
         self.built = True
 
     def call(self, x):
-        x32 = ops.cast(x, "float32")
-        mean_square = ops.mean(ops.square(x32), axis=-1, keepdims=True)
-        normed = x32 * ops.rsqrt(mean_square + self.epsilon)
+        normed = rms_normalize(x, self.epsilon)
         if self.with_scale:
             normed = normed * (1.0 + ops.cast(self.scale, "float32"))
         return ops.cast(normed, x.dtype)
@@ -414,12 +420,98 @@ class FeedForward(keras.layers.Layer):
         return ops.einsum("btf,fd->btd", hidden, ops.cast(self.down.kernel, "float32"))
 
 
+class MixtureOfExperts(keras.layers.Layer):
+    """Gemma 4's routed feed-forward (26B-A4B): each token goes through
+    `top_k` of `num_experts` gated feed-forwards, weighted by a router.
+
+    The router, as transformers' `Gemma4TextRouter`: the block's input,
+    RMS-normalised without scale, times a stored per-channel scale and
+    `hidden_dim ** -0.5`, gives expert logits; softmax over all experts (in
+    float32); the top k probabilities, renormalised to sum to 1, each times
+    its expert's stored scale, weight the chosen experts' outputs.
+
+    Every shape is static on every backend (no boolean indexing). Two ways
+    to dispatch, picked from the static token count t:
+    - `t * k <= e` (decode steps, short prompts): the chosen experts'
+      kernels are gathered per token: t * k expert products and at most
+      the bank's size in weights read, where the dense way reads all of it.
+    - more tokens: every expert runs on every token and a (t, e) gate
+      matrix, zero outside each token's top k, weights their outputs: e / k
+      times the routed products, but three einsums over whole kernels; its
+      (t, e, 2, g) activations are e times one expert's (26B-A4B: 180k
+      numbers a token), so long training rows want `remat`. An exact
+      grouped product (tokens sorted by expert into ragged groups) has
+      no static-shape `keras.ops` form.
+
+    The expert banks and router are plain variables, not `EinsumDense`:
+    LoRA and int8/int4 quantization leave them in float (frozen under LoRA).
+
+    Args:
+        config: the `GemmaConfig` (`num_experts`, `top_k_experts`,
+            `moe_intermediate_dim`).
+    """
+
+    def __init__(self, config, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_dim = config.hidden_dim
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k_experts
+        self.intermediate_dim = config.moe_intermediate_dim
+        self.epsilon = config.layer_norm_epsilon
+
+    def build(self, input_shape=None):
+        d, e, f = self.hidden_dim, self.num_experts, self.intermediate_dim
+        glorot = keras.initializers.GlorotUniform()
+        self.router = self.add_weight(name="router", shape=(d, e), initializer=glorot)
+        self.router_scale = self.add_weight(name="router_scale", shape=(d,), initializer="ones")
+        self.expert_scale = self.add_weight(name="expert_scale", shape=(e,), initializer="ones")
+        self.gate_up = self.add_weight(name="gate_up", shape=(e, 2, d, f), initializer=glorot)
+        self.down = self.add_weight(name="down", shape=(e, f, d), initializer=glorot)
+        self.built = True
+
+    def route(self, x):
+        """Each token's chosen experts (b, t, k) int and their weights (b, t, k), from x (b, t, d)."""
+        scaled = ops.cast(rms_normalize(x, self.epsilon), x.dtype) * ops.cast(self.router_scale, x.dtype)
+        logits = ops.einsum("btd,de->bte", scaled * self.hidden_dim ** -0.5, ops.cast(self.router, x.dtype))
+        probs = ops.softmax(ops.cast(logits, "float32"), axis=-1)  # (b, t, e)
+        weights, experts = ops.top_k(probs, self.top_k)  # each (b, t, k)
+        weights = weights / ops.sum(weights, axis=-1, keepdims=True)
+        return experts, weights * ops.take(ops.cast(self.expert_scale, "float32"), experts)
+
+    def call(self, x, router_input):
+        """The experts' output (b, t, d) for x (b, t, d) (normalised), routed by `router_input` (b, t, d)."""
+        experts, weights = self.route(router_input)
+        weights = ops.cast(weights, x.dtype)
+        b, t = x.shape[0], x.shape[1]
+        if b is not None and t is not None and b * t * self.top_k <= self.num_experts:
+            return self.gathered(x, experts, weights)
+        gates = ops.sum(ops.one_hot(experts, self.num_experts, dtype=x.dtype) * weights[..., None], axis=2)
+        return self.dense(x, gates)  # gates (b, t, e)
+
+    def gathered(self, x, experts, weights):
+        """Only the chosen experts: kernels gathered per token."""
+        gate_up = ops.einsum("btd,btkcdf->btkcf", x, ops.take(ops.cast(self.gate_up, x.dtype), experts, axis=0))
+        hidden = keras.activations.gelu(gate_up[..., 0, :], approximate=True) * gate_up[..., 1, :]  # (b, t, k, f)
+        out = ops.einsum("btkf,btkfd->btkd", hidden, ops.take(ops.cast(self.down, x.dtype), experts, axis=0))
+        return ops.einsum("btkd,btk->btd", out, weights)
+
+    def dense(self, x, gates):
+        """Every expert on every token, weighted by gates (b, t, e)."""
+        gate_up = ops.einsum("btd,ecdf->btecf", x, ops.cast(self.gate_up, x.dtype))
+        hidden = keras.activations.gelu(gate_up[..., 0, :], approximate=True) * gate_up[..., 1, :]  # (b, t, e, f)
+        return ops.einsum("btef,efd->btd", hidden * gates[..., None], ops.cast(self.down, x.dtype))
+
+
 class DecoderBlock(keras.layers.Layer):
     """One Gemma block: pre-norms always, post-norms when the config has them.
 
     `x += post_attention_norm(attention(pre_attention_norm(x)))`, then the
     same with the feed-forward; with per-layer embeddings (Gemma 4 E2B/E4B)
     `x += post_per_layer_input_norm(per_layer_projection(gelu(per_layer_input_gate(x)) * per_layer_input))`.
+    same with the feed-forward. With a mixture of experts (Gemma 4
+    26B-A4B, as transformers' `Gemma4TextDecoderLayer`), the feed-forward
+    branch is `post_dense_ffw_norm(feed_forward(pre_ffw_norm(x))) +
+    post_moe_norm(moe(pre_moe_norm(x)))`, the router reading x itself.
     """
 
     def __init__(self, config, layer_index, **kwargs):
@@ -437,6 +529,12 @@ class DecoderBlock(keras.layers.Layer):
         if config.use_post_norms:
             self.post_attention_norm = RMSNorm(eps, name="post_attention_norm", dtype=policy)
             self.post_ffw_norm = RMSNorm(eps, name="post_ffw_norm", dtype=policy)
+        self.moe = self.pre_moe_norm = self.post_moe_norm = self.post_dense_ffw_norm = None
+        if config.num_experts is not None:
+            self.moe = MixtureOfExperts(config, name="moe", dtype=policy)
+            self.pre_moe_norm = RMSNorm(eps, name="pre_moe_norm", dtype=policy)
+            self.post_moe_norm = RMSNorm(eps, name="post_moe_norm", dtype=policy)
+            self.post_dense_ffw_norm = RMSNorm(eps, name="post_dense_ffw_norm", dtype=policy)
         self.dropout = keras.layers.Dropout(config.dropout, dtype=policy) if config.dropout else None
         self.use_layer_scalar = config.use_layer_scalar
         self.per_layer_input_dim = p = config.per_layer_input_dim
@@ -453,6 +551,7 @@ class DecoderBlock(keras.layers.Layer):
         for layer in (
             self.pre_attention_norm, self.attention, self.pre_ffw_norm, self.feed_forward,
             self.post_attention_norm, self.post_ffw_norm, self.per_layer_input_gate, self.post_per_layer_input_norm,
+            self.moe, self.pre_moe_norm, self.post_moe_norm, self.post_dense_ffw_norm,
         ):
             if layer is not None:
                 layer.build(shape)
@@ -486,6 +585,8 @@ class DecoderBlock(keras.layers.Layer):
             per_layer_input = None if per_layer_input is None else per_layer_input[:, -1:]
         x = _finite(x + self._residual_branch(h, self.post_attention_norm, training))
         h = self.feed_forward(self.pre_ffw_norm(x))
+        if self.moe is not None:
+            h = self.post_dense_ffw_norm(h) + self.post_moe_norm(self.moe(self.pre_moe_norm(x), router_input=x))
         if h.dtype != x.dtype:  # float16: the feed-forward ran in float32
             h = _into_float16(h, scale_free=self.post_ffw_norm is not None)
         x = _finite(x + self._residual_branch(h, self.post_ffw_norm, training))

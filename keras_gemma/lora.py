@@ -7,7 +7,8 @@ Keras adds two float32 matrices per targeted projection, `lora_kernel_a`
 starts at zero, so enabling LoRA leaves the outputs unchanged. On an
 int8/int4 base (`quantize` first) the adapters stay float: QLoRA-style.
 
-Everything else (embedding, norms, base kernels) is frozen.
+Everything else (embedding, norms, base kernels, a mixture of experts' router
+and expert banks) is frozen.
 
 Example:
 ```python
@@ -44,6 +45,9 @@ TARGETS = {
     "down": ("feed_forward", "down"),
 }
 DEFAULT_TARGETS = ("query", "value")
+# Parts of a mixture of experts (`layers.MixtureOfExperts`): plain variables,
+# not `EinsumDense`, so Keras has no LoRA for them; they stay frozen.
+EXPERT_PARTS = ("moe", "experts", "router", "gate_up", "expert_gate", "expert_up", "expert_down")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +67,12 @@ def resolve_targets(target_layers):
     if isinstance(target_layers, str):
         target_layers = (target_layers,)
     names = list(target_layers)
+    experts = [name for name in names if name in EXPERT_PARTS]
+    if experts:
+        raise ValueError(
+            f"LoRA on the mixture of experts ({experts}) is not supported: its router and expert banks "
+            f"stay frozen. Target the attention and dense feed-forward projections among {list(TARGETS)}."
+        )
     unknown = [name for name in names if name not in TARGETS]
     if unknown or not names:
         raise ValueError(

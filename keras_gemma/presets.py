@@ -132,6 +132,14 @@ ARCHITECTURES = {
         dims(42, 2560, 8, 2, 10240), 512, max_sequence_length=131_072,
         per_layer_input_dim=256, num_kv_shared_layers=18,
     ),
+    # Gemma 4 26B-A4B (google/gemma-4-26B-A4B config.json `text_config`):
+    # 128 experts (8 per token, each 704 wide) beside every block's dense
+    # feed-forward; window 1024; global layers with 2 key/value heads that
+    # are also the values.
+    "gemma4_26b_a4b": gemma4(
+        dims(30, 2816, 16, 8, 2112), 1024, num_global_key_value_heads=2, global_keys_as_values=True,
+        num_experts=128, top_k_experts=8, moe_intermediate_dim=704,
+    ),
 }
 
 # Published parameter counts (text-only), ../shared/REFERENCE.md section 2.
@@ -159,6 +167,9 @@ PUBLISHED_PARAMETERS = {
     # (262,144 x 35 x 256).
     "gemma4_e2b": 4_628_569_379,
     "gemma4_e4b": 7_463_013_418,
+    # The model card's "25.2B total" (3.8B active); transformers' model on
+    # the released config counts the same (tests/test_gemma4_moe.py).
+    "gemma4_26b_a4b": 25_233_141_790,
 }
 
 
@@ -267,6 +278,14 @@ def _entries():
         (
             "keras/gemma4", "gemma4_instruct_4b", 2, "gemma4_e4b", True, "Gemma 4 E4B instruct, text decoder",
             "google/gemma-4-E4B-it",
+        ),
+        (
+            "keras/gemma4", "gemma4_26b_a4b", 2, "gemma4_26b_a4b", False,
+            "Gemma 4 26B-A4B base (mixture of experts, 3.8B active), text decoder", "google/gemma-4-26B-A4B",
+        ),
+        (
+            "keras/gemma4", "gemma4_instruct_26b_a4b", 2, "gemma4_26b_a4b", True,
+            "Gemma 4 26B-A4B instruct (mixture of experts, 3.8B active), text decoder", "google/gemma-4-26B-A4B-it",
         ),
         ("keras/gemma4", "gemma4_31b", 2, "gemma4_31b", False, "Gemma 4 31B base, text decoder", "google/gemma-4-31B"),
         (

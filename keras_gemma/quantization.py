@@ -2,7 +2,9 @@
 
 Every projection (`EinsumDense`) and the tied embedding / output head
 (`TiedEmbedding`, a `keras.layers.Embedding`) are quantized by Keras itself;
-the norms stay in float. Activations are left in float: Keras' int8 default
+the norms stay in float, and so do a mixture of experts' router and expert
+banks (plain variables read by the experts' own gathers and einsums, which
+Keras' quantization does not reach). Activations are left in float: Keras' int8 default
 also quantizes each projection's inputs on the fly, which costs accuracy and
 saves no memory, so `quantize` here switches that off.
 

@@ -41,7 +41,7 @@ KAGGLE_HANDLES = {
     "keras/medgemma": "medgemma_instruct_27b_text/1",
     "keras/vaultgemma": "vault_gemma_1b_en/2",
     "keras/translategemma": "translategemma_4b_it/1 translategemma_12b_it/1 translategemma_27b_it/1",
-    "keras/gemma4": "gemma4_31b/2 gemma4_instruct_31b/2 gemma4_2b/2 gemma4_instruct_2b/2 gemma4_4b/2 gemma4_instruct_4b/2",
+    "keras/gemma4": "gemma4_31b/2 gemma4_instruct_31b/2 gemma4_2b/2 gemma4_instruct_2b/2 gemma4_4b/2 gemma4_instruct_4b/2 gemma4_26b_a4b/2 gemma4_instruct_26b_a4b/2",
 }
 
 

@@ -87,7 +87,8 @@ SHARDED_SCRIPT = textwrap.dedent(
         return model
 
     devices = keras.distribution.list_devices()
-    for name, config in (("gqa", tiny()), ("mqa", tiny(num_key_value_heads=1))):
+    experts = tiny(num_experts=4, top_k_experts=2, moe_intermediate_dim=16)
+    for name, config in (("gqa", tiny()), ("mqa", tiny(num_key_value_heads=1)), ("moe", experts)):
         keras.distribution.set_distribution(None)
         keras.utils.set_random_seed(0)
         plain = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))
@@ -145,7 +146,7 @@ def test_sharded_model_on_eight_cpu_devices(tmp_path):
 
     line = [l for l in result.stdout.splitlines() if l.startswith("RESULTS")][-1]
     results = json.loads(line[len("RESULTS"):])
-    for name in ("gqa", "mqa"):
+    for name in ("gqa", "mqa", "moe"):
         assert results[name]["max_diff"] < 1e-5, results[name]
         losses = results[name]["sharded_fit_loss"]
         assert np.isfinite(losses).all() and losses[-1] < losses[0], losses
@@ -154,5 +155,8 @@ def test_sharded_model_on_eight_cpu_devices(tmp_path):
     # MQA (1 kv head): along the hidden dimension, never the kv-head axis.
     assert results["mqa"]["specs"]["decoder_block_0/attention/key/kernel"][:2] == [None, "model"]
     assert results["mqa"]["specs"]["decoder_block_0/feed_forward/down/kernel"] == ["model", "batch"]
+    # Expert banks along each expert's width, as the dense feed-forward.
+    assert results["moe"]["specs"]["decoder_block_0/moe/gate_up"] == [None, None, "batch", "model"]
+    assert results["moe"]["specs"]["decoder_block_1/moe/down"] == [None, "model", "batch"]
     losses = results["data_parallel_fit_loss"]
     assert np.isfinite(losses).all() and losses[-1] < losses[0], losses

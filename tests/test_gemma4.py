@@ -18,40 +18,14 @@ import transformers
 
 import keras_gemma
 from conftest import to_numpy
-from hf_reference import VOCAB, build_hf, hf_logits, ours_from_hf, padded_batch
+from gemma4_reference import (
+    assert_checkpoints_round_trip,
+    LAYER_TYPES, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved,
+    with_weights_of,
+)
+from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
 
-TOLERANCE = 1e-4
-LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
-
-
-def gemma4_config(**overrides):
-    args = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-        sliding_window=4, final_logit_softcapping=6.0, max_position_embeddings=512,
-        layer_types=LAYER_TYPES, hidden_size_per_layer_input=0,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-        },
-    )
-    return transformers.Gemma4TextConfig(**{**args, **overrides})
-
-
-def build_gemma4(hf_config=None, seed=0, scale=0.25):
-    """`build_hf`, then Gemma 4's multiplier norms around 1 and layer scalars
-    in [0.5, 1.5] (a buffer, which `build_hf` leaves at 1)."""
-    model = build_hf(hf_config or gemma4_config(), seed=seed, scale=scale)
-    generator = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.add_(1.0)
-        for layer in model.model.layers:
-            layer.layer_scalar.copy_(0.5 + torch.rand(1, generator=generator))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -62,17 +36,6 @@ def hf_model():
 @pytest.fixture(scope="module")
 def ours(hf_model):
     return ours_from_hf(hf_model)
-
-
-def logits_of(model, ids, mask):
-    return to_numpy(model({"token_ids": ids, "padding_mask": mask}))
-
-
-def assert_same_logits(model, hf, seq_len=13):
-    ids, mask = padded_batch(seq_len)
-    actual, expected = logits_of(model, ids, mask), hf_logits(hf, ids, mask)
-    np.testing.assert_allclose(actual[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
-    return ids, mask, actual
 
 
 def test_config_from_transformers(ours):
@@ -111,21 +74,6 @@ def test_mha_global_layers_without_shared_keys_match_transformers():
     assert not ours.config.global_keys_as_values and ours.config.num_global_key_value_heads == 4
     assert ours.backbone.blocks[1].attention.value_dense is not None
     assert_same_logits(ours, hf)
-
-
-def with_weights_of(model, **changes):
-    """A model with `changes` to the config and `model`'s weights (by
-    canonical name; a weight `model` lacks keeps its initial value)."""
-    other = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(model.config.replace(**changes)))
-    source = model.backbone.weight_map()
-    for name, variable in other.backbone.weight_map().items():
-        if name in source:
-            variable.assign(source[name])
-    return other
-
-
-def moved(a, b, mask):
-    return np.max(np.abs(a[mask] - b[mask]))
 
 
 @pytest.mark.parametrize(
@@ -198,29 +146,14 @@ def test_released_config_fields_load():
     # transformers makes the last layer global whatever `layer_types` says
     last_sliding = {**fields, "layer_types": LAYER_TYPES[:-1] + ["sliding_attention"]}
     assert config_from_hf(last_sliding).layer_types[-1] == "global"
-    for field, value in (
-        ("enable_moe_block", True), ("use_bidirectional_attention", "all"),
-    ):
-        with pytest.raises(ValueError, match="not supported yet"):
-            config_from_hf({**fields, field: value})
+    with pytest.raises(ValueError, match="not supported yet"):
+        config_from_hf({**fields, "use_bidirectional_attention": "all"})
 
 
-def test_save_pretrained_loads_here(hf_model, tmp_path):
-    hf_model.save_pretrained(str(tmp_path))
-    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
-    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
-
-
-def test_export_to_transformers_round_trips(ours, tmp_path):
-    directory = str(tmp_path / "export")
-    ours.backbone.export_to_transformers(directory)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
-    assert type(hf).__name__ == "Gemma4ForCausalLM"
+def test_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """`save_pretrained` loads here; `export_to_transformers` loads there."""
+    hf = assert_checkpoints_round_trip(ours, hf_model, tmp_path)
     assert hf.model.layers[1].self_attn.v_proj is None and hf.model.layers[1].self_attn.head_dim == 32
-    assert_same_logits(ours, hf)
-    again = keras_gemma.GemmaBackbone.from_preset(directory)
-    assert again.config == ours.config
-    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
 def test_save_to_preset_round_trips(ours, tmp_path):
@@ -296,21 +229,6 @@ def test_backbone_config_round_trips(ours):
     assert again.config == backbone.config
 
 
-def _greedy_equals_full_forward(lm, prompts, new_tokens):
-    width = max(len(p) for p in prompts)
-    ids = np.zeros((len(prompts), width), np.int32)
-    mask = np.zeros((len(prompts), width), bool)
-    for i, p in enumerate(prompts):
-        ids[i, : len(p)], mask[i, : len(p)] = p, True
-    output = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=new_tokens, stop_token_ids=None)
-    rows = [row[m].tolist() for row, m in zip(output["token_ids"], output["padding_mask"])]
-    for prompt, row in zip(prompts, rows):
-        assert len(row) == len(prompt) + new_tokens and row[: len(prompt)] == prompt
-        picks = to_numpy(lm({"token_ids": np.array([row], np.int32)}))[0].argmax(-1).tolist()
-        assert row[len(prompt):] == picks[len(prompt) - 1 : -1]
-    assert all(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, rows)), rows
-
-
 @pytest.fixture(scope="module")
 def small_lm():
     # Small weights: with large ones the tied head echoes one token forever.
@@ -322,4 +240,4 @@ def test_greedy_with_cache_equals_full_forward(small_lm):
     chunk of 128 columns then one of 64) through ring caches (window 4) and
     full caches of two head widths, many ring wraps."""
     rng = np.random.default_rng(1)
-    _greedy_equals_full_forward(small_lm, [rng.integers(4, VOCAB, n).tolist() for n in (150, 11, 3)], 16)
+    greedy_equals_full_forward(small_lm, [rng.integers(4, VOCAB, n).tolist() for n in (150, 11, 3)], 16)

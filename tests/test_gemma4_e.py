@@ -23,26 +23,24 @@ from conftest import to_numpy
 from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
 from keras_gemma.config import GemmaConfig
-from test_gemma4 import _greedy_equals_full_forward, build_gemma4
+from gemma4_reference import (
+    assert_checkpoints_round_trip,
+    ROPE, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved,
+    with_weights_of,
+)
 
-TOLERANCE = 1e-4
 LAYER_TYPES = ["sliding_attention", "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
 
 
 def e_config(**overrides):
+    """The dense test model with 6 layers, the last 2 sharing keys and
+    values (double-wide feed-forward there) and 8-wide per-layer inputs."""
     args = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=48, num_hidden_layers=6,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
-        sliding_window=4, final_logit_softcapping=6.0, max_position_embeddings=512,
-        layer_types=LAYER_TYPES, hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
+        intermediate_size=48, num_hidden_layers=6, layer_types=LAYER_TYPES,
+        hidden_size_per_layer_input=8, vocab_size_per_layer_input=VOCAB,
         num_kv_shared_layers=2, use_double_wide_mlp=True,
-        rope_parameters={
-            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-        },
     )
-    return transformers.Gemma4TextConfig(**{**args, **overrides})
+    return gemma4_config(**{**args, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -53,16 +51,6 @@ def hf_model():
 @pytest.fixture(scope="module")
 def ours(hf_model):
     return ours_from_hf(hf_model)
-
-
-def logits_of(model, ids, mask):
-    return to_numpy(model({"token_ids": ids, "padding_mask": mask}))
-
-
-def assert_same_logits(model, hf, seq_len=13):
-    ids, mask = padded_batch(seq_len)
-    actual, expected = logits_of(model, ids, mask), hf_logits(hf, ids, mask)
-    np.testing.assert_allclose(actual[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
 
 
 def test_config_from_transformers(ours, hf_model):
@@ -94,21 +82,6 @@ def test_single_wide_mlp_and_mha_match_transformers():
     model = ours_from_hf(hf)
     assert [model.config.kv_source(i) for i in range(6)] == [0, 1, 2, 2, 2, 1]
     assert_same_logits(model, hf)
-
-
-def with_weights_of(model, **changes):
-    """A model with `changes` to the config and `model`'s weights where
-    names and shapes agree (the rest keep their initial values)."""
-    other = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(model.config.replace(**changes)))
-    source = model.backbone.weight_map()
-    for name, variable in other.backbone.weight_map().items():
-        if name in source and tuple(source[name].shape) == tuple(variable.shape):
-            variable.assign(source[name])
-    return other
-
-
-def moved(a, b, mask):
-    return np.max(np.abs(a[mask] - b[mask]))
 
 
 @pytest.mark.parametrize(
@@ -190,22 +163,11 @@ def test_transformers_defaults_apply(hf_model):
     assert transformers.Gemma4TextConfig(**fields).hidden_size_per_layer_input == 256
 
 
-def test_save_pretrained_loads_here(hf_model, tmp_path):
-    hf_model.save_pretrained(str(tmp_path))
-    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path))
-    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
-
-
-def test_export_to_transformers_round_trips(ours, tmp_path):
-    directory = str(tmp_path / "export")
-    ours.backbone.export_to_transformers(directory)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+def test_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """`save_pretrained` loads here; `export_to_transformers` loads there."""
+    hf = assert_checkpoints_round_trip(ours, hf_model, tmp_path)
     assert hf.config.num_kv_shared_layers == 2 and hf.config.hidden_size_per_layer_input == 8
     assert not hasattr(hf.model.layers[4].self_attn, "k_proj")
-    assert_same_logits(ours, hf)
-    again = keras_gemma.GemmaBackbone.from_preset(directory)
-    assert again.config == ours.config
-    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
 
 
 def test_lora_and_int8_quantization_run(ours, tmp_path):
@@ -278,20 +240,16 @@ def test_greedy_with_cache_equals_full_forward():
     full caches; the shared layers read their sources' caches."""
     lm = ours_from_hf(build_gemma4(e_config(), seed=3, scale=0.05))
     rng = np.random.default_rng(1)
-    _greedy_equals_full_forward(lm, [rng.integers(4, VOCAB, n).tolist() for n in (150, 11, 3)], 16)
+    greedy_equals_full_forward(lm, [rng.integers(4, VOCAB, n).tolist() for n in (150, 11, 3)], 16)
 
 
 # The released E2B and E4B text configs (config.json's `text_config`, the fields that matter here).
-RELEASED_ROPE = {
-    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
-}
 E2B = dict(
     hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8, num_key_value_heads=1,
     head_dim=256, global_head_dim=512, attention_k_eq_v=False, vocab_size=262_144,
     vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, num_kv_shared_layers=20,
     use_double_wide_mlp=True, sliding_window=512, final_logit_softcapping=30.0, max_position_embeddings=131_072,
-    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, rope_parameters=RELEASED_ROPE,
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, rope_parameters=ROPE,
 )
 E4B = dict(
     E2B, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_key_value_heads=2,

@@ -63,7 +63,7 @@ def test_every_known_preset_is_registered():
         shieldgemma_9b_en shieldgemma_27b_en function_gemma_instruct_270m
         medgemma_instruct_27b_text vault_gemma_1b_en translategemma_4b_it
         translategemma_12b_it translategemma_27b_it gemma4_31b gemma4_instruct_31b
-        gemma4_2b gemma4_instruct_2b gemma4_4b gemma4_instruct_4b
+        gemma4_2b gemma4_instruct_2b gemma4_4b gemma4_instruct_4b gemma4_26b_a4b gemma4_instruct_26b_a4b
     """.split()
     assert sorted(expected) == keras_gemma.list_presets()
     assert PRESETS["gemma2_9b_en"].kaggle_handle == "kaggle://keras/gemma2/keras/gemma2_9b_en/4"

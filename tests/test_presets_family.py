@@ -64,6 +64,10 @@ NEW = {
     "gemma4_instruct_2b": ("kaggle://keras/gemma4/keras/gemma4_instruct_2b/2", "gemma4_e2b", True, "google/gemma-4-E2B-it"),
     "gemma4_4b": ("kaggle://keras/gemma4/keras/gemma4_4b/2", "gemma4_e4b", False, "google/gemma-4-E4B"),
     "gemma4_instruct_4b": ("kaggle://keras/gemma4/keras/gemma4_instruct_4b/2", "gemma4_e4b", True, "google/gemma-4-E4B-it"),
+    "gemma4_26b_a4b": ("kaggle://keras/gemma4/keras/gemma4_26b_a4b/2", "gemma4_26b_a4b", False, "google/gemma-4-26B-A4B"),
+    "gemma4_instruct_26b_a4b": (
+        "kaggle://keras/gemma4/keras/gemma4_instruct_26b_a4b/2", "gemma4_26b_a4b", True, "google/gemma-4-26B-A4B-it",
+    ),
 }
 
 # Published text-model parameter counts of the new architectures.

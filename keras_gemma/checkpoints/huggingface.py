@@ -49,16 +49,8 @@ def _rope(hf, kind):
     return base, 1.0, 1.0
 
 
-# Gemma 4 mechanisms not supported yet: (HF field, mechanism), refused when
-# the field is truthy. `use_bidirectional_attention="vision"` (26B, 31B) is
-# fine: it changes the mask of image tokens only; text stays causal.
-GEMMA4_UNSUPPORTED = (
-    ("enable_moe_block", "mixture-of-experts blocks"),
-)
-
-
 def _gemma4_fields(hf, layer_types):
-    """GemmaConfig fields for a `gemma4_text` config (dense only).
+    """GemmaConfig fields for a `gemma4_text` config.
 
     Per-layer embeddings and key/value sharing (E2B, E4B) take
     transformers' defaults where a field is absent (`hidden_size_per_layer_input`
@@ -70,9 +62,8 @@ def _gemma4_fields(hf, layer_types):
     checkpoints' fields; transformers applies the second only with
     `attention_k_eq_v`).
     """
-    for field, mechanism in GEMMA4_UNSUPPORTED:
-        if hf.get(field):
-            raise ValueError(f"Gemma 4 {mechanism} (`{field}`={hf[field]!r}) are not supported yet.")
+    # `use_bidirectional_attention="vision"` (26B, 31B) is fine: it changes
+    # the mask of image tokens only; text stays causal.
     if hf.get("use_bidirectional_attention") == "all":
         raise ValueError("Gemma 4 bidirectional attention for all tokens (an embedding model) is not supported yet.")
     k_eq_v = bool(hf.get("attention_k_eq_v", False))
@@ -90,8 +81,19 @@ def _gemma4_fields(hf, layer_types):
         overrides["head_dim"] = hf.get("global_head_dim", 512)
         if k_eq_v and hf.get("num_global_key_value_heads") is not None:
             overrides["num_key_value_heads"] = hf["num_global_key_value_heads"]
+    experts = {}
+    if hf.get("enable_moe_block"):
+        missing = [f for f in ("num_experts", "top_k_experts", "moe_intermediate_size") if not hf.get(f)]
+        if missing:
+            raise ValueError(f"A Gemma 4 config with `enable_moe_block` needs {missing}.")
+        experts = dict(
+            num_experts=hf.get("num_experts"),
+            top_k_experts=hf.get("top_k_experts"),
+            moe_intermediate_dim=hf.get("moe_intermediate_size"),
+        )
     per_layer_input_dim = hf.get("hidden_size_per_layer_input", 256) or 0
     return dict(
+        **experts,
         per_layer_input_dim=per_layer_input_dim,
         per_layer_vocabulary_size=hf.get("vocab_size_per_layer_input", 262_144) if per_layer_input_dim else None,
         num_kv_shared_layers=hf.get("num_kv_shared_layers") or 0,
@@ -238,7 +240,7 @@ def config_to_hf(config):
 
 
 def _gemma4_to_hf(config, hf):
-    """`config_to_hf` for a dense Gemma 4 text model."""
+    """`config_to_hf` for a Gemma 4 text model."""
     required = dict(
         use_post_norms=True, use_qk_norm=True, use_value_norm=True, use_layer_scalar=True,
         query_pre_attn_scalar=1.0, attention_logit_softcap=None,
@@ -267,8 +269,14 @@ def _gemma4_to_hf(config, hf):
         vocab_size_per_layer_input=config.per_layer_vocabulary_size,
         num_kv_shared_layers=config.num_kv_shared_layers,
         use_double_wide_mlp=config.use_double_wide_mlp,
-        enable_moe_block=False,
+        enable_moe_block=config.num_experts is not None,
     )
+    if config.num_experts is not None:
+        hf.update(
+            num_experts=config.num_experts,
+            top_k_experts=config.top_k_experts,
+            moe_intermediate_size=config.moe_intermediate_dim,
+        )
     if LOCAL not in config.layer_types:
         hf["sliding_window"] = 512  # unused: HF's field is not optional
     return hf
@@ -326,6 +334,17 @@ def tensor_names(config, prefix="model.", model_type=None):
             rows.append((f"{hf}self_attn.q_norm.weight", f"{ours}attention.query_norm", norm))
         if config.use_qk_norm and not shares_kv:
             rows.append((f"{hf}self_attn.k_norm.weight", f"{ours}attention.key_norm", norm))
+        if config.num_experts is not None:
+            rows += [
+                (f"{hf}pre_feedforward_layernorm_2.weight", f"{ours}pre_moe_norm", norm),
+                (f"{hf}post_feedforward_layernorm_2.weight", f"{ours}post_moe_norm", norm),
+                (f"{hf}post_feedforward_layernorm_1.weight", f"{ours}post_dense_ffw_norm", norm),
+                (f"{hf}router.proj.weight", f"{ours}moe.router", "transpose"),
+                (f"{hf}router.scale", f"{ours}moe.router_scale", "copy"),
+                (f"{hf}router.per_expert_scale", f"{ours}moe.expert_scale", "copy"),
+                (f"{hf}experts.gate_up_proj", f"{ours}moe.gate_up", "experts_gate_up"),
+                (f"{hf}experts.down_proj", f"{ours}moe.down", "experts_down"),
+            ]
         if config.use_layer_scalar:
             rows.append((f"{hf}layer_scalar", f"{ours}layer_scalar", "copy"))
         if config.per_layer_input_dim:
@@ -354,6 +373,11 @@ def to_canonical(array, kind, config, head_dim=None):
         return np.transpose(np.reshape(array, (array.shape[0], -1, h)), (1, 2, 0))
     if kind == "transpose":
         return np.transpose(array)
+    if kind == "experts_gate_up":  # (e, 2g, d): gates then ups -> (e, 2, d, g)
+        e, _, d = array.shape
+        return np.transpose(np.reshape(array, (e, 2, -1, d)), (0, 1, 3, 2))
+    if kind == "experts_down":  # (e, d, g) -> (e, g, d)
+        return np.transpose(array, (0, 2, 1))
     return array
 
 
@@ -369,6 +393,11 @@ def from_canonical(array, kind, config):
         return np.transpose(array)
     if kind == "norm":
         return array + np.asarray(1.0, array.dtype)
+    if kind == "experts_gate_up":  # (e, 2, d, g) -> (e, 2g, d)
+        e, _, d, g = array.shape
+        return np.reshape(np.transpose(array, (0, 1, 3, 2)), (e, 2 * g, d))
+    if kind == "experts_down":  # (e, g, d) -> (e, d, g)
+        return np.transpose(array, (0, 2, 1))
     return array
 
 

@@ -1,0 +1,115 @@
+"""Shared pieces of the Gemma 4 tests (`test_gemma4*.py`): tiny
+transformers configs, models with Gemma 4's weight conventions, and the
+comparisons every variant runs."""
+
+import numpy as np
+import torch
+import transformers
+
+import keras_gemma
+from conftest import to_numpy
+from hf_reference import VOCAB, build_hf, hf_logits, padded_batch
+
+TOLERANCE = 1e-4
+LAYER_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+    "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1_000_000.0},
+}
+
+
+def gemma4_config(**overrides):
+    """The dense test model: global layers 32 wide (16 local) with one
+    key/value head (2 local) that is also the value, a quarter of their rope
+    pairs rotating, window 4, a final soft-cap."""
+    args = dict(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=5,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True,
+        sliding_window=4, final_logit_softcapping=6.0, max_position_embeddings=512,
+        layer_types=LAYER_TYPES, hidden_size_per_layer_input=0, rope_parameters=ROPE,
+    )
+    return transformers.Gemma4TextConfig(**{**args, **overrides})
+
+
+def build_gemma4(hf_config=None, seed=0, scale=0.25, router_scale=1.0):
+    """`build_hf`, then Gemma 4's multiplier norms and router scale around 1,
+    per-expert scales and layer scalars (a buffer, which `build_hf` leaves
+    at 1) in [0.5, 1.5], and the router kernel `router_scale` times larger."""
+    model = build_hf(hf_config or gemma4_config(), seed=seed, scale=scale)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", "layernorm_1.weight", "layernorm_2.weight", "router.scale")):
+                param.add_(1.0)
+            elif name.endswith("per_expert_scale"):
+                param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+            elif name.endswith("router.proj.weight"):
+                param.mul_(router_scale)
+        for layer in model.model.layers:
+            layer.layer_scalar.copy_(0.5 + torch.rand(1, generator=generator))
+    return model
+
+
+def logits_of(model, ids, mask):
+    return to_numpy(model({"token_ids": ids, "padding_mask": mask}))
+
+
+def assert_same_logits(model, hf, seq_len=13):
+    """Our logits equal transformers' on a padded batch (13 columns: longer
+    than the window of 4)."""
+    ids, mask = padded_batch(seq_len)
+    actual, expected = logits_of(model, ids, mask), hf_logits(hf, ids, mask)
+    np.testing.assert_allclose(actual[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+    return ids, mask, actual
+
+
+def moved(a, b, mask):
+    return np.max(np.abs(a[mask] - b[mask]))
+
+
+def with_weights_of(model, **changes):
+    """A model with `changes` to the config and `model`'s weights where the
+    names and shapes agree; a weight the source lacks (or has in another
+    shape) keeps its initial value."""
+    other = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(model.config.replace(**changes)))
+    source = model.backbone.weight_map()
+    for name, variable in other.backbone.weight_map().items():
+        if name in source and tuple(source[name].shape) == tuple(variable.shape):
+            variable.assign(source[name])
+    return other
+
+
+def greedy_equals_full_forward(lm, prompts, new_tokens):
+    """Cached greedy generation of a ragged batch picks, at every step, the
+    argmax of an uncached forward pass over the whole row."""
+    width = max(len(p) for p in prompts)
+    ids = np.zeros((len(prompts), width), np.int32)
+    mask = np.zeros((len(prompts), width), bool)
+    for i, p in enumerate(prompts):
+        ids[i, : len(p)], mask[i, : len(p)] = p, True
+    output = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=new_tokens, stop_token_ids=None)
+    rows = [row[m].tolist() for row, m in zip(output["token_ids"], output["padding_mask"])]
+    for prompt, row in zip(prompts, rows):
+        assert len(row) == len(prompt) + new_tokens and row[: len(prompt)] == prompt
+        picks = to_numpy(lm({"token_ids": np.array([row], np.int32)}))[0].argmax(-1).tolist()
+        assert row[len(prompt):] == picks[len(prompt) - 1 : -1]
+    assert all(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, rows)), rows
+
+
+def assert_checkpoints_round_trip(ours, hf_model, tmp_path):
+    """transformers' `save_pretrained` loads here with its logits, and
+    `export_to_transformers` loads there with ours and back here with the
+    same config; returns the exported model for variant checks."""
+    hf_model.save_pretrained(str(tmp_path / "saved"))
+    backbone = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "saved"))
+    assert_same_logits(keras_gemma.GemmaCausalLM(backbone), hf_model)
+    directory = str(tmp_path / "export")
+    ours.backbone.export_to_transformers(directory)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(directory, attn_implementation="eager").eval()
+    assert type(hf).__name__ == "Gemma4ForCausalLM"
+    assert_same_logits(ours, hf)
+    again = keras_gemma.GemmaBackbone.from_preset(directory)
+    assert again.config == ours.config
+    assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
+    return hf
