@@ -4,17 +4,19 @@ Tiny random text-only `Gemma4Backbone`s, built and saved by keras-hub itself
 (`save_to_preset`), load with `GemmaCausalLM.from_preset` and give
 keras-hub's logits in float32, on a batch padded on both sides and longer
 than the sliding window. Weights are N(0, 0.25); norm scales and layer
-scalars 1 + N(0, 0.25). Two models:
+scalars 1 + N(0, 0.25). Three models:
 
 - dense, as 31B: global layers twice as wide with one key/value head whose
   keys are the values, a quarter of their rope pairs rotating, soft-caps;
 - E-style, as E2B: per-layer embeddings, the trailing layers reading the
   keys and values of earlier ones with double-wide feed-forwards, own rope
-  bases and scalings.
+  bases and scalings;
+- mixture of experts, as 26B A4B: experts beside the dense feed-forward.
 
-What the text decoder cannot be here (mixture of experts, an embedding
-model, sliding layers without a window) is refused by name; a vision
-encoder's weights are left out, the text decoder loaded.
+What the text decoder cannot be here (an embedding model, sliding layers
+without a window) is refused by name; a vision encoder's weights are left
+out, the text decoder loaded. The released presets' configs (keras-hub's
+converter on the Hugging Face configs) read as our built-in architectures.
 """
 
 import json
@@ -56,6 +58,12 @@ CONFIGS = {
         vocab_size_per_layer_input=VOCAB, num_kv_shared_layers=2, use_double_wide_mlp=True,
         global_rope_wavelength=50_000.0, local_rope_wavelength=500.0, local_rope_scaling_factor=2.0,
         final_logit_soft_cap=30.0,
+    ),
+    # L G L G, as 26B A4B: four experts (two per token) beside the dense feed-forward.
+    "moe": dict(
+        COMMON, num_layers=4, sliding_window_pattern=2, global_head_dim=16, num_global_key_value_heads=1,
+        global_rope_partial_rotary_factor=0.25, enable_moe_block=True, num_experts=4, expert_intermediate_dim=6,
+        num_experts_per_token=2, final_logit_soft_cap=30.0,
     ),
 }
 
@@ -125,19 +133,28 @@ def test_keras_hub_gemma4_preset_loads_here(kind, presets):
     assert config.query_pre_attn_scalar == 1.0 and config.use_value_norm and config.use_layer_scalar
     assert config.global_head_dim == 16 != config.head_dim
     assert config.sliding_window_size == 4 < SEQUENCE_LENGTH
-    if kind == "dense":
+    if kind == "moe":
+        assert config.layer_types == ("local", "global") * 2
+    elif kind == "dense":
         assert config.layer_types == ("local", "local", "global") * 2
         assert config.num_global_key_value_heads == 1 and config.global_keys_as_values
         assert (config.global_rope_base, config.local_rope_base, config.global_rope_fraction) == (1e6, 1e4, 0.25)
         assert "blocks.2.attention.value" not in ours.backbone.weight_map()  # the keys are the values
         assert np.abs(actual[mask]).max() > 0.8 * config.final_logit_softcap  # the cap bites
-    else:
+    if kind == "e":
         assert config.layer_types == ("local", "local", "global", "local", "global")
         assert (config.per_layer_input_dim, config.num_kv_shared_layers, config.use_double_wide_mlp) == (4, 2, True)
         assert [config.kv_source(i) for i in range(5)] == [0, 1, 2, 1, 2]
         assert (config.global_rope_base, config.local_rope_base, config.local_rope_scaling) == (5e4, 500.0, 2.0)
         assert not config.global_keys_as_values
         assert ours.backbone.weight_map()["blocks.4.feed_forward.gate"].shape == (32, 48)  # double wide
+    if kind == "moe":
+        assert (config.num_experts, config.top_k_experts, config.moe_intermediate_dim) == (4, 2, 6)
+        assert ours.backbone.weight_map()["blocks.1.moe.gate_up"].shape == (4, 2, 32, 6)
+        bank = theirs.transformer_layers[1].moe_expert_bank
+        np.testing.assert_array_equal(
+            to_numpy(ours.backbone.weight_map()["blocks.1.moe.gate_up"])[:, 1], to_numpy(bank.up_proj)
+        )
     # The stored layer scalars came along (keras-hub's shape (), ours (1,)).
     scalars = ours.backbone.weight_map()
     for i, block in enumerate(theirs.transformer_layers):
@@ -209,7 +226,7 @@ def copy_preset(directory, tmp_path):
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(enable_moe_block=True, num_experts=4, expert_intermediate_dim=8), r"mixture-of-experts.*enable_moe_block"),
+        (dict(enable_moe_block=True, num_experts=4), r"enable_moe_block needs expert_intermediate_dim"),
         (dict(is_embedding_model=True), r"embedding model"),
         (dict(use_bidirectional_attention=True), r"bidirectional attention over all tokens"),
         (dict(use_sliding_window_attention=False), r"use_sliding_window_attention=False"),
@@ -268,19 +285,23 @@ def test_vision_encoder_weights_are_left_out(spm_path, tmp_path):
     )
 
 
-@pytest.mark.parametrize("architecture", ["gemma4_31b", "gemma4_e2b", "gemma4_e4b"])
+@pytest.mark.parametrize("architecture", ["gemma4_31b", "gemma4_e2b", "gemma4_e4b", "gemma4_26b_a4b"])
 def test_released_presets_read_as_their_architectures(architecture):
     """keras-hub's presets were converted from the released Hugging Face
     configs by keras-hub's own converter: its Gemma4Backbone config reads as
     the architecture of our built-in preset (context length included)."""
     from keras_hub.src.utils.transformers.convert_gemma4 import convert_backbone_config
     from test_gemma4_e import E2B, E4B
+    from test_gemma4_moe import RELEASED_26B_A4B
     from test_presets_family import gemma4_31b_config
 
     from keras_gemma.checkpoints import keras_hub_format
     from keras_gemma.presets import ARCHITECTURES
 
-    text = {"gemma4_31b": gemma4_31b_config()["text_config"], "gemma4_e2b": E2B, "gemma4_e4b": E4B}[architecture]
+    text = {
+        "gemma4_31b": gemma4_31b_config()["text_config"], "gemma4_e2b": E2B, "gemma4_e4b": E4B,
+        "gemma4_26b_a4b": RELEASED_26B_A4B,
+    }[architecture]
     kwargs = convert_backbone_config({**text, "model_type": "gemma4_text"})
     config_json = {"class_name": "Gemma4Backbone", "registered_name": "keras_hub>Gemma4Backbone", "config": kwargs}
     assert keras_hub_format.config_from_keras_hub(config_json) == ARCHITECTURES[architecture]

@@ -35,7 +35,8 @@ keras-hub's `Gemma4Backbone` presets (every released one has a vision
 encoder, the E models an audio one too) load as their text decoder
 (`gemma4_config_from_keras_hub`, `gemma4_h5_paths`): its blocks are
 `gemma4_text_decoder_block[_i]`, its norm scales multipliers (ours
-zero-centred), its layer scalars shape (). We do not write that class: a
+zero-centred), its layer scalars shape (), a mixture of experts' gate and
+up banks two tensors (ours one, stacked). We do not write that class: a
 Gemma 4 model saves as keras_gemma's native preset (`quantized_format.py`).
 """
 
@@ -159,7 +160,8 @@ def config_from_keras_hub(config_json, path=CONFIG_FILE):
 # (`global_head_dim`) and key/value heads (`num_global_key_value_heads`, which
 # also turns on keys-as-values there), the rope bases (None: 1e6 global, 1e4
 # local) and the global layers' rotated share; the E models' per-layer
-# embeddings (`hidden_size_per_layer_input`) and key/value sharing.
+# embeddings (`hidden_size_per_layer_input`) and key/value sharing; 26B A4B's
+# mixture of experts (`enable_moe_block`).
 # The vision and audio encoders' weights are not ours to load (the text
 # decoder is); what the text decoder cannot be here is refused.
 
@@ -168,7 +170,6 @@ GEMMA4_LAYER_TYPES = {"full_attention": GLOBAL, "sliding_attention": LOCAL}
 GEMMA4_DEFAULT_LENGTH = 131_072
 # (config key, value that is fine, what a different value would be).
 GEMMA4_REFUSED = (
-    ("enable_moe_block", False, "mixture-of-experts blocks (Gemma 4 26B A4B)"),
     ("is_embedding_model", False, "an embedding model (pooling heads, not a causal language model)"),
     ("use_bidirectional_attention", False, "bidirectional attention over all tokens (an embedding model)"),
 )
@@ -235,7 +236,18 @@ def gemma4_config_from_keras_hub(config_json, path=CONFIG_FILE):
     global_kv_heads = c.get("num_global_key_value_heads")
     per_layer_input_dim = c.get("hidden_size_per_layer_input") or 0
     num_kv_shared = c.get("num_kv_shared_layers") or 0
+    experts = {}
+    if c.get("enable_moe_block"):  # 26B A4B: experts beside the dense feed-forward in every block
+        missing = [key for key in ("num_experts", "expert_intermediate_dim") if not c.get(key)]
+        if missing:
+            raise CheckpointError(f"{path}: a Gemma4Backbone with enable_moe_block needs {', '.join(missing)}.")
+        experts = dict(
+            num_experts=c["num_experts"],
+            top_k_experts=c.get("num_experts_per_token", 8),  # keras-hub's default
+            moe_intermediate_dim=c["expert_intermediate_dim"],
+        )
     fields = dict(
+        **experts,
         vocabulary_size=c["vocabulary_size"],
         num_layers=n,
         hidden_dim=c["hidden_dim"],
@@ -500,6 +512,21 @@ def gemma4_h5_paths(config):
             paths[f"{ours}.attention.{name}"] = (f"{block}/attention/{theirs}/vars/0", "norm")
         for name, theirs in (("gate", "gating_ffw"), ("up", "gating_ffw_2"), ("down", "ffw_linear")):
             paths[f"{ours}.feed_forward.{name}"] = (f"{block}/{theirs}/vars/0", "copy")
+        if config.num_experts is not None:
+            bank, router = f"{block}/moe_expert_bank/vars", f"{block}/moe_router"
+            for name, theirs in (
+                ("pre_moe_norm", "pre_ffw_norm_moe"), ("post_moe_norm", "post_ffw_norm_moe_path"),
+                ("post_dense_ffw_norm", "post_ffw_norm_dense"),
+            ):
+                paths[f"{ours}.{name}"] = (f"{block}/{theirs}/vars/0", "norm")
+            paths.update({
+                f"{ours}.moe.router": (f"{router}/proj/vars/0", "copy"),  # (d, e)
+                f"{ours}.moe.router_scale": (f"{router}/vars/0", "copy"),  # per_dim_scale, a multiplier as ours
+                # gate_proj and up_proj, each (e, d, g), as our (e, 2, d, g).
+                f"{ours}.moe.gate_up": ((f"{bank}/0", f"{bank}/1"), "stack"),
+                f"{ours}.moe.down": (f"{bank}/2", "copy"),  # (e, g, d)
+                f"{ours}.moe.expert_scale": (f"{bank}/3", "copy"),  # per_expert_scale
+            })
         paths[f"{ours}.layer_scalar"] = (f"{block}/vars/0", "scalar")
         if per_layer:
             paths[f"{ours}.per_layer_input_gate"] = (f"{block}/per_layer_input_gate/vars/0", "copy")
@@ -542,6 +569,21 @@ def read_weights(directory, config, class_name):
         paths = {name: (dataset, "copy") for name, dataset in h5_paths(config, class_name).items()}
     out = {}
     for name, (dataset, kind) in paths.items():
+        if kind == "stack":  # several datasets, stacked on axis 1 (what is missing is reported by our name)
+            found = [datasets.pop(d) for d in dataset if d in datasets]
+            if len(found) == len(dataset):
+                shapes = {shape for _, shape in found}
+                if len(shapes) == 1:
+                    shape = found[0][1]
+                    out[name] = LazyTensor(
+                        (shape[0], len(dataset), *shape[1:]),
+                        lambda found=found, dataset=dataset: np.stack(
+                            [_read_dataset(f, d) for (f, _), d in zip(found, dataset)], axis=1
+                        ),
+                    )
+                else:
+                    out[name] = LazyTensor(found[0][1], None)  # the wrong shape, reported as such
+            continue
         if dataset in datasets:
             file, shape = datasets.pop(dataset)
             if kind == "scalar" and shape not in ((), (1,)):
