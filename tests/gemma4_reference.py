@@ -18,6 +18,36 @@ ROPE = {
 }
 
 
+# The released E2B and E4B text configs (config.json's `text_config`, the fields that matter here).
+E2B = dict(
+    hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8, num_key_value_heads=1,
+    head_dim=256, global_head_dim=512, attention_k_eq_v=False, vocab_size=262_144,
+    vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, num_kv_shared_layers=20,
+    use_double_wide_mlp=True, sliding_window=512, final_logit_softcapping=30.0, max_position_embeddings=131_072,
+    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, rope_parameters=ROPE,
+)
+E4B = dict(
+    E2B, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_key_value_heads=2,
+    num_kv_shared_layers=18, use_double_wide_mlp=False, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
+)
+
+# google/gemma-4-26B-A4B's config.json text_config (the fields that shape the text model).
+RELEASED_26B_A4B = {
+    "model_type": "gemma4_text", "num_hidden_layers": 30, "hidden_size": 2816, "num_attention_heads": 16,
+    "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
+    "intermediate_size": 2112, "moe_intermediate_size": 704, "num_experts": 128, "top_k_experts": 8,
+    "enable_moe_block": True, "sliding_window": 1024, "max_position_embeddings": 262144,
+    "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0, "attention_k_eq_v": True,
+    "vocab_size": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
+    "num_kv_shared_layers": 0, "hidden_size_per_layer_input": None, "use_double_wide_mlp": False,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
+    "rope_parameters": {
+        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+    },
+}
+
+
 def gemma4_config(**overrides):
     """The dense test model: global layers 32 wide (16 local) with one
     key/value head (2 local) that is also the value, a quarter of their rope

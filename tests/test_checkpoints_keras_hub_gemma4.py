@@ -291,8 +291,7 @@ def test_released_presets_read_as_their_architectures(architecture):
     configs by keras-hub's own converter: its Gemma4Backbone config reads as
     the architecture of our built-in preset (context length included)."""
     from keras_hub.src.utils.transformers.convert_gemma4 import convert_backbone_config
-    from test_gemma4_e import E2B, E4B
-    from test_gemma4_moe import RELEASED_26B_A4B
+    from gemma4_reference import E2B, E4B, RELEASED_26B_A4B
     from test_presets_family import gemma4_31b_config
 
     from keras_gemma.checkpoints import keras_hub_format

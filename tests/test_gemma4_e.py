@@ -24,9 +24,8 @@ from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
 from keras_gemma.config import GemmaConfig
 from gemma4_reference import (
-    assert_checkpoints_round_trip,
-    ROPE, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved,
-    with_weights_of,
+    E2B, E4B, TOLERANCE, assert_checkpoints_round_trip, assert_same_logits, build_gemma4, gemma4_config,
+    greedy_equals_full_forward, logits_of, moved, with_weights_of,
 )
 
 LAYER_TYPES = ["sliding_attention", "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
@@ -243,18 +242,6 @@ def test_greedy_with_cache_equals_full_forward():
     greedy_equals_full_forward(lm, [rng.integers(4, VOCAB, n).tolist() for n in (150, 11, 3)], 16)
 
 
-# The released E2B and E4B text configs (config.json's `text_config`, the fields that matter here).
-E2B = dict(
-    hidden_size=1536, num_hidden_layers=35, intermediate_size=6144, num_attention_heads=8, num_key_value_heads=1,
-    head_dim=256, global_head_dim=512, attention_k_eq_v=False, vocab_size=262_144,
-    vocab_size_per_layer_input=262_144, hidden_size_per_layer_input=256, num_kv_shared_layers=20,
-    use_double_wide_mlp=True, sliding_window=512, final_logit_softcapping=30.0, max_position_embeddings=131_072,
-    layer_types=(["sliding_attention"] * 4 + ["full_attention"]) * 7, rope_parameters=ROPE,
-)
-E4B = dict(
-    E2B, hidden_size=2560, num_hidden_layers=42, intermediate_size=10240, num_key_value_heads=2,
-    num_kv_shared_layers=18, use_double_wide_mlp=False, layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 7,
-)
 
 
 @pytest.mark.parametrize("fields, cached_layers", [(E2B, 15), (E4B, 24)], ids=["E2B", "E4B"])

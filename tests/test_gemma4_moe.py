@@ -22,7 +22,7 @@ import keras_gemma
 from conftest import backend, to_numpy
 from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
-from gemma4_reference import assert_checkpoints_round_trip, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, logits_of, with_weights_of
+from gemma4_reference import RELEASED_26B_A4B, assert_checkpoints_round_trip, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, logits_of, with_weights_of
 
 EXPERTS, TOP_K, WIDTH = 8, 2, 32
 
@@ -115,21 +115,6 @@ def test_bad_expert_configs_are_refused(ours):
         config_from_hf({**fields, "num_experts": None})
 
 
-# google/gemma-4-26B-A4B's config.json text_config (the fields that shape the text model).
-RELEASED_26B_A4B = {
-    "model_type": "gemma4_text", "num_hidden_layers": 30, "hidden_size": 2816, "num_attention_heads": 16,
-    "num_key_value_heads": 8, "num_global_key_value_heads": 2, "head_dim": 256, "global_head_dim": 512,
-    "intermediate_size": 2112, "moe_intermediate_size": 704, "num_experts": 128, "top_k_experts": 8,
-    "enable_moe_block": True, "sliding_window": 1024, "max_position_embeddings": 262144,
-    "hidden_activation": "gelu_pytorch_tanh", "final_logit_softcapping": 30.0, "attention_k_eq_v": True,
-    "vocab_size": 262144, "tie_word_embeddings": True, "rms_norm_eps": 1e-6,
-    "num_kv_shared_layers": 0, "hidden_size_per_layer_input": None, "use_double_wide_mlp": False,
-    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 5,
-    "rope_parameters": {
-        "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
-        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
-    },
-}
 
 
 def test_26b_a4b_architecture_is_the_released_config():
