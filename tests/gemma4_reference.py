@@ -143,3 +143,26 @@ def assert_checkpoints_round_trip(ours, hf_model, tmp_path):
     assert again.config == ours.config
     assert_same_logits(keras_gemma.GemmaCausalLM(again), hf)
     return hf
+
+
+def assert_our_adapter_loads_into_peft(ours, tmp_path):
+    """LoRA on every projection there is, written for PEFT, loads onto the
+    model `export_to_transformers` writes with the same logits (and bites);
+    returns (adapter directory, the padded batch, PEFT's logits)."""
+    import peft
+
+    lm = with_weights_of(ours)
+    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
+    lm.backbone.export_to_transformers(base_dir)
+    lm.backbone.enable_lora(2, alpha=3, target_layers="all")
+    rng = np.random.default_rng(0)
+    for variable in lm.trainable_weights:
+        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.2)
+    lm.backbone.save_lora_weights(adapter_dir, format="peft")
+    ids, mask = padded_batch(13)
+    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
+    without = hf_logits(base, ids, mask)
+    expected = hf_logits(peft.PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
+    assert np.abs(expected - without)[mask].max() > 0.1  # the adapter bites
+    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+    return adapter_dir, (ids, mask), expected

@@ -14,18 +14,15 @@ there, and cached greedy decoding equals uncached forward passes.
 import numpy as np
 import pytest
 import torch
-import transformers
 
 import keras_gemma
 from conftest import to_numpy
 from gemma4_reference import (
-    assert_checkpoints_round_trip,
-    LAYER_TYPES, TOLERANCE, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved,
-    with_weights_of,
+    LAYER_TYPES, TOLERANCE, assert_checkpoints_round_trip, assert_our_adapter_loads_into_peft, assert_same_logits,
+    build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved, with_weights_of,
 )
 from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
-
 
 
 @pytest.fixture(scope="module")
@@ -194,20 +191,7 @@ def test_lora_adapters_go_through_peft(ours, hf_model, tmp_path):
     An adapter made by peft on transformers' model loads back here."""
     import peft
 
-    lm = with_weights_of(ours)
-    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
-    lm.backbone.export_to_transformers(base_dir)
-    lm.backbone.enable_lora(2, alpha=3, target_layers="all")
-    rng = np.random.default_rng(0)
-    for variable in lm.trainable_weights:
-        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.2)
-    lm.backbone.save_lora_weights(adapter_dir, format="peft")
-    ids, mask = padded_batch(13)
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
-    without = hf_logits(base, ids, mask)
-    expected = hf_logits(peft.PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
-    assert np.abs(expected - without)[mask].max() > 0.1  # the adapter bites
-    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+    _, (ids, mask), _ = assert_our_adapter_loads_into_peft(ours, tmp_path)
 
     config = peft.LoraConfig(r=3, lora_alpha=5, target_modules=["k_proj", "v_proj", "o_proj", "up_proj"])
     model = peft.get_peft_model(build_gemma4(seed=1), config).eval()

@@ -18,15 +18,15 @@ import torch
 import transformers
 
 import keras_gemma
-from keras_gemma.presets import PUBLISHED_PARAMETERS
 from conftest import to_numpy
-from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
+from gemma4_reference import (
+    E2B, E4B, TOLERANCE, assert_checkpoints_round_trip, assert_our_adapter_loads_into_peft, assert_same_logits,
+    build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved, with_weights_of,
+)
+from hf_reference import VOCAB, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
 from keras_gemma.config import GemmaConfig
-from gemma4_reference import (
-    E2B, E4B, TOLERANCE, assert_checkpoints_round_trip, assert_same_logits, build_gemma4, gemma4_config,
-    greedy_equals_full_forward, logits_of, moved, with_weights_of,
-)
+from keras_gemma.presets import PUBLISHED_PARAMETERS
 
 LAYER_TYPES = ["sliding_attention", "full_attention"] + ["sliding_attention"] * 3 + ["full_attention"]
 
@@ -197,20 +197,7 @@ def test_lora_adapters_go_through_peft(ours, tmp_path):
     """LoRA on every projection, written for PEFT, loads onto the exported
     model with the same logits (the shared layers have no k_proj or v_proj
     there either), and reads back here."""
-    import peft
-
-    lm = with_weights_of(ours)
-    base_dir, adapter_dir = str(tmp_path / "base"), str(tmp_path / "adapter")
-    lm.backbone.export_to_transformers(base_dir)
-    lm.backbone.enable_lora(2, alpha=3, target_layers="all")
-    rng = np.random.default_rng(0)
-    for variable in lm.trainable_weights:
-        variable.assign(rng.normal(size=variable.shape).astype("float32") * 0.2)
-    lm.backbone.save_lora_weights(adapter_dir, format="peft")
-    ids, mask = padded_batch(13)
-    base = transformers.AutoModelForCausalLM.from_pretrained(base_dir, attn_implementation="eager")
-    expected = hf_logits(peft.PeftModel.from_pretrained(base, adapter_dir).eval(), ids, mask)
-    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
+    adapter_dir, (ids, mask), expected = assert_our_adapter_loads_into_peft(ours, tmp_path)
     again = with_weights_of(ours)
     again.backbone.load_lora_weights(adapter_dir)
     np.testing.assert_allclose(logits_of(again, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
