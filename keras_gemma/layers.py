@@ -352,7 +352,9 @@ class Attention(keras.layers.Layer):
         (b, t * g, k, h), so that grouped (GQA) and multi-query (MQA) heads
         need no copies of the keys. Without a soft-cap this is Keras'
         `dot_product_attention` (fused kernels where the device has them);
-        Gemma 2's soft-capped logits go through einsums.
+        Gemma 2's soft-capped logits go through einsums, and so does float16
+        (JAX's fused attention asks for float16 products accumulated in
+        float32, which XLA's CPU backend refuses).
         """
         b, t = ops.shape(q)[0], q.shape[1]
         k, h = self.num_key_value_heads, self.head_dim
@@ -360,7 +362,7 @@ class Attention(keras.layers.Layer):
         q = ops.reshape(ops.transpose(ops.reshape(q, (b, t, k, g, h)), (0, 1, 3, 2, 4)), (b, t * g, k, h))
         visible = attention_mask(query_positions, key_positions, self.window, *(segments or ()))  # (b, t, s)
         visible = ops.reshape(ops.repeat(visible, g, axis=1), (b, 1, t * g, -1))  # (b, 1, t * g, s)
-        if self.logit_softcap is None:
+        if self.logit_softcap is None and keras.backend.standardize_dtype(q.dtype) != "float16":
             out = ops.dot_product_attention(q, keys, values, mask=visible, scale=self.query_scale)
         else:
             logits = ops.einsum("btkh,bskh->bkts", q * ops.cast(self.query_scale, q.dtype), keys)

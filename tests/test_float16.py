@@ -66,3 +66,24 @@ def test_float16_warning_names_the_models_at_risk(monkeypatch):
     config = keras_gemma.presets.ARCHITECTURES["gemma2_27b"]
     with pytest.warns(UserWarning, match="Gemma 2 27B in float16"):
         backbone_module._warn_if_float16_overflows(config, "float16")
+
+
+def test_float16_attention_runs_on_every_backend():
+    """Keras' fused attention asks JAX for float16 products accumulated in
+    float32, which XLA's CPU backend refuses; float16 attention goes through
+    the einsum path instead. A float16 model (Gemma 1: no warning) gives
+    float32's logits to float16 rounding, and generates."""
+    config = keras_gemma.GemmaConfig(
+        vocabulary_size=64, num_layers=2, hidden_dim=32, num_query_heads=2, num_key_value_heads=1, head_dim=16,
+        intermediate_dim=64,
+    )
+    full = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))
+    half = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config, dtype="float16"))
+    for name, variable in half.backbone.weight_map().items():
+        variable.assign(full.backbone.weight_map()[name])
+    batch = {"token_ids": np.arange(2, 26)[None].astype("int32"), "padding_mask": np.ones((1, 24), bool)}
+    expected = to_numpy(full(batch))
+    actual = to_numpy(half(batch)).astype("float32")
+    np.testing.assert_allclose(actual, expected, atol=2e-2 * np.abs(expected).max())
+    output = half.generate(batch, max_new_tokens=4, stop_token_ids=None)
+    assert output["token_ids"].shape == (1, 28)
