@@ -22,6 +22,8 @@ backbone = keras_gemma.GemmaBackbone(config)  # variables are created sharded
 
 import keras
 
+from keras_gemma.lora import TARGETS, kernel_shapes
+
 
 def _axis(device_mesh, name):
     """`name` if the mesh has that axis, else None (replicated)."""
@@ -94,24 +96,14 @@ def weight_shapes(config):
     """Variable path suffix -> shape for the sharded weights of one block of
     each attention type (blocks of a type are alike; Gemma 4's global layers
     have head shapes of their own), without building the model."""
-    n, d, f, v = config.num_query_heads, config.hidden_dim, config.intermediate_dim, config.vocabulary_size
-    shapes = {"token_embedding/embeddings": (v, d)}
+    shapes = {"token_embedding/embeddings": (config.vocabulary_size, config.hidden_dim)}
     for kind in sorted(set(config.layer_types)):
         i = config.layer_types.index(kind)
-        k, h, block = config.layer_key_value_heads(i), config.layer_head_dim(i), f"decoder_block_{i}"
-        shapes.update({
-            f"{block}/attention/query/kernel": (n, d, h),
-            f"{block}/attention/key/kernel": (k, d, h),
-            f"{block}/attention/value/kernel": (k, d, h),
-            f"{block}/attention/output/kernel": (n, h, d),
-            f"{block}/feed_forward/gate/kernel": (d, f),
-            f"{block}/feed_forward/up/kernel": (d, f),
-            f"{block}/feed_forward/down/kernel": (f, d),
-        })
-        if config.layer_keys_as_values(i):
-            del shapes[f"{block}/attention/value/kernel"]
+        block = f"decoder_block_{i}"
+        for name, shape in kernel_shapes(config, i).items():
+            shapes[f"{block}/{TARGETS[name][0]}/{name}/kernel"] = shape
         if config.num_experts is not None:
-            e, g = config.num_experts, config.moe_intermediate_dim
+            e, d, g = config.num_experts, config.hidden_dim, config.moe_intermediate_dim
             shapes.update({f"{block}/moe/gate_up": (e, 2, d, g), f"{block}/moe/down": (e, g, d)})
     return shapes
 

@@ -508,12 +508,13 @@ class DecoderBlock(keras.layers.Layer):
     """One Gemma block: pre-norms always, post-norms when the config has them.
 
     `x += post_attention_norm(attention(pre_attention_norm(x)))`, then the
-    same with the feed-forward; with per-layer embeddings (Gemma 4 E2B/E4B)
-    `x += post_per_layer_input_norm(per_layer_projection(gelu(per_layer_input_gate(x)) * per_layer_input))`.
     same with the feed-forward. With a mixture of experts (Gemma 4
     26B-A4B, as transformers' `Gemma4TextDecoderLayer`), the feed-forward
     branch is `post_dense_ffw_norm(feed_forward(pre_ffw_norm(x))) +
-    post_moe_norm(moe(pre_moe_norm(x)))`, the router reading x itself.
+    post_moe_norm(moe(pre_moe_norm(x)))`, the router reading x itself. With
+    per-layer embeddings (Gemma 4 E2B/E4B), then
+    `x += post_per_layer_input_norm(per_layer_projection(gelu(per_layer_input_gate(x)) * per_layer_input))`;
+    with a layer scalar (Gemma 4), `x *= layer_scalar`.
     """
 
     def __init__(self, config, layer_index, **kwargs):

@@ -92,25 +92,22 @@ def targeted_layers(backbone, targets):
                 yield f"blocks.{i}.{parent}.{name}", layer
 
 
-def kernel_shapes(config, layer_index=None):
-    """Target name -> the float kernel shape of its projection (in layer
-    `layer_index`, whose head shapes may be its own; None: a local layer's).
+def kernel_shapes(config, layer_index):
+    """Target name -> the float kernel shape of its projection in layer
+    `layer_index` (whose head shapes and feed-forward width may be its own).
     A layer whose values are its keys has no "value"; one that shares
     another layer's keys and values has neither "key" nor "value"."""
-    n, d, f = config.num_query_heads, config.hidden_dim, config.intermediate_dim
-    k, h = config.num_key_value_heads, config.head_dim
-    if layer_index is not None:
-        k, h = config.layer_key_value_heads(layer_index), config.layer_head_dim(layer_index)
-        f = config.layer_intermediate_dim(layer_index)
+    n, d = config.num_query_heads, config.hidden_dim
+    k, h = config.layer_key_value_heads(layer_index), config.layer_head_dim(layer_index)
+    f = config.layer_intermediate_dim(layer_index)
     shapes = {
         "query": (n, d, h), "key": (k, d, h), "value": (k, d, h),
         "output": (n, h, d), "gate": (d, f), "up": (d, f), "down": (f, d),
     }
-    if layer_index is not None and config.layer_keys_as_values(layer_index):
+    if config.layer_shares_kv(layer_index):
+        del shapes["key"], shapes["value"]
+    elif config.layer_keys_as_values(layer_index):
         del shapes["value"]
-    if layer_index is not None and config.layer_shares_kv(layer_index):
-        shapes.pop("value", None)
-        del shapes["key"]
     return shapes
 
 
