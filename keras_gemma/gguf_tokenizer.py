@@ -114,7 +114,11 @@ def sentencepiece_proto_from_gguf(path_or_reader):
     Returns:
         The serialized model (bytes), ready for `GemmaTokenizer(proto=...)`.
     """
-    vocab = read_gguf_vocabulary(path_or_reader)
+    return sentencepiece_proto_from_vocabulary(read_gguf_vocabulary(path_or_reader))
+
+
+def sentencepiece_proto_from_vocabulary(vocab):
+    """`sentencepiece_proto_from_gguf` for what `read_gguf_vocabulary` returned."""
     if vocab["model"] != "llama":
         raise ValueError(
             "Expected a SentencePiece vocabulary (tokenizer.ggml.model 'llama'), "

@@ -156,19 +156,17 @@ class GemmaTokenizer(keras.layers.Layer):
             path_or_reader: a path to a `.gguf` file or a `gguf.GGUFReader`.
         """
         from keras_gemma.checkpoints.gguf_format import GGUFFile
-        from keras_gemma.gguf_tokenizer import (
-            read_gguf_vocabulary,
-            sentencepiece_proto_from_gguf,
-        )
+        from keras_gemma.gguf_tokenizer import read_gguf_vocabulary, sentencepiece_proto_from_vocabulary
 
         if isinstance(path_or_reader, (str, os.PathLike)):
-            path_or_reader = GGUFFile(path_or_reader)  # its metadata parsed once
+            path_or_reader = GGUFFile(path_or_reader)
+        vocab = read_gguf_vocabulary(path_or_reader)
         if kwargs.get("chat_format") is None:
             # The file's chat template tells Gemma 4's E models from the others.
-            template = read_gguf_vocabulary(path_or_reader)["chat_template"]
+            template = vocab["chat_template"]
             chat_format = chat_template.chat_format_for_template(template) if isinstance(template, str) else None
             kwargs["chat_format"] = chat_format and chat_format.name
-        return cls(proto=sentencepiece_proto_from_gguf(path_or_reader), **kwargs)
+        return cls(proto=sentencepiece_proto_from_vocabulary(vocab), **kwargs)
 
     def _check_vocabulary(self):
         if self._processor is None:
