@@ -9,6 +9,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import keras  # noqa: E402
 
+from keras_gemma.generation import samplers  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
 def _seed():
@@ -39,3 +41,15 @@ def accelerator():
     import tensorflow as tf
 
     return "gpu" if tf.config.list_physical_devices("GPU") else None
+
+
+class ScriptedSampler(samplers.Sampler):
+    """Emits `script[step]` in every row, whatever the logits."""
+
+    def __init__(self, script):
+        super().__init__()
+        self.script = np.array(script, np.int32)
+
+    def __call__(self, logits, key):
+        token = keras.ops.take(keras.ops.convert_to_tensor(self.script), key[1])
+        return keras.ops.broadcast_to(token, (logits.shape[0],))

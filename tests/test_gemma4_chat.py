@@ -13,6 +13,7 @@ import shutil
 import keras
 import numpy as np
 import pytest
+from conftest import ScriptedSampler
 from test_chat_template import GEMMA3_TEMPLATE
 from tokenizer_fixtures import (  # noqa: F401 (fixtures)
     GEMMA4_SPECIAL_TOKENS,
@@ -382,18 +383,6 @@ def gemma4_text_lm(gemma4_tokenizer):  # noqa: F811
     return keras_gemma.GemmaCausalLM(
         backbone, GemmaCausalLMPreprocessor(gemma4_tokenizer, sequence_length=96)
     )
-
-
-class ScriptedSampler(keras_gemma.samplers.Sampler):
-    """Emits `script[step]` in every row, whatever the logits."""
-
-    def __init__(self, script):
-        super().__init__()
-        self.script = np.array(script, np.int32)
-
-    def __call__(self, logits, key):
-        token = keras.ops.take(keras.ops.convert_to_tensor(self.script), key[1])
-        return keras.ops.broadcast_to(token, (logits.shape[0],))
 
 
 def test_generation_stops_at_turn_end(gemma4_text_lm):

@@ -16,7 +16,7 @@ import hf_reference
 import keras
 import numpy as np
 import pytest
-from conftest import backend, to_numpy
+from conftest import ScriptedSampler, backend, to_numpy
 from tokenizer_fixtures import _tiny_spm
 
 import keras_gemma
@@ -386,18 +386,6 @@ def test_chat_reply_and_stream(text_lm):
     assert full.startswith("<start_of_turn>user\nHello world<end_of_turn>\n<start_of_turn>model\n")
     assert full.endswith(reply)
     assert text_lm.generate(messages, max_new_tokens=24, strip_prompt=True) == reply
-
-
-class ScriptedSampler(keras_gemma.samplers.Sampler):
-    """Emits `script[step]` in every row, whatever the logits."""
-
-    def __init__(self, script):
-        super().__init__()
-        self.script = np.array(script, np.int32)
-
-    def __call__(self, logits, key):
-        token = keras.ops.take(keras.ops.convert_to_tensor(self.script), key[1])
-        return keras.ops.broadcast_to(token, (logits.shape[0],))
 
 
 def test_chat_reply_drops_markers_and_stops_at_end_of_turn(text_lm):
