@@ -166,3 +166,24 @@ def assert_our_adapter_loads_into_peft(ours, tmp_path):
     assert np.abs(expected - without)[mask].max() > 0.1  # the adapter bites
     np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE)
     return adapter_dir, (ids, mask), expected
+
+
+def assert_lora_merges_and_int8_keeps_the_top_token(ours):
+    """LoRA on every projection there is, counted per layer's shapes
+    (`lora_parameter_count`); merged, the logits are the base's; int8
+    weights keep the top token at 90% of positions. Returns the quantized
+    model, the padded batch and the float logits."""
+    from keras_gemma.lora import lora_parameter_count
+
+    lm = with_weights_of(ours)
+    ids, mask = padded_batch(13)
+    logits = logits_of(lm, ids, mask)
+    lm.backbone.enable_lora(2, target_layers="all")
+    trainable = lm.trainable_weights
+    assert trainable and all("lora" in variable.path for variable in trainable)
+    assert sum(int(np.prod(w.shape)) for w in trainable) == lora_parameter_count(lm.config, 2, "all")
+    lm.backbone.merge_lora_weights()
+    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], logits[mask], atol=1e-5, rtol=1e-5)
+    lm.backbone.quantize("int8")
+    assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
+    return lm, (ids, mask), logits

@@ -18,8 +18,9 @@ import torch
 import keras_gemma
 from conftest import to_numpy
 from gemma4_reference import (
-    LAYER_TYPES, TOLERANCE, assert_checkpoints_round_trip, assert_our_adapter_loads_into_peft, assert_same_logits,
-    build_gemma4, gemma4_config, greedy_equals_full_forward, logits_of, moved, with_weights_of,
+    LAYER_TYPES, TOLERANCE, assert_checkpoints_round_trip, assert_lora_merges_and_int8_keeps_the_top_token,
+    assert_our_adapter_loads_into_peft, assert_same_logits, build_gemma4, gemma4_config, greedy_equals_full_forward,
+    logits_of, moved, with_weights_of,
 )
 from hf_reference import VOCAB, hf_logits, ours_from_hf, padded_batch
 from keras_gemma.checkpoints.huggingface import config_from_hf
@@ -170,18 +171,7 @@ def test_lora_and_int8_quantization_run(ours):
     """LoRA adapters on every projection there is (global layers have no
     value kernel), counted per layer's shapes; int8 weights keep the top
     token."""
-    from keras_gemma.lora import lora_parameter_count
-
-    lm = with_weights_of(ours)
-    ids, mask = padded_batch(13)
-    logits = logits_of(lm, ids, mask)
-    lm.backbone.enable_lora(2, target_layers="all")
-    added = sum(int(np.prod(w.shape)) for w in lm.trainable_weights)
-    assert added == lora_parameter_count(lm.config, 2, "all")
-    lm.backbone.merge_lora_weights()
-    np.testing.assert_allclose(logits_of(lm, ids, mask)[mask], logits[mask], atol=1e-5, rtol=1e-5)
-    lm.backbone.quantize("int8")
-    assert (logits_of(lm, ids, mask).argmax(-1) == logits.argmax(-1))[mask].mean() > 0.9
+    assert_lora_merges_and_int8_keeps_the_top_token(ours)
 
 
 def test_lora_adapters_go_through_peft(ours, hf_model, tmp_path):
