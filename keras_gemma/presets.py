@@ -142,7 +142,8 @@ ARCHITECTURES = {
     ),
 }
 
-# Published parameter counts (text-only), ../shared/REFERENCE.md section 2.
+# Published parameter counts of the text models (the model cards' and
+# keras-hub's preset metadata; sources of the newer ones beside them).
 PUBLISHED_PARAMETERS = {
     "gemma_2b": 2_506_172_416,
     "gemma_7b": 8_537_680_896,

@@ -24,7 +24,8 @@ from keras_gemma.presets import PRESETS
 
 kagglehub = pytest.importorskip("kagglehub")
 
-# ../shared/REFERENCE.md section 3, written out independently of presets.py.
+# keras-hub's Kaggle handles (its gemma, gemma2, gemma3 preset files and
+# ShieldGemma's model page), written out independently of presets.py.
 KAGGLE_HANDLES = {
     "keras/gemma": "gemma_2b_en/3 gemma_instruct_2b_en/3 gemma_1.1_instruct_2b_en/4 gemma_7b_en/4 "
     "gemma_instruct_7b_en/4 gemma_1.1_instruct_7b_en/5",

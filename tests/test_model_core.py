@@ -38,7 +38,7 @@ def batch(vocabulary_size=64, seq_len=9):
     return {"token_ids": ids, "padding_mask": mask}
 
 
-# Published counts, REFERENCE.md section 2.
+# Published counts (presets.PUBLISHED_PARAMETERS, sources given there).
 @pytest.mark.parametrize("architecture", sorted(ARCHITECTURES))
 def test_parameter_count_equals_published(architecture):
     assert ARCHITECTURES[architecture].num_parameters() == PUBLISHED_PARAMETERS[architecture]
