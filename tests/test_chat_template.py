@@ -129,7 +129,7 @@ def test_system_matches_gemma3_template(messages, add_generation_prompt):
 
 
 def test_reference_text():
-    # REFERENCE.md section 4, literally.
+    # The Gemma 3 template's rendering of this conversation, literally.
     text = apply_chat_template(
         [{"role": "system", "content": "Sys."}, user(" Hi "), model("Yo"), user("More")]
     )
