@@ -1,9 +1,11 @@
-"""keras-hub's Gemma 4 presets (`Gemma4Backbone`): the text decoder loads here.
+"""keras-hub's Gemma 4 presets (`Gemma4Backbone`), both ways.
 
 Tiny random text-only `Gemma4Backbone`s, built and saved by keras-hub itself
 (`save_to_preset`), load with `GemmaCausalLM.from_preset` and give
 keras-hub's logits in float32, on a batch padded on both sides and longer
-than the sliding window. Weights are N(0, 0.25); norm scales and layer
+than the sliding window; models of the same architectures saved here load
+in keras-hub (`Gemma4CausalLM.from_preset`) with ours, their h5 datasets
+those keras-hub writes. Weights are N(0, 0.25); norm scales and layer
 scalars 1 + N(0, 0.25). Three models:
 
 - dense, as 31B: global layers twice as wide with one key/value head whose
@@ -15,19 +17,26 @@ scalars 1 + N(0, 0.25). Three models:
 
 What the text decoder cannot be here (an embedding model, sliding layers
 without a window) is refused by name; a vision encoder's weights are left
-out, the text decoder loaded. The released presets' configs (keras-hub's
-converter on the Hugging Face configs) read as our built-in architectures.
+out, the text decoder loaded. What keras-hub cannot express of one of our
+configs (no value norm, say) is named, and such a model saves as
+keras_gemma's native preset with a warning. The released presets' configs
+(keras-hub's converter on the Hugging Face configs) read as our built-in
+architectures.
 """
 
 import json
 import os
+import re
+import warnings
 
 import h5py
 import numpy as np
 import pytest
 
 import keras_gemma
+from keras_gemma.checkpoints import keras_hub_format
 from keras_gemma.checkpoints.weights import CheckpointError
+from keras_gemma.preprocessor import GemmaCausalLMPreprocessor
 from keras_gemma.tokenizer import GemmaTokenizer
 from conftest import to_numpy
 from hf_reference import VOCAB, padded_batch, positions_of
@@ -181,29 +190,147 @@ def test_tokenizer_and_preprocessor_come_along(kind, presets, spm_path):
     assert tokenizer(text) == ours.preprocessor.tokenizer(text)
 
 
-def test_e_model_keeps_its_chat_format_through_a_native_preset(presets, tmp_path):
-    ours = keras_gemma.GemmaCausalLM.from_preset(presets["e"][1])
-    with pytest.warns(UserWarning, match="native preset"):
-        ours.save_to_preset(str(tmp_path / "native"))
-    again = keras_gemma.GemmaCausalLM.from_preset(str(tmp_path / "native"))
-    assert again.preprocessor.tokenizer.chat_format.name == "gemma4_e"
-    ids, mask = padded_batch(SEQUENCE_LENGTH)
-    np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(ours, ids, mask))
-
-
 def test_backbone_from_preset_and_saving_back(presets, tmp_path):
-    """GemmaBackbone.from_preset reads it too; the model saves as keras_gemma's
-    native preset (keras_gemma does not write Gemma4Backbone presets) and comes back equal."""
+    """GemmaBackbone.from_preset reads it too; saved back, it is keras-hub's
+    preset again: the same h5 datasets keras-hub wrote, the same model here."""
     _, directory = presets["dense"]
     backbone = keras_gemma.GemmaBackbone.from_preset(directory)
     lm = keras_gemma.GemmaCausalLM(backbone)
     ids, mask = padded_batch(SEQUENCE_LENGTH)
     expected = logits_of(lm, ids, mask)
-    with pytest.warns(UserWarning):  # keras-hub cannot load this one
-        backbone.save_to_preset(str(tmp_path / "native"))
-    again = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "native"))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*native preset")  # no fallback
+        backbone.save_to_preset(str(tmp_path / "again"))
+    assert h5_datasets(tmp_path / "again" / "model.weights.h5") == h5_datasets(os.path.join(directory, "model.weights.h5"))
+    again = keras_gemma.GemmaBackbone.from_preset(str(tmp_path / "again"))
     assert again.config == backbone.config
-    np.testing.assert_allclose(logits_of(keras_gemma.GemmaCausalLM(again), ids, mask), expected, atol=1e-6)
+    np.testing.assert_array_equal(logits_of(keras_gemma.GemmaCausalLM(again), ids, mask), expected)
+
+
+# -- saved here, loaded by keras-hub -------------------------------------------
+
+
+def h5_datasets(path):
+    """Dataset path -> shape of an h5 file."""
+    found = {}
+    with h5py.File(path) as f:
+        f.visititems(lambda name, obj: found.update({name: obj.shape}) if isinstance(obj, h5py.Dataset) else None)
+    return found
+
+
+def our_config(kind, **changes):
+    """Our config for the keras-hub `CONFIGS[kind]` model."""
+    config_json = {"class_name": "Gemma4Backbone", "registered_name": "keras_hub>Gemma4Backbone", "config": CONFIGS[kind]}
+    return keras_hub_format.config_from_keras_hub(config_json).replace(**changes)
+
+
+def our_lm(config, spm_path, seed):
+    """Our model for `config`, random: N(0, 0.25), multipliers (layer and
+    expert scalars) 1 + N(0, 0.25); norms are zero-centred here."""
+    backbone = keras_gemma.GemmaBackbone(config)
+    rng = np.random.default_rng(seed)
+    for name, w in backbone.weight_map().items():
+        offset = 1.0 if name.endswith(("layer_scalar", "_scale")) else 0.0
+        w.assign((offset + rng.normal(0.0, SCALE, tuple(w.shape))).astype("float32"))
+    preprocessor = GemmaCausalLMPreprocessor(GemmaTokenizer(spm_path), sequence_length=32)
+    return keras_gemma.GemmaCausalLM(backbone, preprocessor=preprocessor)
+
+
+# The E model saved here has 8-wide per-layer inputs: the norm of a 4-wide
+# slice that happens to be small amplifies float32 rounding (up to 2e-3 apart
+# on some seeds, keras-hub's JAX and PyTorch runs as much as ours and theirs).
+SAVED_HERE = {"dense": {}, "e": dict(per_layer_input_dim=8), "moe": {}}
+
+
+@pytest.fixture(scope="module")
+def saved_here(spm_path, tmp_path_factory):
+    """kind -> (our model, the keras-hub preset it saved as)."""
+    out = {}
+    for seed, kind in enumerate(CONFIGS):
+        ours = our_lm(our_config(kind, **SAVED_HERE[kind]), spm_path, seed + 10)
+        directory = str(tmp_path_factory.mktemp(f"ours_{kind}") / "preset")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=".*native preset")  # a keras-hub preset: no fallback
+            ours.save_to_preset(directory)
+        out[kind] = (ours, directory)
+    return out
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_preset_saved_here_loads_in_keras_hub(kind, saved_here, tmp_path):
+    ours, directory = saved_here[kind]
+    theirs = keras_hub.models.Gemma4CausalLM.from_preset(directory)
+    assert theirs.preprocessor.sequence_length == 32
+    ids, mask = padded_batch(SEQUENCE_LENGTH)
+    expected = logits_of(ours, ids, mask)
+    np.testing.assert_allclose(
+        keras_hub_logits(theirs.backbone, ids, mask)[mask], expected[mask], atol=TOLERANCE, rtol=TOLERANCE
+    )
+    # The h5 datasets keras-hub writes for this architecture, no more, no fewer.
+    theirs.backbone.save_weights(str(tmp_path / "theirs.weights.h5"))
+    assert h5_datasets(os.path.join(directory, "model.weights.h5")) == h5_datasets(tmp_path / "theirs.weights.h5")
+    # keras-hub's tokenizer reads our vocabulary asset.
+    text = "The quick brown fox"
+    assert to_numpy(theirs.preprocessor.tokenizer(text)).tolist() == ours.preprocessor.tokenizer(text)
+
+    # And back here: the same model exactly, the E model's chat format included.
+    again = keras_gemma.GemmaCausalLM.from_preset(directory)
+    assert again.config == ours.config
+    np.testing.assert_array_equal(logits_of(again, ids, mask), expected)
+    assert again.preprocessor.tokenizer.chat_format.name == ("gemma4_e" if kind == "e" else "gemma4")
+
+
+def test_tokenizer_saved_alone_is_keras_hubs_gemma4_tokenizer(spm_path, tmp_path):
+    """A Gemma 4 vocabulary saves as keras-hub's Gemma4Tokenizer, its special-token
+    flags those the vocabulary has (keras-hub checks them as it loads)."""
+    tokenizer = GemmaTokenizer(spm_path)
+    directory = str(tmp_path / "tokenizer")
+    tokenizer.save_to_preset(directory)
+    with open(os.path.join(directory, "tokenizer.json")) as f:
+        config = json.load(f)
+    assert config["class_name"] == "Gemma4Tokenizer"
+    theirs = keras_hub.models.Gemma4Tokenizer.from_config(config["config"])  # as keras-hub's preset loader does
+    theirs.load_preset_assets(directory)
+    assert to_numpy(theirs("The quick brown fox")).tolist() == tokenizer("The quick brown fox")
+    assert GemmaTokenizer.from_preset(directory)("The quick brown fox") == tokenizer("The quick brown fox")
+
+
+@pytest.mark.parametrize(
+    "changes, reason",
+    [
+        (dict(use_value_norm=False), r"`use_value_norm=False` \(its blocks always have the value norm\)"),
+        (dict(use_layer_scalar=False), r"`use_layer_scalar=False`"),
+        (dict(use_post_norms=False), r"`use_post_norms=False`"),
+        (dict(query_pre_attn_scalar=8.0), r"`query_pre_attn_scalar=8` \(its attention scaling is always 1\)"),
+        (dict(local_rope_fraction=0.5), r"`local_rope_fraction=0.5`"),
+        (dict(global_rope_fraction=0.0), r"`global_rope_fraction=0` rotates no frequency pair"),
+        (dict(global_keys_as_values=False), r"`num_global_key_value_heads=1` with `global_keys_as_values=False`"),
+    ],
+)
+def test_what_keras_hub_cannot_express_is_named(changes, reason):
+    assert keras_hub_format.gemma4_unexpressible(our_config("dense")) == []
+    reasons = keras_hub_format.gemma4_unexpressible(our_config("dense", **changes))
+    assert len(reasons) == 1 and re.search(reason, reasons[0])
+
+
+def test_what_keras_hub_cannot_express_saves_as_native_preset(spm_path, tmp_path):
+    """keras-hub's Gemma4Backbone always has the value norm and scales
+    attention by 1: a model without them falls back to keras_gemma's native
+    preset, with a warning naming both, and loads back exactly."""
+    for kind in CONFIGS:
+        assert keras_hub_format.gemma4_unexpressible(our_config(kind)) == []
+    ours = our_lm(our_config("dense", use_value_norm=False, query_pre_attn_scalar=8.0), spm_path, seed=3)
+    directory = str(tmp_path / "native")
+    with pytest.warns(UserWarning, match=r"Gemma 4 model is saved as a keras_gemma native preset.*"
+                                         r"Gemma4Backbone cannot express `use_value_norm=False`.*; "
+                                         r"`query_pre_attn_scalar=8`"):
+        ours.save_to_preset(directory)
+    with open(os.path.join(directory, "metadata.json")) as f:
+        assert json.load(f)["format"] == "keras_gemma_quantized"
+    again = keras_gemma.GemmaCausalLM.from_preset(directory)
+    assert again.config == ours.config
+    ids, mask = padded_batch(SEQUENCE_LENGTH)
+    np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(ours, ids, mask))
 
 
 def rewrite_config(directory, **changes):
@@ -294,7 +421,6 @@ def test_released_presets_read_as_their_architectures(architecture):
     from gemma4_reference import E2B, E4B, RELEASED_26B_A4B
     from test_presets_family import gemma4_31b_config
 
-    from keras_gemma.checkpoints import keras_hub_format
     from keras_gemma.presets import ARCHITECTURES
 
     text = {

@@ -1,7 +1,7 @@
 """The keras-hub (and keras-nlp) preset layout: what Kaggle serves.
 
 A preset directory holds `config.json` (the serialized `GemmaBackbone`,
-`Gemma3Backbone` or, read only, `Gemma4Backbone`), `model.weights.h5` (or `model.weights.json` and shards),
+`Gemma3Backbone` or `Gemma4Backbone`), `model.weights.h5` (or `model.weights.json` and shards),
 `metadata.json`, and for tasks `tokenizer.json`, `preprocessor.json`,
 `task.json` and `assets/tokenizer/vocabulary.spm`.
 
@@ -36,14 +36,16 @@ encoder, the E models an audio one too) load as their text decoder
 (`gemma4_config_from_keras_hub`, `gemma4_h5_paths`): its blocks are
 `gemma4_text_decoder_block[_i]`, its norm scales multipliers (ours
 zero-centred), its layer scalars shape (), a mixture of experts' gate and
-up banks two tensors (ours one, stacked). We do not write that class: a
-Gemma 4 model saves as keras_gemma's native preset (`quantized_format.py`).
+up banks two tensors (ours one, stacked). A Gemma 4 model saves as a
+text-only `Gemma4Backbone` by the same table read backwards
+(`gemma4_config_to_keras_hub`), unless its config holds what that class
+cannot express (`gemma4_unexpressible` names it): then as keras_gemma's
+native preset (`quantized_format.py`).
 """
 
 import datetime
 import json
 import os
-import re
 import warnings
 
 import h5py
@@ -64,9 +66,8 @@ PREPROCESSOR_FILE = "preprocessor.json"
 TASK_FILE = "task.json"
 VOCABULARY_PATH = os.path.join("assets", "tokenizer", "vocabulary.spm")
 
-GEMMA_CLASSES = ("GemmaBackbone", "Gemma3Backbone")  # what we write (and read)
-GEMMA4_CLASS = "Gemma4Backbone"  # read only: its text decoder
-READ_CLASSES = GEMMA_CLASSES + (GEMMA4_CLASS,)
+GEMMA4_CLASS = "Gemma4Backbone"  # its text decoder
+GEMMA_CLASSES = ("GemmaBackbone", "Gemma3Backbone", GEMMA4_CLASS)  # what we read and write
 GEMMA2_PATTERN = (LOCAL, GLOBAL)  # keras-hub: `i % 2 == 0` is local
 GEMMA3_PATTERN = (LOCAL,) * 5 + (GLOBAL,)  # keras-hub: `i % 6 < 5` is local
 GEMMA3_LOCAL_BASE, GEMMA3_GLOBAL_BASE = 10_000.0, 1_000_000.0
@@ -81,10 +82,10 @@ def is_keras_hub_config(config_json):
 def _class_name(config_json, path):
     name = config_json.get("class_name")
     registered = config_json.get("registered_name") or ""
-    if name not in READ_CLASSES:
+    if name not in GEMMA_CLASSES:
         raise CheckpointError(
             f"{path} describes a {registered or name!r}, not a Gemma backbone "
-            f"(expected class_name {', '.join(READ_CLASSES[:-1])} or {READ_CLASSES[-1]})."
+            f"(expected class_name {', '.join(GEMMA_CLASSES[:-1])} or {GEMMA_CLASSES[-1]})."
         )
     return name
 
@@ -150,7 +151,7 @@ def config_from_keras_hub(config_json, path=CONFIG_FILE):
     return config.replace(max_sequence_length=_max_sequence_length(config, default_length))
 
 
-# -- Gemma 4 (keras-hub's Gemma4Backbone, read only) ----------------------------
+# -- Gemma 4 (keras-hub's Gemma4Backbone) ----------------------------------------
 #
 # keras-hub 0.32's `Gemma4Backbone` is always Gemma 4's block: four norms,
 # q/k norms and a scale-free value norm, attention scaling 1 (its
@@ -163,7 +164,8 @@ def config_from_keras_hub(config_json, path=CONFIG_FILE):
 # embeddings (`hidden_size_per_layer_input`) and key/value sharing; 26B A4B's
 # mixture of experts (`enable_moe_block`).
 # The vision and audio encoders' weights are not ours to load (the text
-# decoder is); what the text decoder cannot be here is refused.
+# decoder is); what the text decoder cannot be here is refused. Written, it
+# is text-only: no encoders.
 
 GEMMA4_LOCAL_BASE, GEMMA4_GLOBAL_BASE = 10_000.0, 1_000_000.0
 GEMMA4_LAYER_TYPES = {"full_attention": GLOBAL, "sliding_attention": LOCAL}
@@ -287,16 +289,136 @@ def gemma4_config_from_keras_hub(config_json, path=CONFIG_FILE):
     return config.replace(max_sequence_length=_max_sequence_length(config, GEMMA4_DEFAULT_LENGTH))
 
 
+def _rotated_pairs(fraction, head_dim):
+    """Frequency pairs our rope rotates (`layers.rotary_tables`)."""
+    return int(fraction * head_dim // 2)
+
+
+def gemma4_unexpressible(config):
+    """What keras-hub's `Gemma4Backbone` cannot express of `config`, one
+    reason a line (empty: it can).
+
+    Its block is always Gemma 4's (four norms, q/k norms, the value norm,
+    attention scaling 1, a layer scalar); its sliding layers rotate every
+    frequency pair, its global ones at least one; its global layers have
+    their own key/value head count only with keys as values. Mechanisms on
+    layers the model does not have are not counted.
+    """
+    reasons = [
+        f"`{field}=False` (its blocks always have {what})"
+        for field, what in (
+            ("use_post_norms", "post-attention and post-feed-forward norms"),
+            ("use_qk_norm", "query and key norms"),
+            ("use_value_norm", "the value norm"),
+            ("use_layer_scalar", "a stored layer scalar"),
+        )
+        if not getattr(config, field)
+    ]
+    if config.query_pre_attn_scalar != 1.0:
+        reasons.append(f"`query_pre_attn_scalar={config.query_pre_attn_scalar:g}` (its attention scaling is always 1)")
+    if LOCAL in config.layer_types and config.local_rope_fraction != 1.0:
+        reasons.append(
+            f"`local_rope_fraction={config.local_rope_fraction:g}` (its sliding layers rotate every frequency pair)"
+        )
+    if GLOBAL in config.layer_types:
+        if _rotated_pairs(config.global_rope_fraction, config.global_head_dim) == 0:
+            reasons.append(
+                f"`global_rope_fraction={config.global_rope_fraction:g}` rotates no frequency pair of "
+                f"{config.global_head_dim} dimensions (keras-hub rotates at least one)"
+            )
+        if not config.global_keys_as_values and config.num_global_key_value_heads != config.num_key_value_heads:
+            reasons.append(
+                f"`num_global_key_value_heads={config.num_global_key_value_heads}` with "
+                "`global_keys_as_values=False` (keras-hub gives global layers their own key/value "
+                "heads only with keys as values)"
+            )
+    return reasons
+
+
+def _gemma4_sliding_window_pattern(layer_types):
+    """keras-hub's `sliding_window_pattern` that gives `layer_types`, else its default 6
+    (`layer_types` is written too, and wins)."""
+    n = len(layer_types)
+    for period in range(1, n + 1):
+        if layer_types == tuple(GLOBAL if i % period == period - 1 else LOCAL for i in range(n)):
+            return period
+    return 6
+
+
+def gemma4_config_to_keras_hub(config, dtype="float32", name=None):
+    """The keras-hub `Gemma4Backbone` `config.json` dict (text only) for `config`.
+
+    `gemma4_config_from_keras_hub` reads it back as `config` (bar the context
+    length, which metadata.json keeps). Raises ValueError naming what
+    keras-hub cannot express (`gemma4_unexpressible`).
+    """
+    reasons = gemma4_unexpressible(config)
+    if reasons:
+        raise ValueError(f"keras-hub's Gemma4Backbone cannot express {'; '.join(reasons)}.")
+    per_layer, experts = config.per_layer_input_dim, config.num_experts
+    fraction = config.global_rope_fraction
+    if _rotated_pairs(fraction, config.global_head_dim) == 0:  # no global layer: any value keras-hub accepts
+        fraction = 1.0
+    c = {
+        "name": name or _object_name(GEMMA4_CLASS, "Backbone"),
+        "trainable": True,
+        "dtype": _dtype_json(dtype),
+        "vocabulary_size": config.vocabulary_size,
+        "image_size": None,
+        "num_layers": config.num_layers,
+        "num_query_heads": config.num_query_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "hidden_dim": config.hidden_dim,
+        "intermediate_dim": config.intermediate_dim,
+        "head_dim": config.head_dim,
+        "query_head_dim_normalize": True,  # unused by keras-hub's Gemma 4 (scaling 1)
+        "attention_logit_soft_cap": config.attention_logit_softcap,
+        "final_logit_soft_cap": config.final_logit_softcap,
+        "use_sliding_window_attention": True,
+        "sliding_window_size": config.sliding_window_size or 512,
+        "sliding_window_pattern": _gemma4_sliding_window_pattern(config.layer_types),
+        "layer_types": [{GLOBAL: "full_attention", LOCAL: "sliding_attention"}[t] for t in config.layer_types],
+        "global_head_dim": config.global_head_dim,
+        "local_rope_scaling_factor": config.local_rope_scaling,
+        "global_rope_scaling_factor": config.global_rope_scaling,
+        "vision_encoder": None,
+        "audio_encoder": None,
+        "num_audio_tokens_per_clip": None,
+        "use_bidirectional_attention": False,
+        "use_vision_bidirectional_attention": False,
+        "layer_norm_epsilon": config.layer_norm_epsilon,
+        "dropout": config.dropout,
+        "is_embedding_model": False,
+        "pooling_intermediate_dim": None,
+        "embedding_dim": None,
+        "num_kv_shared_layers": config.num_kv_shared_layers,
+        # keras-hub: a global key/value head count turns on keys as values there.
+        "num_global_key_value_heads": config.num_global_key_value_heads if config.global_keys_as_values else None,
+        "hidden_size_per_layer_input": per_layer,
+        "vocab_size_per_layer_input": config.per_layer_vocabulary_size if per_layer else None,
+        "global_rope_wavelength": config.global_rope_base,
+        "local_rope_wavelength": config.local_rope_base,
+        "global_rope_partial_rotary_factor": fraction,  # keras-hub rotates as many pairs as we do (at least one)
+        "use_double_wide_mlp": config.use_double_wide_mlp,
+        "enable_moe_block": experts is not None,
+        "num_experts": experts,
+        "expert_intermediate_dim": config.moe_intermediate_dim,
+        "num_experts_per_token": config.top_k_experts if experts is not None else 8,  # 8: keras-hub's default
+    }
+    return _class_json(GEMMA4_CLASS, "Backbone", c)
+
+
 def backbone_class_for(config):
-    """`GemmaBackbone` or `Gemma3Backbone`: the keras-hub class that can express `config`.
+    """`GemmaBackbone`, `Gemma3Backbone` or (a config with Gemma 4
+    mechanisms) `Gemma4Backbone`: the keras-hub class that can express `config`.
 
     Raises ValueError naming what keras-hub cannot express.
     """
     if config.gemma4_mechanisms():
-        raise ValueError(
-            f"keras-hub's GemmaBackbone and Gemma3Backbone have no Gemma 4 mechanisms "
-            f"({', '.join(config.gemma4_mechanisms())}); use export_to_transformers."
-        )
+        reasons = gemma4_unexpressible(config)
+        if reasons:
+            raise ValueError(f"keras-hub's Gemma4Backbone cannot express {'; '.join(reasons)}.")
+        return GEMMA4_CLASS
     n = config.num_layers
     gemma3 = config.use_qk_norm or (config.global_rope_base, config.local_rope_base) != (10_000.0, 10_000.0)
     if not gemma3:
@@ -320,6 +442,33 @@ def _dtype_json(name):
     return {"module": "keras", "class_name": "DTypePolicy", "config": {"name": name}, "registered_name": None}
 
 
+# keras-hub's class prefix and module stem per backbone class, and module
+# suffix per kind of object (`Gemma3` + `CausalLM` in
+# `keras_hub.src.models.gemma3.gemma3_causal_lm`).
+FAMILIES = {"GemmaBackbone": "Gemma", "Gemma3Backbone": "Gemma3", GEMMA4_CLASS: "Gemma4"}
+KINDS = {
+    "Backbone": "backbone", "Tokenizer": "tokenizer", "CausalLMPreprocessor": "causal_lm_preprocessor",
+    "CausalLM": "causal_lm",
+}
+
+
+def _object_name(backbone_class, kind):
+    """keras-hub's default layer name, e.g. `gemma3_causal_lm_preprocessor`."""
+    return f"{FAMILIES[backbone_class].lower()}_{KINDS[kind]}"
+
+
+def _class_json(backbone_class, kind, config):
+    """A serialized keras-hub object: the `kind` (a key of `KINDS`) of `backbone_class`'s family."""
+    prefix = FAMILIES[backbone_class]
+    stem = prefix.lower()
+    return {
+        "module": f"keras_hub.src.models.{stem}.{stem}_{KINDS[kind]}",
+        "class_name": prefix + kind,
+        "config": config,
+        "registered_name": f"keras_hub>{prefix}{kind}",
+    }
+
+
 def config_to_keras_hub(config, dtype="float32", name=None):
     """The keras-hub `config.json` dict for `config`.
 
@@ -327,6 +476,8 @@ def config_to_keras_hub(config, dtype="float32", name=None):
     other than head_dim); raises ValueError when keras-hub cannot express it.
     """
     class_name = backbone_class_for(config)
+    if class_name == GEMMA4_CLASS:
+        return gemma4_config_to_keras_hub(config, dtype, name)
     sliding = LOCAL in config.layer_types
     head_dim_normalize = config.query_pre_attn_scalar == config.head_dim
     if not head_dim_normalize:
@@ -345,7 +496,7 @@ def config_to_keras_hub(config, dtype="float32", name=None):
             stacklevel=3,
         )
     c = {
-        "name": name or ("gemma3_backbone" if class_name == "Gemma3Backbone" else "gemma_backbone"),
+        "name": name or _object_name(class_name, "Backbone"),
         "trainable": True,
         "dtype": _dtype_json(dtype),
         "vocabulary_size": config.vocabulary_size,
@@ -380,13 +531,7 @@ def config_to_keras_hub(config, dtype="float32", name=None):
             pooling_intermediate_dim=None,
             embedding_dim=None,
         )
-    module = "gemma3.gemma3_backbone" if class_name == "Gemma3Backbone" else "gemma.gemma_backbone"
-    return {
-        "module": f"keras_hub.src.models.{module}",
-        "class_name": class_name,
-        "config": c,
-        "registered_name": f"keras_hub>{class_name}",
-    }
+    return _class_json(class_name, "Backbone", c)
 
 
 # -- weights ------------------------------------------------------------------
@@ -596,28 +741,57 @@ def read_weights(directory, config, class_name):
     return out
 
 
+def _stored(dataset, kind, value):
+    """(h5 dataset path, array) pairs for one of our weights: `read_weights`' transforms undone."""
+    if kind == "copy":
+        return [(dataset, value)]
+    if kind == "norm":  # in float32: `1 + scale` in bfloat16 would round the scale away
+        return [(dataset, np.asarray(value, np.float32) + np.float32(1.0))]
+    if kind == "scalar":
+        return [(dataset, np.reshape(value, ()))]
+    if kind == "stack":
+        return [(d, value[:, j]) for j, d in enumerate(dataset)]
+    raise AssertionError(kind)
+
+
 def write_weights(path, backbone, class_name):
     """Writes the backbone's weights as keras-hub's `model.weights.h5`, one tensor at a time."""
-    paths = h5_paths(backbone.config, class_name)
+    if class_name == GEMMA4_CLASS:
+        layout = gemma4_h5_paths(backbone.config)
+    else:
+        layout = {name: (dataset, "copy") for name, dataset in h5_paths(backbone.config, class_name).items()}
     variables = backbone.weight_map()
     with h5py.File(path, "w") as f:
-        for name, dataset in paths.items():
+        for name, (dataset, kind) in layout.items():
             value = keras.ops.convert_to_numpy(variables[name])
-            if keras.backend.standardize_dtype(variables[name].dtype) == "bfloat16":
+            bfloat16 = keras.backend.standardize_dtype(variables[name].dtype) == "bfloat16"
+            if bfloat16:
                 value = np.asarray(value, dtype=ml_dtypes.bfloat16)
-                ds = f.create_dataset(dataset, data=value)
-                ds.attrs["dtype"] = "bfloat16"
-            else:
-                f.create_dataset(dataset, data=value)
+            for dataset_path, array in _stored(dataset, kind, value):
+                ds = f.create_dataset(dataset_path, data=array)
+                if array.dtype == ml_dtypes.bfloat16:
+                    ds.attrs["dtype"] = "bfloat16"
 
 
 # -- tokenizer, preprocessor, task ---------------------------------------------
 
-def tokenizer_json(class_name, has_vision_tokens):
-    tokenizer = "Gemma3Tokenizer" if class_name == "Gemma3Backbone" else "GemmaTokenizer"
-    module = "gemma3.gemma3_tokenizer" if tokenizer == "Gemma3Tokenizer" else "gemma.gemma_tokenizer"
+# The special tokens each keras-hub tokenizer flag requires in the vocabulary.
+TOKEN_FLAGS = {
+    "Gemma3Backbone": {"has_vision_tokens": VISION_TOKENS},
+    GEMMA4_CLASS: {
+        "has_vision_tokens": ("<|image>", "<|image|>", "<image|>"),
+        "has_audio_tokens": ("<|audio>", "<|audio|>", "<audio|>"),
+        "has_video_tokens": ("<|video|>",),
+    },
+}
+
+
+def tokenizer_json(class_name, vocabulary):
+    """tokenizer.json for backbone class `class_name`; `vocabulary`, the
+    tokenizer's pieces, decides which special-token flags are on."""
+    vocabulary = set(vocabulary)
     config = {
-        "name": tokenizer_name(tokenizer),
+        "name": _object_name(class_name, "Tokenizer"),
         "trainable": True,
         "dtype": _dtype_json("int32"),
         "config_file": TOKENIZER_FILE,
@@ -626,27 +800,14 @@ def tokenizer_json(class_name, has_vision_tokens):
         "add_bos": False,
         "add_eos": False,
     }
-    if tokenizer == "Gemma3Tokenizer":
-        config["has_vision_tokens"] = has_vision_tokens
-    return {
-        "module": f"keras_hub.src.models.{module}",
-        "class_name": tokenizer,
-        "config": config,
-        "registered_name": f"keras_hub>{tokenizer}",
-    }
-
-
-def tokenizer_name(class_name):
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", class_name).lower()
+    for flag, tokens in TOKEN_FLAGS.get(class_name, {}).items():
+        config[flag] = all(token in vocabulary for token in tokens)
+    return _class_json(class_name, "Tokenizer", config)
 
 
 def preprocessor_json(class_name, tokenizer_config, sequence_length, add_start_token=True, add_end_token=True):
-    name = "Gemma3CausalLMPreprocessor" if class_name == "Gemma3Backbone" else "GemmaCausalLMPreprocessor"
-    module = (
-        "gemma3.gemma3_causal_lm_preprocessor" if class_name == "Gemma3Backbone" else "gemma.gemma_causal_lm_preprocessor"
-    )
     config = {
-        "name": "gemma3_causal_lm_preprocessor" if class_name == "Gemma3Backbone" else "gemma_causal_lm_preprocessor",
+        "name": _object_name(class_name, "CausalLMPreprocessor"),
         "trainable": True,
         "dtype": _dtype_json("float32"),
         "tokenizer": tokenizer_config,
@@ -657,26 +818,17 @@ def preprocessor_json(class_name, tokenizer_config, sequence_length, add_start_t
     }
     if class_name == "Gemma3Backbone":
         config.update(image_converter=None, num_vision_tokens_per_image=256, max_images_per_prompt=2)
-    return {
-        "module": f"keras_hub.src.models.{module}",
-        "class_name": name,
-        "config": config,
-        "registered_name": f"keras_hub>{name}",
-    }
+    if class_name == GEMMA4_CLASS:  # text only (the other counts keep keras-hub's defaults)
+        config.update(image_converter=None, audio_converter=None, video_converter=None)
+    return _class_json(class_name, "CausalLMPreprocessor", config)
 
 
 def task_json(backbone_config, preprocessor_config):
     class_name = backbone_config["class_name"]
-    name = "Gemma3CausalLM" if class_name == "Gemma3Backbone" else "GemmaCausalLM"
-    module = "gemma3.gemma3_causal_lm" if class_name == "Gemma3Backbone" else "gemma.gemma_causal_lm"
-    config = {"backbone": backbone_config, "preprocessor": preprocessor_config}
-    config["name"] = "gemma3_causal_lm" if class_name == "Gemma3Backbone" else "gemma_causal_lm"
-    return {
-        "module": f"keras_hub.src.models.{module}",
-        "class_name": name,
-        "config": config,
-        "registered_name": f"keras_hub>{name}",
+    config = {
+        "backbone": backbone_config, "preprocessor": preprocessor_config, "name": _object_name(class_name, "CausalLM"),
     }
+    return _class_json(class_name, "CausalLM", config)
 
 
 def metadata_json(backbone):

@@ -6,10 +6,12 @@ A handle is one of:
 - `kaggle://<owner>/<model>/keras/<variation>[/<version>]`;
 - `hf://<org>/<name>` (Hugging Face Hub; needs `huggingface_hub`);
 - a local directory in keras-hub / keras-nlp preset layout (what
-  `save_to_preset` writes for a float model: keras-hub loads it too), in
+  `save_to_preset` writes for a float model, Gemma 4 included: keras-hub
+  loads it too), in
   Hugging Face layout (`config.json` with `model_type`, safetensors,
-  `tokenizer.model`), or a keras_gemma quantized preset (what `save_to_preset`
-  writes for an int8/int4 model; see `quantized_format.py`);
+  `tokenizer.model`), or a keras_gemma native preset (what `save_to_preset`
+  writes for an int8/int4 model, or a Gemma 4 config keras-hub's
+  `Gemma4Backbone` cannot express; see `quantized_format.py`);
 - a `.gguf` file (llama.cpp; needs `gguf`), or a directory holding one.
 
 The model classes come from the caller (`GemmaCausalLM.from_preset` passes
@@ -448,17 +450,21 @@ def _check_savable(backbone, directory):
 
 def save_backbone(backbone, directory):
     """Writes `backbone` as a keras-hub preset (config.json, model.weights.h5,
-    metadata.json), or a quantized one as keras_gemma's quantized preset."""
+    metadata.json), or a quantized one (or a Gemma 4 one keras-hub cannot
+    express) as keras_gemma's native preset."""
     _check_savable(backbone, directory)
     with _atomic_directory(directory) as tmp:
         _write_backbone(backbone, tmp)
 
 
 def _tokenizer_class_for_config(config):
-    """The keras-hub backbone class whose tokenizer fits `config` (by vocabulary when keras-hub cannot express it)."""
+    """The keras-hub backbone class whose tokenizer fits `config` (by
+    generation, then vocabulary, when keras-hub cannot express it)."""
     try:
         return kh.backbone_class_for(config)
     except ValueError:
+        if config.gemma4_mechanisms():
+            return kh.GEMMA4_CLASS
         return "Gemma3Backbone" if config.vocabulary_size >= 262_144 else "GemmaBackbone"
 
 
@@ -472,17 +478,14 @@ def _class_for_tokenizer(tokenizer, directory):
                 return _tokenizer_class_for_config(quantized_format.read_config(config_json, config_path))
             if config_json.get("class_name") in kh.GEMMA_CLASSES:
                 return config_json["class_name"]
+    if tokenizer.chat_format in (chat_template.GEMMA4, chat_template.GEMMA4_E):
+        return kh.GEMMA4_CLASS
     vocabulary_size = tokenizer.vocabulary_size()
     return "Gemma3Backbone" if vocabulary_size >= 262_144 else "GemmaBackbone"
 
 
-def _has_vision_tokens(tokenizer):
-    vocabulary = set(tokenizer.get_vocabulary())
-    return all(token in vocabulary for token in kh.VISION_TOKENS)
-
-
 def _write_tokenizer(tokenizer, directory, class_name):
-    tokenizer_config = kh.tokenizer_json(class_name, _has_vision_tokens(tokenizer))
+    tokenizer_config = kh.tokenizer_json(class_name, tokenizer.get_vocabulary())
     _write_json(os.path.join(directory, kh.TOKENIZER_FILE), tokenizer_config)
     assets = os.path.join(directory, os.path.dirname(kh.VOCABULARY_PATH))
     os.makedirs(assets, exist_ok=True)
@@ -514,7 +517,8 @@ def save_preprocessor(preprocessor, directory):
 
 def save_causal_lm(causal_lm, directory):
     """Writes a complete keras-hub task preset: backbone, task.json and, if any,
-    the preprocessor (a quantized model: keras_gemma's quantized preset)."""
+    the preprocessor (a quantized model, or a Gemma 4 one keras-hub cannot
+    express: keras_gemma's native preset)."""
     backbone = causal_lm.backbone
     _check_savable(backbone, directory)
     with _atomic_directory(directory) as tmp:

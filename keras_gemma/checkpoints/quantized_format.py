@@ -1,6 +1,8 @@
 """keras_gemma's quantized preset: keras-hub's directory layout, our own model files.
 
-`save_to_preset` on an int8/int4 model writes
+`save_to_preset` on an int8/int4 model (or a float Gemma 4 model whose config
+keras-hub's `Gemma4Backbone` cannot express: `keras_hub_format.gemma4_unexpressible`
+names why) writes
 
     config.json       {"class_name": "GemmaBackbone",
                        "registered_name": "keras_gemma>GemmaBackbone",
@@ -31,6 +33,7 @@ import warnings
 
 import keras
 
+from keras_gemma.checkpoints import keras_hub_format
 from keras_gemma.checkpoints.weights import CheckpointError
 from keras_gemma.config import GemmaConfig
 
@@ -42,8 +45,13 @@ TASK_REGISTERED_NAME = "keras_gemma>GemmaCausalLM"
 
 def is_native(backbone):
     """Whether `save_to_preset` writes `backbone` in this format: quantized,
-    or a Gemma 4 model (which keras-hub's Gemma backbones cannot express)."""
-    return backbone.quantization is not None or bool(backbone.config.gemma4_mechanisms())
+    or a Gemma 4 model that keras-hub's `Gemma4Backbone` cannot express."""
+    return backbone.quantization is not None or bool(_gemma4_unexpressible(backbone.config))
+
+
+def _gemma4_unexpressible(config):
+    """What keras-hub cannot express of a Gemma 4 config (empty for Gemma 1-3)."""
+    return keras_hub_format.gemma4_unexpressible(config) if config.gemma4_mechanisms() else []
 
 
 def _kind(backbone):
@@ -90,16 +98,16 @@ def metadata_json(backbone):
 
 
 def warn_not_keras_hub(backbone, directory):
-    advice = (
-        "For a keras-hub preset, save the float model before calling quantize()."
-        if backbone.quantization is not None
-        else "For transformers, use export_to_transformers()."
-    )
+    if backbone.quantization is not None:
+        reason, advice = "", "For a keras-hub preset, save the float model before calling quantize()."
+    else:
+        reason = f" keras-hub's Gemma4Backbone cannot express {'; '.join(_gemma4_unexpressible(backbone.config))}."
+        advice = "For transformers, use export_to_transformers()."
     warnings.warn(
         f"{directory}: this {_kind(backbone)} model is saved as a keras_gemma "
         f"native preset (metadata.json format {FORMAT!r}: Keras' save_weights, with the "
-        "quantized values and their scales where quantized). keras_gemma's from_preset loads it exactly; "
-        f"keras-hub and transformers cannot. {advice}",
+        f"quantized values and their scales where quantized).{reason} keras_gemma's from_preset loads it "
+        f"exactly; keras-hub and transformers cannot. {advice}",
         UserWarning,
         stacklevel=5,  # the caller of save_to_preset
     )
