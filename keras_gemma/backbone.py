@@ -409,10 +409,13 @@ class GemmaBackbone(keras.Model):
     def save_to_preset(self, directory):
         """Writes a keras-hub preset (config.json, model.weights.h5, metadata.json).
 
-        A quantized (int8/int4) backbone is written as keras_gemma's quantized
-        preset instead (same files; our config with the quantization record
-        and Keras' `save_weights`): `from_preset` loads it with identical
-        outputs, but keras-hub cannot load it, and a warning says so. With
+        The class is keras-hub's `GemmaBackbone`, `Gemma3Backbone` or (Gemma 4,
+        text only) `Gemma4Backbone`. A quantized (int8/int4) backbone, or a
+        Gemma 4 one whose config `Gemma4Backbone` cannot express, is written
+        as keras_gemma's native preset instead (same files; our config with
+        the quantization record and Keras' `save_weights`): `from_preset`
+        loads it with identical outputs, but keras-hub cannot load it, and a
+        warning says so (and why). With
         LoRA enabled this raises: call `merge_lora_weights()` first, or save
         the adapters with `save_lora_weights`.
         """

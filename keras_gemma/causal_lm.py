@@ -199,10 +199,12 @@ class GemmaCausalLM(GenerationMixin, keras.Model):
         self.predict_function = self.train_function = self.test_function = None
 
     def save_to_preset(self, directory):
-        """Writes a keras-hub task preset; `keras_hub.models.GemmaCausalLM.from_preset` loads it.
+        """Writes a keras-hub task preset; `keras_hub.models.CausalLM.from_preset` loads it
+        (as a `GemmaCausalLM`, `Gemma3CausalLM` or `Gemma4CausalLM`).
 
-        A quantized (int8/int4) model is written as keras_gemma's quantized
-        preset, which only keras_gemma loads (exactly: same logits); see
+        A quantized (int8/int4) model, or a Gemma 4 one keras-hub cannot
+        express, is written as keras_gemma's native preset, which only
+        keras_gemma loads (exactly: same logits); see
         `GemmaBackbone.save_to_preset`. With LoRA enabled this raises.
 
         Example:

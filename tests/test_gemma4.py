@@ -8,8 +8,12 @@ frequency pairs rotate), the scale-free value norm with attention scaling
 1.0, a stored per-layer scalar, a final soft-cap, and a sliding window (4)
 shorter than the padded batch (13). Then: each mechanism turned off moves
 the logits, `save_pretrained` loads here, `export_to_transformers` loads
-there, and cached greedy decoding equals uncached forward passes.
+there, `save_to_preset` writes keras-hub's Gemma4Backbone preset, and
+cached greedy decoding equals uncached forward passes.
 """
+
+import json
+import os
 
 import numpy as np
 import pytest
@@ -155,12 +159,13 @@ def test_checkpoints_round_trip(ours, hf_model, tmp_path):
 
 
 def test_save_to_preset_round_trips(ours, tmp_path):
-    """keras-hub's Gemma backbones cannot express Gemma 4: `save_to_preset`
-    writes keras_gemma's native preset (our config, Keras' weights), with a
-    warning, and `from_preset` loads it exactly."""
+    """`save_to_preset` writes keras-hub's Gemma4Backbone preset (keras-hub's
+    logits on it: `test_checkpoints_keras_hub_gemma4.py`), and `from_preset`
+    loads it exactly."""
     directory = str(tmp_path / "preset")
-    with pytest.warns(UserWarning, match="Gemma 4 model is saved as a keras_gemma native preset"):
-        ours.save_to_preset(directory)
+    ours.save_to_preset(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        assert json.load(f)["class_name"] == "Gemma4Backbone"
     again = keras_gemma.GemmaCausalLM.from_preset(directory)
     assert again.config == ours.config
     ids, mask = padded_batch(13)

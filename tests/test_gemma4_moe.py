@@ -12,6 +12,9 @@ forward passes; the sharding layout covers the expert banks; LoRA and int8
 run and leave the experts in float.
 """
 
+import json
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -144,9 +147,12 @@ def test_checkpoints_round_trip(ours, hf_model, tmp_path):
 
 
 def test_save_to_preset_round_trips(ours, tmp_path):
+    """A keras-hub Gemma4Backbone preset with `enable_moe_block`, loaded back exactly."""
     directory = str(tmp_path / "preset")
-    with pytest.warns(UserWarning, match="native preset"):
-        ours.save_to_preset(directory)
+    ours.save_to_preset(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        config = json.load(f)
+    assert config["class_name"] == "Gemma4Backbone" and config["config"]["enable_moe_block"]
     again = keras_gemma.GemmaCausalLM.from_preset(directory)
     assert again.config == ours.config
     ids, mask = padded_batch(13)
