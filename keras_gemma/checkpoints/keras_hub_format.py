@@ -621,7 +621,8 @@ def _read_dataset(path, dataset):
 
 
 def gemma4_h5_paths(config):
-    """Canonical name -> (h5 dataset path, kind) for a keras-hub `Gemma4Backbone`'s text decoder.
+    """Canonical name -> (h5 dataset path, kind) for a keras-hub `Gemma4Backbone`'s
+    text decoder (`read_weights` applies the kinds, `write_weights` undoes them).
 
     `kind`: "copy"; "norm" (keras-hub's Gemma 4 norm scales are the multiplier
     itself, ones at init; ours are zero-centred); "scalar" (a block's
