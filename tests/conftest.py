@@ -53,3 +53,12 @@ class ScriptedSampler(samplers.Sampler):
     def __call__(self, logits, key):
         token = keras.ops.take(keras.ops.convert_to_tensor(self.script), key[1])
         return keras.ops.broadcast_to(token, (logits.shape[0],))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`-n 2 --dist loadgroup`, the README's command),
+    every test that loads the real Gemma 3 270M in-process runs in one worker,
+    so the checkpoint is loaded (and transformers' reference computed) once."""
+    for item in items:
+        if {"real_270m", "hf_270m_reference"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.xdist_group("real_270m"))
