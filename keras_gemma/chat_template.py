@@ -81,6 +81,16 @@ class ChatFormat:
     def generation_prompt(self):
         return f"{self.start_of_turn}model\n"
 
+    @property
+    def reply_markers(self):
+        """Control tokens kept in a reply's text: thought and tool-call
+        markers and the string quote, so `split_thinking` and
+        `tool_calls.parse_tool_calls` can read the reply."""
+        markers = self.thought_channel or ()
+        if self.tools is not None:
+            markers += self.tools.call + (self.tools.quote,)
+        return markers
+
 
 GEMMA = ChatFormat(
     name="gemma",
