@@ -19,7 +19,6 @@ same text, and `parse_tool_calls` must read back the calls it writes.
 import copy
 import pathlib
 
-import numpy as np
 import pytest
 from conftest import ScriptedSampler
 from test_gemma4_chat import CONVERSATIONS, gemma4_text_lm  # noqa: F401 (fixture)
@@ -433,10 +432,8 @@ def test_generate_stops_where_the_model_yields_to_the_tool(gemma4_text_lm):  # n
         full = lm.generate(messages, max_new_tokens=40, tools=[CITY_WEATHER])
         prompt = apply_chat_template(messages, tools=[CITY_WEATHER], chat_format=GEMMA4, bos_token="")
         assert full == prompt + reply_text  # stopped on <|tool_response>, dropped from the text
-        ids = np.concatenate(list(lm.stream_token_ids(messages, max_new_tokens=40, tools=[CITY_WEATHER])))
-        assert ids.tolist() == script
         reply = lm.chat(messages, max_new_tokens=40, tools=[CITY_WEATHER])
-        assert reply == reply_text and "".join(lm.chat(messages, max_new_tokens=40, tools=[CITY_WEATHER], stream=True)) == reply
+        assert reply == reply_text
         calls = parse_tool_calls(reply)
         assert calls == [{"name": "get_weather", "arguments": {"city": "Paris"}}]
         # The answer goes back in the model's turn; the model goes on there.
