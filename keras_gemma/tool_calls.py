@@ -137,9 +137,8 @@ def format_parameters(properties):
         if kind == "STRING":
             if _get(value, "enum"):
                 parts.append("enum:" + format_value(value["enum"]))
-        elif kind == "ARRAY":
-            if isinstance(_get(value, "items"), dict) and value["items"]:
-                parts.append(_format_items(value["items"]))
+        elif kind == "ARRAY" and isinstance(_get(value, "items"), dict) and value["items"]:
+            parts.append(_format_items(value["items"]))
         if _get(value, "nullable"):
             parts.append("nullable:true")
         if kind == "OBJECT":
