@@ -36,6 +36,19 @@ generation prompt has no empty thought)::
 The system prompt has a turn of its own; the template neither requires
 alternating roles nor a user turn. In both formats `assistant` is written
 `model`.
+
+Gemma 4 also calls tools (`tools=` of `apply_chat_template`; the syntax is
+in `keras_gemma/tool_calls.py`): the system turn declares them, a model turn
+holds the model's calls and then their answers, and the model goes on in
+that same turn after the answers::
+
+    <|turn>system
+    {system text}<|tool>declaration:get_weather{...}<tool|><turn|>
+    <|turn>user
+    Weather in Paris?<turn|>
+    <|turn>model
+    <|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>
+                                  <- no generation prompt: the model goes on
 """
 
 import dataclasses
@@ -291,6 +304,9 @@ def chat_turns(messages, allow_system=True, chat_format=GEMMA, enable_thinking=F
     Gemma 4 `"system"`); texts are trimmed. With `GEMMA` a leading system
     message is already folded into the first user text; with `GEMMA4` it is
     a turn of its own, which also carries `<|think|>` when `enable_thinking`.
+    Conversations without tools only; one turn per message (Gemma 4's text
+    goes on in the same turn for a model message right after an assistant
+    one: `chat_segments` follows the text exactly).
 
     Raises:
         ValueError: empty conversation, a message that is not a dict, missing

@@ -231,6 +231,10 @@ def test_each_declaration_matches_transformers(hf_gemma4_tokenizer, tool_spec): 
     assert expected == f"<bos><|turn>system\n{declaration}<turn|>\n<|turn>user\nHi<turn|>\n"
 
 
+def test_the_full_template_names_gemma4():
+    assert chat_template.chat_format_for_template(TEMPLATE) is GEMMA4
+
+
 def test_reference_text():
     # The syntax spelled out once, as the template writes it.
     text = apply_chat_template(
