@@ -23,6 +23,7 @@ answer comes back as `<|tool_response>response:NAME{key:value,...}<tool_response
 
 import dataclasses
 import re
+import warnings
 
 QUOTE = '<|"|>'
 
@@ -188,6 +189,14 @@ def check_tools(tools):
             raise ValueError(
                 f"Tool {index} ({name}): 'parameters'['required'] must be a list of parameter names, "
                 f"got {parameters['required']!r:.200}."
+            )
+        hidden = sorted(set((parameters or {}).get("properties") or {}) & set(_SCHEMA_KEYS))
+        if hidden:
+            warnings.warn(
+                f"Tool {index} ({name}): Gemma 4's template leaves parameters named "
+                f"{', '.join(hidden)} out of the declaration (it reads those names as schema "
+                "keywords), so the model does not see them: rename them.",
+                stacklevel=3,
             )
     return list(tools)
 

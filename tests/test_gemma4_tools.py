@@ -340,6 +340,17 @@ def test_malformed_tools(tools, pattern):
         apply_chat_template([user("Hi")], tools=tools, chat_format=GEMMA4)
 
 
+def test_parameters_the_template_hides_warn(hf_gemma4_tokenizer):  # noqa: F811
+    # The template reads a parameter named like a schema keyword as one, and
+    # leaves it out; we write what it writes, and say so.
+    issue = function("create_issue", "d", {"type": "object", "properties": {
+        "title": {"type": "string"}, "description": {"type": "string"}}})
+    with pytest.warns(UserWarning, match=r"Tool 0 \(create_issue\): .* named description out"):
+        text = apply_chat_template([user("Hi")], tools=[issue], chat_format=GEMMA4)
+    assert "title:" in text and "description:{" not in text
+    assert text == hf_render(hf_gemma4_tokenizer, [user("Hi")], [issue], True, None)
+
+
 @pytest.mark.parametrize(
     "messages, pattern",
     [
