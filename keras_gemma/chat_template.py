@@ -36,9 +36,24 @@ generation prompt has no empty thought)::
 The system prompt has a turn of its own; the template neither requires
 alternating roles nor a user turn. In both formats `assistant` is written
 `model`.
+
+Gemma 4 also calls tools (`tools=` of `apply_chat_template`; the syntax is
+in `keras_gemma/tool_calls.py`): the system turn declares them, a model turn
+holds the model's calls and then their answers, and the model goes on in
+that same turn after the answers::
+
+    <|turn>system
+    {system text}<|tool>declaration:get_weather{...}<tool|><turn|>
+    <|turn>user
+    Weather in Paris?<turn|>
+    <|turn>model
+    <|tool_call>call:get_weather{city:<|"|>Paris<|"|>}<tool_call|><|tool_response>response:get_weather{value:<|"|>sunny<|"|>}<tool_response|>
+                                  <- no generation prompt: the model goes on
 """
 
 import dataclasses
+
+from keras_gemma import tool_calls as tools_lib
 
 BOS = "<bos>"
 
@@ -61,6 +76,8 @@ class ChatFormat:
             removed from model turns given back in a conversation.
         no_thinking_prompt: written after the generation prompt when thinking
             is off (an empty, closed thought).
+        tools: the markers of tool declarations, calls and responses
+            (`tool_calls.ToolSyntax`); None: the format has no tool calling.
     """
 
     name: str
@@ -71,10 +88,21 @@ class ChatFormat:
     think_token: str = None
     thought_channel: tuple = None
     no_thinking_prompt: str = ""
+    tools: tools_lib.ToolSyntax = None
 
     @property
     def generation_prompt(self):
         return f"{self.start_of_turn}model\n"
+
+    @property
+    def reply_markers(self):
+        """Control tokens kept in a reply's text: thought and tool-call
+        markers and the string quote, so `split_thinking` and
+        `tool_calls.parse_tool_calls` can read the reply."""
+        markers = self.thought_channel or ()
+        if self.tools is not None:
+            markers += self.tools.call + (self.tools.quote,)
+        return markers
 
 
 GEMMA = ChatFormat(
@@ -84,11 +112,12 @@ GEMMA = ChatFormat(
     roles=("user", "assistant", "model", "system"),
 )
 
-# From google/gemma-4-31B-it's chat_template.jinja, as llama.cpp keeps it
-# (ggml-org/llama.cpp models/templates/google-gemma-4-31B-it-interleaved.jinja,
-# commit 3240d8f92c08e9db0be78358b29e06a1f531fe33); its text-only, tool-less
-# part is quoted in tests/test_gemma4_chat.py and rendered there by
-# transformers. Tools, images and audio are not covered.
+# google/gemma-4-31B-it's chat_template.jinja, as llama.cpp keeps it
+# (models/templates/google-gemma-4-31B-it.jinja; a copy from the
+# llama-cpp-python 0.3.36 sdist is tests/templates/gemma-4-31B-it.jinja, and
+# tests/test_gemma4_chat.py and tests/test_gemma4_tools.py compare with
+# transformers' rendering of it). Text and tools; images and audio are not
+# covered.
 GEMMA4 = ChatFormat(
     name="gemma4",
     start_of_turn="<|turn>",
@@ -98,6 +127,7 @@ GEMMA4 = ChatFormat(
     think_token="<|think|>",
     thought_channel=("<|channel>", "<channel|>"),
     no_thinking_prompt="<|channel>thought\n<channel|>",
+    tools=tools_lib.GEMMA4_TOOLS,
 )
 
 # Gemma 4 E2B and E4B: the same, but the generation prompt carries no empty
@@ -223,7 +253,17 @@ def split_thinking(reply, chat_format=GEMMA4):
     return "\n".join(thoughts), "".join(answer).strip()
 
 
-def _check_messages(messages, chat_format):
+_TOOL_KEYS = ("tool_calls", "tool_responses")
+
+
+def _tool_parts(message):
+    """What of a message is about tools: its `tool_calls`, `tool_responses`
+    and a `tool` role."""
+    parts = [key for key in _TOOL_KEYS if message.get(key)]
+    return parts + ["role 'tool'"] * (message.get("role") == "tool")
+
+
+def _check_messages(messages, chat_format, allow_tools=False):
     if isinstance(messages, dict) or not isinstance(messages, (list, tuple)):
         raise ValueError(
             "A conversation must be a list of {'role', 'content'} dicts, got "
@@ -231,14 +271,30 @@ def _check_messages(messages, chat_format):
         )
     if not messages:
         raise ValueError("The conversation is empty: it needs at least one message.")
+    roles = chat_format.roles + ("tool",) * bool(allow_tools and chat_format.tools)
     for index, message in enumerate(messages):
-        _content_text(message, index)  # checks dict and content
+        if not isinstance(message, dict):
+            _content_text(message, index)  # raises: not a dict
+        tool_parts = _tool_parts(message)
+        if tool_parts and chat_format.tools is None:
+            raise ValueError(
+                f"Message {index} has {' and '.join(tool_parts)}: the {chat_format.name!r} chat "
+                "format (Gemma 1-3) has no tool calling; tools need a Gemma 4 model ('gemma4')."
+            )
+        if tool_parts and not allow_tools:
+            raise ValueError(
+                f"Message {index} has {' and '.join(tool_parts)}: `chat_turns` covers "
+                "conversations without tools; `apply_chat_template` and `chat_segments` "
+                "write tool calls."
+            )
         role = message.get("role")
-        if role not in chat_format.roles:
+        if role not in roles:
             raise ValueError(
                 f"Message {index} has unknown role {role!r}; expected one of "
-                f"{', '.join(chat_format.roles)}."
+                f"{', '.join(roles)}."
             )
+        if not tool_parts or role == "tool" or message.get("content") is not None:
+            _content_text(message, index)  # checks the content
 
 
 def chat_turns(messages, allow_system=True, chat_format=GEMMA, enable_thinking=False):
@@ -248,6 +304,9 @@ def chat_turns(messages, allow_system=True, chat_format=GEMMA, enable_thinking=F
     Gemma 4 `"system"`); texts are trimmed. With `GEMMA` a leading system
     message is already folded into the first user text; with `GEMMA4` it is
     a turn of its own, which also carries `<|think|>` when `enable_thinking`.
+    Conversations without tools only; one turn per message (Gemma 4's text
+    goes on in the same turn for a model message right after an assistant
+    one: `chat_segments` follows the text exactly).
 
     Raises:
         ValueError: empty conversation, a message that is not a dict, missing
@@ -257,15 +316,30 @@ def chat_turns(messages, allow_system=True, chat_format=GEMMA, enable_thinking=F
             for. The message names the bad index.
     """
     chat_format = get_chat_format(chat_format)
+    _check_thinking(chat_format, enable_thinking)
+    _check_messages(messages, chat_format)
+    if chat_format.native_system:
+        return _native_system_turns(messages, chat_format, enable_thinking)
+    return _folded_system_turns(messages, chat_format, allow_system)
+
+
+def _check_thinking(chat_format, enable_thinking):
     if enable_thinking and chat_format.think_token is None:
         raise ValueError(
             f"The {chat_format.name!r} chat format has no thinking mode "
             "(enable_thinking=True)."
         )
-    _check_messages(messages, chat_format)
-    if chat_format.native_system:
-        return _native_system_turns(messages, chat_format, enable_thinking)
-    return _folded_system_turns(messages, chat_format, allow_system)
+
+
+def _system_text(message, chat_format):
+    if not isinstance(message["content"], str):
+        # The template trims the content as a whole: a list would come
+        # out as its Python repr.
+        raise ValueError(
+            "Message 0: the first system message's content must be a "
+            f"string in the {chat_format.name!r} chat format."
+        )
+    return message["content"].strip()
 
 
 def _native_system_turns(messages, chat_format, enable_thinking):
@@ -274,14 +348,7 @@ def _native_system_turns(messages, chat_format, enable_thinking):
     first = 0
     system_text = ""
     if messages[0]["role"] in ("system", "developer"):
-        if not isinstance(messages[0]["content"], str):
-            # The template trims the content as a whole: a list would come
-            # out as its Python repr.
-            raise ValueError(
-                "Message 0: the first system message's content must be a "
-                f"string in the {chat_format.name!r} chat format."
-            )
-        system_text = messages[0]["content"].strip()
+        system_text = _system_text(messages[0], chat_format)
         first = 1
     if first or enable_thinking:
         think = chat_format.think_token + "\n" if enable_thinking else ""
@@ -335,6 +402,180 @@ def _folded_system_turns(messages, chat_format, allow_system):
     return turns
 
 
+def _tool_call(call, index, number):
+    """`(name, arguments, id)` of one entry of a message's `tool_calls`:
+    OpenAI's `{"id", "type": "function", "function": {"name", "arguments"}}`,
+    or `{"name", "arguments"}` as `tool_calls.parse_tool_calls` gives it."""
+    function = call.get("function", call) if isinstance(call, dict) else None
+    name = function.get("name") if isinstance(function, dict) else None
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"Message {index}: tool call {number} must be {{'function': {{'name': ..., "
+            f"'arguments': {{...}}}}}} or {{'name': ..., 'arguments': {{...}}}}, got {call!r:.200}."
+        )
+    return name, function.get("arguments"), call.get("id")
+
+
+def _tool_message_body(message, index):
+    """A `tool` message's content, as the template reads it: a string, or
+    its text parts joined (no trimming)."""
+    content = _content_text(message, index)
+    return content if isinstance(content, str) else "".join(content)
+
+
+def _tool_message_name(message, calls, index):
+    """The function a `tool` message answers: the call whose `id` equals its
+    `tool_call_id` (the template takes the last such call), else its `name`."""
+    matches = [name for name, _, call_id in calls if call_id == message.get("tool_call_id")]
+    if len(set(matches)) > 1:
+        # Without ids every call matches, and the template would name every
+        # response after the last call.
+        raise ValueError(
+            f"Message {index}: this tool response could answer calls to "
+            f"{', '.join(sorted(set(matches)))}: give each tool call an 'id' and each 'tool' "
+            "message the 'tool_call_id' of the call it answers."
+        )
+    name = matches[-1] if matches else message.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(
+            f"Message {index}: a 'tool' message needs a 'tool_call_id' equal to the 'id' of "
+            "the call it answers, or the function's 'name'."
+        )
+    return name
+
+
+def _native_segments(messages, tools, chat_format, enable_thinking, add_generation_prompt):
+    """Gemma 4's chat text as `(text, trained)` pieces, written as
+    google/gemma-4-31B-it's template writes it; `trained` marks what the
+    model writes (its text, thoughts, tool calls and turn ends)."""
+    syntax = chat_format.tools
+    out = []
+    last = None  # the template's `prev_message_type`
+    first = 0
+    first_role = messages[0]["role"]
+    if enable_thinking or tools or first_role in ("system", "developer"):
+        head = chat_format.start_of_turn + "system\n"
+        if enable_thinking:
+            head += chat_format.think_token + "\n"
+            last = "think"
+        if first_role in ("system", "developer"):
+            head += _system_text(messages[0], chat_format)
+            first = 1
+        for tool in tools:
+            open_, close = syntax.declaration
+            head += open_ + tools_lib.format_declaration(tool) + close
+            last = "tool"
+        out.append((head + chat_format.end_of_turn + "\n", False))
+    users = [i for i in range(first, len(messages)) if messages[i]["role"] == "user"]
+    last_user = users[-1] if users else -1
+    previous = None  # the last message that is not a `tool` one
+    for index in range(first, len(messages)):
+        message = messages[index]
+        if message["role"] == "tool":
+            if previous is None or not previous.get("tool_calls") or previous.get("tool_responses"):
+                raise ValueError(
+                    f"Message {index}: a 'tool' message must follow an assistant message with "
+                    "'tool_calls' (and no 'tool_responses'): its response is written into "
+                    "that model turn."
+                )
+            continue  # written with the model turn it answers
+        last = None
+        role = "model" if message["role"] == "assistant" else message["role"]
+        model = role == "model"
+        # A model message right after an assistant one goes on in its turn.
+        if not (model and previous is not None and previous["role"] == "assistant"):
+            out.append((f"{chat_format.start_of_turn}{role}\n", False))
+        previous = message
+        raw_calls = message.get("tool_calls") or []
+        if not isinstance(raw_calls, (list, tuple)):
+            raise ValueError(f"Message {index}: 'tool_calls' must be a list, got {raw_calls!r:.200}.")
+        calls = [_tool_call(call, index, number) for number, call in enumerate(raw_calls)]
+        thinking = message.get("reasoning") or message.get("reasoning_content")
+        if thinking and index > last_user and calls:
+            open_, close = chat_format.thought_channel
+            out.append((f"{open_}thought\n{thinking}\n{close}", model))
+        for name, arguments, _ in calls:
+            out.append((tools_lib.format_call(name, arguments, syntax), model))
+            last = "tool_call"
+        responses = []
+        if message.get("tool_responses"):
+            for number, response in enumerate(message["tool_responses"]):
+                if not isinstance(response, dict) or "response" not in response:
+                    raise ValueError(
+                        f"Message {index}: tool response {number} must be {{'name': ..., "
+                        f"'response': ...}}, got {response!r:.200}."
+                    )
+                responses.append((response.get("name", "unknown"), response["response"]))
+        elif calls:
+            for follow in range(index + 1, len(messages)):
+                if messages[follow]["role"] != "tool":
+                    break
+                body = _tool_message_body(messages[follow], follow)
+                responses.append((_tool_message_name(messages[follow], calls, follow), body))
+        for number, (name, response) in enumerate(responses):
+            block = tools_lib.format_response(name, response, syntax)
+            if number == 0 and calls and model:
+                # The model writes the opening marker itself and stops there.
+                opening = syntax.response[0]
+                out += [(opening, True), (block[len(opening):], False)]
+            else:
+                out.append((block, False))
+            last = "tool_response"
+        if message.get("content") is not None:
+            text = _content_text(message, index)
+            text = _strip_thoughts(text, chat_format) if model else _trim(text)
+            if text:
+                out.append((text, model))
+        if last == "tool_call" and not responses:
+            out.append((syntax.response[0], model))  # the model yields to the tool
+        elif not (responses and not message.get("content")):
+            out += [(chat_format.end_of_turn, model), ("\n", False)]
+    if add_generation_prompt and last not in ("tool_response", "tool_call"):
+        out.append((generation_prompt(chat_format, enable_thinking), False))
+    return out
+
+
+def chat_segments(
+    messages,
+    chat_format=GEMMA,
+    tools=None,
+    enable_thinking=False,
+    add_generation_prompt=False,
+    allow_system=True,
+):
+    """The chat text of a conversation as `(text, trained)` pieces, `<bos>`
+    left out: joined, they are `apply_chat_template`'s text; `trained` marks
+    what the model writes (its turns' text and end markers; Gemma 4 also its
+    thoughts kept before tool calls, its tool calls and the
+    `<|tool_response>` it stops on), the text a preprocessor trains on.
+
+    Args: as in `apply_chat_template`.
+
+    Raises:
+        ValueError: as `apply_chat_template`.
+    """
+    chat_format = get_chat_format(chat_format)
+    tools = tools_lib.check_tools(tools)
+    if tools and chat_format.tools is None:
+        raise ValueError(
+            f"The {chat_format.name!r} chat format (Gemma 1-3) has no tool calling: "
+            "`tools` need a Gemma 4 model (chat format 'gemma4')."
+        )
+    _check_thinking(chat_format, enable_thinking)
+    _check_messages(messages, chat_format, allow_tools=True)
+    if chat_format.native_system:
+        return _native_segments(messages, tools, chat_format, enable_thinking, add_generation_prompt)
+    out = []
+    for role, text in _folded_system_turns(messages, chat_format, allow_system):
+        if role == "model":
+            out += [(chat_format.generation_prompt, False), (text + chat_format.end_of_turn, True), ("\n", False)]
+        else:
+            out.append((format_turn(role, text, chat_format), False))
+    if add_generation_prompt:
+        out.append((generation_prompt(chat_format, enable_thinking), False))
+    return out
+
+
 def format_turn(role, text, chat_format=GEMMA):
     """One turn: `<start_of_turn>{role}\\n{text}<end_of_turn>\\n` (Gemma 4:
     `<|turn>{role}\\n{text}<turn|>\\n`)."""
@@ -357,15 +598,16 @@ def apply_chat_template(
     allow_system=True,
     chat_format=GEMMA,
     enable_thinking=False,
+    tools=None,
 ):
     """Renders a conversation as Gemma chat text.
 
     Args:
         messages: a list of `{"role": ..., "content": ...}` dicts; role is
             `"user"`, `"assistant"` (written `model`), `"model"` or
-            `"system"` (Gemma 4 also `"developer"`). Content is a string (or
-            a list of `{"type": "text", "text": ...}` parts, as in
-            transformers).
+            `"system"` (Gemma 4 also `"developer"` and `"tool"`). Content is
+            a string (or a list of `{"type": "text", "text": ...}` parts, as
+            in transformers).
         add_generation_prompt: end with the model's turn opening
             (`<start_of_turn>model\\n`) so the model answers next.
         bos_token: written first; pass `""` when the tokenizer adds `<bos>`.
@@ -376,12 +618,24 @@ def apply_chat_template(
         enable_thinking: Gemma 4: `<|think|>` in the system turn, and no
             empty thought after the generation prompt, so the model thinks
             before it answers.
+        tools: Gemma 4: functions the model may call, as OpenAI-style
+            `{"type": "function", "function": {"name", "description",
+            "parameters": <JSON schema>}}` dicts, declared in the system
+            turn. In the conversation an assistant message may carry
+            `tool_calls` (`[{"id", "function": {"name", "arguments": {...}}}]`,
+            or `[{"name", "arguments"}]` as `tool_calls.parse_tool_calls`
+            gives them) and the answers follow as `{"role": "tool",
+            "tool_call_id": ..., "content": str}` messages, or ride on the
+            message as `tool_responses` (`[{"name", "response"}]`). They
+            are written into the model's turn, and after them the model
+            goes on in that turn (no new generation prompt).
 
     Returns:
         The chat text (str).
 
     Raises:
-        ValueError: bad conversation; the message names the bad index.
+        ValueError: bad conversation, malformed tools, tools with a Gemma
+            1-3 format; the message names the bad index.
 
     Example:
 
@@ -396,12 +650,10 @@ def apply_chat_template(
     # '<bos><|turn>user\\nHi!<turn|>\\n<|turn>model\\n<|channel>thought\\n<channel|>'
     ```
     """
-    chat_format = get_chat_format(chat_format)
-    turns = chat_turns(messages, allow_system, chat_format, enable_thinking)
-    text = bos_token + "".join(format_turn(role, body, chat_format) for role, body in turns)
-    if add_generation_prompt:
-        text += generation_prompt(chat_format, enable_thinking)
-    return text
+    segments = chat_segments(
+        messages, chat_format, tools, enable_thinking, add_generation_prompt, allow_system
+    )
+    return bos_token + "".join(text for text, _ in segments)
 
 
 def is_conversation(value):

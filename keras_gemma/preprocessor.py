@@ -64,6 +64,13 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
             (`<|think|>` in the system turn, no empty thought after the
             generation prompt); also read by `lm.chat` and `lm.generate`.
             Gemma 1-3's format has no thinking mode.
+        tools: Gemma 4: functions declared in every conversation's system
+            turn (OpenAI-style dicts, see
+            `chat_template.apply_chat_template`); also read by `lm.chat`
+            and `lm.generate` when they are not given `tools`. A
+            conversation's assistant messages may carry `tool_calls`, and
+            `tool` messages the answers; trained are the model's text, tool
+            calls, and the `<|tool_response>` it stops on, not the answers.
 
     Example:
 
@@ -93,6 +100,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         add_end_token=True,
         packing=False,
         enable_thinking=False,
+        tools=None,
         **kwargs,
     ):
         kwargs.pop("config_file", None)  # in keras-hub's preprocessor.json
@@ -106,6 +114,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         self.add_end_token = add_end_token
         self.packing = packing
         self.enable_thinking = enable_thinking
+        self.tools = tools
         self.dropped_samples = []
         self.num_dropped_samples = 0
 
@@ -119,9 +128,11 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
     def apply_chat_template(self, messages, add_generation_prompt=True, **kwargs):
         """Chat text of a conversation in the tokenizer's chat format (see
         `chat_template.apply_chat_template`; `enable_thinking=True` for Gemma
-        4's thinking)."""
+        4's thinking, `tools=` to declare functions; both default to this
+        layer's)."""
         kwargs.setdefault("chat_format", self.chat_format)
         kwargs.setdefault("enable_thinking", self.enable_thinking)
+        kwargs.setdefault("tools", self.tools)
         return chat_template.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **kwargs
         )
@@ -195,34 +206,24 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         return [self._conversation_segments(c, bos, i) for i, c in enumerate(data)], batched
 
     def _conversation_segments(self, conversation, bos, index):
-        chat_format = self.chat_format
         try:
-            turns = chat_template.chat_turns(
-                conversation, chat_format=chat_format, enable_thinking=self.enable_thinking
+            segments = chat_template.chat_segments(
+                conversation, chat_format=self.chat_format, tools=self.tools,
+                enable_thinking=self.enable_thinking,
             )
         except ValueError as error:
             raise ValueError(f"Conversation {index}: {error}") from None
         # Text between trained parts, and the trained parts themselves. Cuts
         # fall next to control tokens or Gemma's atomic "\n" piece, so the
         # ids equal those of the whole rendered text (tested).
-        texts, trained = [], []
-        for role, text in turns:
-            if role != "model":
-                texts.append(chat_template.format_turn(role, text, chat_format))
-                trained.append(False)
-            else:
-                texts += [
-                    chat_format.generation_prompt,
-                    text + chat_format.end_of_turn,
-                    "\n",
-                ]
-                trained += [False, True, False]
+        texts = [text for text, _ in segments]
+        trained = [is_trained for _, is_trained in segments]
         ids = self.tokenizer.tokenize(texts)
         return [(bos, False)] + list(zip(ids, trained))
 
     # -- generation -----------------------------------------------------------
 
-    def generate_preprocess(self, x, sequence_length=None):
+    def generate_preprocess(self, x, sequence_length=None, tools=None):
         """Token ids and padding mask of prompts, for generation.
 
         `<bos>` + prompt, no `<eos>`; a conversation is rendered in the
@@ -230,7 +231,8 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
         (`<start_of_turn>model\\n`; Gemma 4 adds an empty thought). A dict
         may give `{"prompts": [...]}`. Ids are padded on the right to
         `sequence_length` (default: the layer's); a longer prompt raises
-        `ValueError` rather than being cut.
+        `ValueError` rather than being cut. `tools` (Gemma 4; default: the
+        layer's) are declared in each conversation.
 
         Returns:
             `{"token_ids": int32 (B, L), "padding_mask": bool (B, L)}`, or
@@ -251,6 +253,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                         chat_template.apply_chat_template(
                             conversation, bos_token=bos, chat_format=self.chat_format,
                             enable_thinking=self.enable_thinking,
+                            tools=self.tools if tools is None else tools,
                         )
                     )
                 except ValueError as error:
@@ -311,6 +314,7 @@ class GemmaCausalLMPreprocessor(keras.layers.Layer):
                 "add_end_token": self.add_end_token,
                 "packing": self.packing,
                 "enable_thinking": self.enable_thinking,
+                "tools": self.tools,
             }
         )
         return config

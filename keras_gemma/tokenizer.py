@@ -51,7 +51,8 @@ class GemmaTokenizer(keras.layers.Layer):
     `chat_template.ChatFormat`): Gemma 4's where the vocabulary holds
     `<|turn>`/`<turn|>`, Gemma 1-3's otherwise. `start_of_turn_id` and
     `end_of_turn_id` are that format's turn markers, so generation stops on
-    the right one.
+    the right one; Gemma 4's also has `tool_response_id` (`<|tool_response>`,
+    where the model stops after its tool calls; None in Gemma 1-3's format).
 
     Args:
         proto: a path to a SentencePiece model (`tokenizer.model`,
@@ -139,6 +140,9 @@ class GemmaTokenizer(keras.layers.Layer):
             self.chat_format = chat_template.chat_format_for_vocabulary(self._piece_ids)
         self.start_of_turn_id = lookup(self.chat_format.start_of_turn)
         self.end_of_turn_id = lookup(self.chat_format.end_of_turn)
+        # Gemma 4's model ends a turn of tool calls on `<|tool_response>`.
+        tools = self.chat_format.tools
+        self.tool_response_id = lookup(tools.response[0]) if tools is not None else None
         for name in ("pad", "bos", "eos"):
             if getattr(self, f"{name}_token_id") is None:
                 raise ValueError(f"The vocabulary has no `<{name}>` piece.")
@@ -211,7 +215,7 @@ class GemmaTokenizer(keras.layers.Layer):
     @property
     def special_token_ids(self):
         """Ids that `generate_postprocess` drops from output."""
-        ids = [self.pad_token_id, self.bos_token_id, self.eos_token_id, self.end_of_turn_id]
+        ids = [self.pad_token_id, self.bos_token_id, self.eos_token_id, self.end_of_turn_id, self.tool_response_id]
         return sorted({i for i in ids if i is not None})
 
     # -- tokenize / detokenize -----------------------------------------------

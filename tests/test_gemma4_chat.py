@@ -244,7 +244,8 @@ def test_reference_text():
     [
         ([], "empty"),
         ([user("a"), {"role": "robot", "content": "b"}], "Message 1 has unknown role 'robot'"),
-        ([user("a"), {"role": "tool", "content": "b"}], "Message 1 has unknown role 'tool'"),
+        ([user("a"), {"role": "tool", "content": "b"}],
+         "Message 1: a 'tool' message must follow an assistant message with 'tool_calls'"),
         ([user("a"), {"role": "assistant"}], "Message 1 has no 'content'"),
         ([{"role": "system", "content": [{"type": "text", "text": "s"}]}, user("a")],
          "Message 0: the first system message's content must be a string"),
@@ -391,7 +392,9 @@ def test_generation_stops_at_turn_end(gemma4_text_lm):
     end = tokenizer.token_to_id("<turn|>")
     old_end = tokenizer.token_to_id("<end_of_turn>")  # not in Gemma 4's vocabulary: <unk>
     assert old_end == tokenizer.unk_token_id
-    assert prompts_lib.resolve_stop_ids(lm, "auto") == tuple(sorted((tokenizer.eos_token_id, end)))
+    tool_response = tokenizer.token_to_id("<|tool_response>")  # where the model yields to a tool
+    assert tokenizer.tool_response_id == tool_response
+    assert prompts_lib.resolve_stop_ids(lm, "auto") == tuple(sorted((tokenizer.eos_token_id, end, tool_response)))
     words = tokenizer.tokenize("Hi there")
     lm.compile(sampler=ScriptedSampler([*words, end] + [words[0]] * 20))
     try:

@@ -69,8 +69,8 @@ class GenerationMixin:
 
     # -- generate --------------------------------------------------------------
 
-    def _prepare(self, inputs, max_length, max_new_tokens, stop_token_ids):
-        prompts = prompts_lib.normalize_inputs(self, inputs)
+    def _prepare(self, inputs, max_length, max_new_tokens, stop_token_ids, tools=None):
+        prompts = prompts_lib.normalize_inputs(self, inputs, tools)
         limits = prompts_lib.new_token_limits(self, prompts, max_length, max_new_tokens)
         stop_ids = prompts_lib.resolve_stop_ids(self, stop_token_ids)
         return prompts, limits, stop_ids
@@ -105,7 +105,9 @@ class GenerationMixin:
         state = functions.first_token(hidden, out, constants)._replace(cache=cache)
         return functions, batch, state, constants
 
-    def generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False):
+    def generate(
+        self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", strip_prompt=False, tools=None
+    ):
         """Continues prompts with the sampler from `compile` (greedy by default).
 
         Args:
@@ -119,11 +121,15 @@ class GenerationMixin:
                 `sequence_length`, else 1024, when `max_new_tokens` is not
                 given either.
             max_new_tokens: the most tokens each row may add.
-            stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`), None
+            stop_token_ids: `"auto"` (`<eos>` and `<end_of_turn>`; Gemma 4
+                also `<|tool_response>`), None
                 (never stop early), or a list of ids and vocabulary pieces
                 (`[108, "<end_of_turn>"]`). Each row stops on its own; the
                 stop token ends the row.
             strip_prompt: return only the new text/tokens.
+            tools: Gemma 4: functions a conversation's model may call
+                (`chat_template.apply_chat_template`'s `tools`); None: the
+                preprocessor's `tools`.
 
         Returns:
             Text in, text out (a string, or a list for a batch); token ids in,
@@ -142,7 +148,7 @@ class GenerationMixin:
         lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=8)
         ```
         """
-        prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids)
+        prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids, tools)
         if limits.max() == 0:
             rows = [[] for _ in prompts.ids]
         else:
@@ -156,7 +162,7 @@ class GenerationMixin:
             rows = prompts_lib.finish_rows(out, limits, stop_ids)
         return prompts_lib.format_outputs(self, prompts, rows, strip_prompt)
 
-    def stream_token_ids(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto"):
+    def stream_token_ids(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", tools=None):
         """Yields each step's new token ids: `(b,)` int arrays, -1 for rows
         already finished. Takes what `generate` takes."""
         if getattr(self.sampler, "num_beams", None):
@@ -164,7 +170,7 @@ class GenerationMixin:
                 "Beam search cannot stream: a later step may replace any earlier token. "
                 "Call `generate`, or compile with another sampler to stream."
             )
-        prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids)
+        prompts, limits, stop_ids = self._prepare(inputs, max_length, max_new_tokens, stop_token_ids, tools)
         if limits.max() == 0:
             return
         functions, batch, state, constants = self._start(prompts, limits, stop_ids)
@@ -180,7 +186,7 @@ class GenerationMixin:
             if finished.all():
                 return
 
-    def stream_generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto"):
+    def stream_generate(self, inputs, max_length=None, max_new_tokens=None, stop_token_ids="auto", tools=None):
         """Yields the new text piece by piece as it is decoded.
 
         For one prompt (a string or a conversation) each item is a string;
@@ -193,11 +199,11 @@ class GenerationMixin:
             print(piece, end="", flush=True)
         ```
         """
-        prompts = prompts_lib.normalize_inputs(self, inputs)
+        prompts = prompts_lib.normalize_inputs(self, inputs, tools)
         if prompts.form != "text":
             raise ValueError("`stream_generate` streams text; use `stream_token_ids` for token ids.")
         streams = [prompts_lib.TextStream(self) for _ in prompts.ids]
-        for tokens in self.stream_token_ids(inputs, max_length, max_new_tokens, stop_token_ids):
+        for tokens in self.stream_token_ids(inputs, max_length, max_new_tokens, stop_token_ids, tools):
             pieces = [stream.push(t) if t >= 0 else "" for stream, t in zip(streams, tokens)]
             if any(pieces):
                 yield pieces[0] if prompts.scalar else pieces
@@ -207,7 +213,7 @@ class GenerationMixin:
 
     # -- chat ------------------------------------------------------------------
 
-    def chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto", stream=False):
+    def chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto", stream=False, tools=None):
         """The model's reply to a conversation, as text.
 
         A base (pretrained, not instruction-tuned) model has never seen the
@@ -229,6 +235,10 @@ class GenerationMixin:
                 `generate` (stop tokens only).
             stream: return a generator of text pieces instead (see
                 `stream_chat`).
+            tools: Gemma 4: functions the model may call, as in `generate`.
+                A reply that calls them keeps its `<|tool_call>...<tool_call|>`
+                text (`tool_calls.parse_tool_calls` reads it) and ends where
+                the model yields to the tool (`<|tool_response>`).
 
         Returns:
             The reply text, without turn markers. The conversation is written
@@ -249,23 +259,23 @@ class GenerationMixin:
         messages = _as_conversation(messages)
         _warn_once_if_base_model(self)
         if stream:
-            return self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids)
+            return self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids, tools)
         if getattr(self.sampler, "num_beams", None) or not _is_one_conversation(messages):
             return self.generate(
                 messages, max_length=max_length, max_new_tokens=max_new_tokens,
-                stop_token_ids=_chat_stop_ids(self, stop_token_ids), strip_prompt=True,
+                stop_token_ids=_chat_stop_ids(self, stop_token_ids), strip_prompt=True, tools=tools,
             )
-        return "".join(self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids))
+        return "".join(self.stream_chat(messages, max_new_tokens, max_length, stop_token_ids, tools))
 
-    def stream_chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto"):
+    def stream_chat(self, messages, max_new_tokens=None, max_length=None, stop_token_ids="auto", tools=None):
         """Yields the reply to a conversation piece by piece; the pieces join
         to what `chat` returns (same stop tokens, same base-model warning)."""
         messages = _as_conversation(messages)
         _warn_once_if_base_model(self)
         stop_ids = _chat_stop_ids(self, stop_token_ids)
         if not _is_one_conversation(messages):
-            return self.stream_generate(messages, max_length, max_new_tokens, stop_ids)
-        return _stream_reply(self, messages, max_length, max_new_tokens, stop_ids, _is_auto(stop_token_ids))
+            return self.stream_generate(messages, max_length, max_new_tokens, stop_ids, tools)
+        return _stream_reply(self, messages, max_length, max_new_tokens, stop_ids, _is_auto(stop_token_ids), tools)
 
     # -- score -----------------------------------------------------------------
 
@@ -419,7 +429,7 @@ def _is_one_conversation(messages):
     return isinstance(messages, (list, tuple)) and all(isinstance(m, dict) for m in messages)
 
 
-def _stream_reply(lm, messages, max_length, max_new_tokens, stop_ids, end_at_written_turn):
+def _stream_reply(lm, messages, max_length, max_new_tokens, stop_ids, end_at_written_turn, tools=None):
     """One conversation's reply, piece by piece. With `end_at_written_turn`,
     it also ends where the model writes a turn header as plain text: the
     piece "user" or "model" (no leading space) followed by a newline, which is
@@ -434,7 +444,7 @@ def _stream_reply(lm, messages, max_length, max_new_tokens, stop_ids, end_at_wri
         newline = tokenizer.token_to_id("\n")
         newline = None if newline == unk else newline
     held = None  # a role piece, until the next token shows whether a newline follows
-    for tokens in lm.stream_token_ids(messages, max_length, max_new_tokens, stop_ids):
+    for tokens in lm.stream_token_ids(messages, max_length, max_new_tokens, stop_ids, tools):
         token = int(tokens[0])
         if token < 0:
             break
@@ -464,14 +474,16 @@ def _is_auto(stop_token_ids):
 
 def _chat_stop_ids(lm, stop_token_ids):
     """`"auto"` for a chat: `<eos>`, `<end_of_turn>`, and `<start_of_turn>`
-    (a reply also ends where the model opens the next turn)."""
+    (a reply also ends where the model opens the next turn); Gemma 4 also
+    `<|tool_response>`, where the model yields to a tool."""
     if not _is_auto(stop_token_ids):
         return stop_token_ids
     tokenizer = prompts_lib.tokenizer_of(lm)
     ids = [getattr(tokenizer, name, None) for name in ("eos_token_id", "end_of_turn_id", "start_of_turn_id")]
     if tokenizer is None or None in ids:
         return stop_token_ids  # no tokenizer to ask: `generate`'s "auto"
-    return sorted(set(ids))
+    tool_response = getattr(tokenizer, "tool_response_id", None)
+    return sorted(set(ids) | ({tool_response} - {None}))
 
 
 def base_model_warning(lm):

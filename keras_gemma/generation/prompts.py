@@ -83,14 +83,16 @@ def _allow_system(lm):
     return getattr(preprocessor, "allow_system", True)
 
 
-def render_chat(lm, messages):
+def render_chat(lm, messages, tools=None):
     """A conversation as prompt text in the tokenizer's chat format, `<bos>`
-    left to `encode_text`."""
+    left to `encode_text`; `tools` (None: the preprocessor's) declared."""
     chat_format = getattr(tokenizer_of(lm), "chat_format", chat_template.GEMMA)
+    if tools is None:
+        tools = getattr(lm.preprocessor, "tools", None)
     return chat_template.apply_chat_template(
         messages, add_generation_prompt=True, bos_token="",
         allow_system=_allow_system(lm), chat_format=chat_format,
-        enable_thinking=getattr(lm.preprocessor, "enable_thinking", False),
+        enable_thinking=getattr(lm.preprocessor, "enable_thinking", False), tools=tools,
     )
 
 
@@ -118,8 +120,9 @@ class Prompts:
         self.ids, self.texts, self.form, self.scalar = ids, texts, form, scalar
 
 
-def normalize_inputs(lm, inputs):
-    """Strings, conversations, or `{"token_ids", "padding_mask"}` as `Prompts`."""
+def normalize_inputs(lm, inputs, tools=None):
+    """Strings, conversations (with `tools` declared, None: the
+    preprocessor's), or `{"token_ids", "padding_mask"}` as `Prompts`."""
     if isinstance(inputs, (str, bytes)):
         inputs, scalar = [inputs], True
     elif chat_template.is_conversation(inputs):
@@ -147,7 +150,7 @@ def normalize_inputs(lm, inputs):
                 raise ValueError(f"Prompt {i} is an empty string: give the model some text to continue.")
             texts.append(item)
         else:
-            texts.append(render_chat(lm, item))
+            texts.append(render_chat(lm, item, tools))
     return Prompts(encode_text(lm, texts), texts, "text", scalar)
 
 
@@ -179,8 +182,9 @@ def _token_prompts(inputs):
 
 
 def resolve_stop_ids(lm, stop_token_ids):
-    """"auto": `<eos>` and `<end_of_turn>`; None: never stop; or the given
-    ids and vocabulary pieces (`["<end_of_turn>", 108]`)."""
+    """"auto": `<eos>` and `<end_of_turn>` (Gemma 4: `<turn|>` and
+    `<|tool_response>`); None: never stop; or the given ids and vocabulary
+    pieces (`["<end_of_turn>", 108]`)."""
     if stop_token_ids is None:
         return ()
     if isinstance(stop_token_ids, str):
@@ -190,7 +194,11 @@ def resolve_stop_ids(lm, stop_token_ids):
             )
         tokenizer = tokenizer_of(lm)
         if tokenizer is not None and hasattr(tokenizer, "eos_token_id"):
-            ids = (tokenizer.eos_token_id, getattr(tokenizer, "end_of_turn_id", None))
+            ids = (
+                tokenizer.eos_token_id,
+                getattr(tokenizer, "end_of_turn_id", None),
+                getattr(tokenizer, "tool_response_id", None),
+            )
         else:
             ids = (EOS_ID, END_OF_TURN_BY_VOCABULARY.get(lm.config.vocabulary_size))
         return tuple(sorted({i for i in ids if i is not None}))
@@ -314,13 +322,14 @@ def finish_rows(out, limits, stop_ids):
 
 def detokenize(lm, ids):
     """Text of new tokens: control tokens (stop tokens, turn markers) dropped,
-    except the chat format's thought markers (Gemma 4's `<|channel>`,
-    `<channel|>`), so that `chat_template.split_thinking` can find the
-    thoughts of a reply."""
+    except the chat format's thought and tool-call markers (Gemma 4's
+    `<|channel>`, `<channel|>`, `<|tool_call>`, `<tool_call|>`, `<|"|>`), so
+    that `chat_template.split_thinking` and `tool_calls.parse_tool_calls` can
+    read a reply."""
     tokenizer = _need_tokenizer(lm, "Text output")
-    markers = getattr(getattr(tokenizer, "chat_format", None), "thought_channel", None) or ()
-    keep = [tokenizer.token_to_id(marker) for marker in markers]
-    if not keep or tokenizer.unk_token_id in keep:
+    markers = getattr(getattr(tokenizer, "chat_format", None), "reply_markers", None) or ()
+    keep = {tokenizer.token_to_id(marker) for marker in markers} - {tokenizer.unk_token_id}
+    if not keep:
         return tokenizer.detokenize(list(ids), skip_special_tokens=True)
     text, run = [], []
     for token in ids:
