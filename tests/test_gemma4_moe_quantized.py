@@ -24,7 +24,7 @@ import keras_gemma
 from conftest import to_numpy
 from keras_gemma.checkpoints.weights import CheckpointError
 from keras_gemma.layers import MixtureOfExperts
-from keras_gemma.quantization import quantized_layers
+from keras_gemma.quantization import one_gc_collect, quantized_layers
 
 EXPERTS, TOP_K, WIDTH, HIDDEN, BLOCK = 8, 2, 32, 64, 24
 MODES = {
@@ -72,9 +72,12 @@ def assign_weights(model, seed=0, embedding_std=1.0):
 
 
 def batch():
-    ids = np.random.default_rng(1).integers(3, 96, (3, 12)).astype("int32")
+    """A full, a right-padded and a left-padded row, in the (3, 13) shape
+    of `test_gemma4_moe.py` (JAX's eager operations are compiled per shape)."""
+    ids = np.random.default_rng(1).integers(3, 96, (3, 13)).astype("int32")
     mask = np.ones(ids.shape, bool)
     mask[1, -4:] = False
+    mask[2, :5] = False
     return ids, mask
 
 
@@ -169,13 +172,14 @@ def test_quantized_model_is_the_float_model_on_dequantized_banks(models, mode, b
     """Its logits equal (1e-5) those of a model with the same quantized
     projections (Keras' own) and float banks holding the dequantized values
     (the numpy reference), and stay close to the float model's (max |diff|
-    / max |logit|, measured: int8 0.008, int4 0.11; the top token kept)."""
+    / max |logit|, measured: int8 0.010, int4 0.10; the top token kept)."""
     quantized, reference = models[mode], models["float32"]
     target = new_model()
     target.set_weights(reference.get_weights())
-    for layer in quantized_layers(target.backbone):
-        if not isinstance(layer, MixtureOfExperts):
-            layer.quantize(mode, type_check=False, config=MODES[mode])
+    with one_gc_collect():  # Keras collects garbage at every deleted float kernel
+        for layer in quantized_layers(target.backbone):
+            if not isinstance(layer, MixtureOfExperts):
+                layer.quantize(mode, type_check=False, config=MODES[mode])
     for q_block, block in zip(quantized.backbone.blocks, target.backbone.blocks):
         assert block.moe.bank_quantizer is None
         block.moe.gate_up.assign(dequantized_bank(q_block.moe, "gate_up", WIDTH))
@@ -198,21 +202,21 @@ def test_cached_greedy_equals_uncached_on_int4_experts(models):
     lm = new_model()
     assign_weights(lm, embedding_std=0.05)
     lm.quantize(config=MODES["int4"])
-    rng = np.random.default_rng(2)
-    prompts = [rng.integers(3, 96, n).tolist() for n in (5, 4, 2)]
-    ids, mask = np.zeros((3, 5), np.int32), np.zeros((3, 5), bool)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(3, 96, n).tolist() for n in (4, 3, 2)]  # one prefill chunk
+    ids, mask = np.zeros((3, 4), np.int32), np.zeros((3, 4), bool)
     for i, prompt in enumerate(prompts):
         ids[i, : len(prompt)], mask[i, : len(prompt)] = prompt, True
-    output = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=7, stop_token_ids=None)
+    output = lm.generate({"token_ids": ids, "padding_mask": mask}, max_new_tokens=8, stop_token_ids=None)
     rows = [row[m].tolist() for row, m in zip(output["token_ids"], output["padding_mask"])]
-    full, full_mask = np.zeros((3, 12), np.int32), np.zeros((3, 12), bool)
+    full, full_mask = np.zeros((3, 13), np.int32), np.zeros((3, 13), bool)
     for i, row in enumerate(rows):
         full[i, : len(row)], full_mask[i, : len(row)] = row, True
     picks = logits_of(lm, full, full_mask).argmax(-1)  # the shape `batch()` runs
     for i, (prompt, row) in enumerate(zip(prompts, rows)):
-        assert len(row) == len(prompt) + 7 and row[: len(prompt)] == prompt
+        assert len(row) == len(prompt) + 8 and row[: len(prompt)] == prompt
         assert row[len(prompt):] == picks[i, len(prompt) - 1 : len(row) - 1].tolist()
-    assert any(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, rows)), rows
+    assert all(len(set(row[len(p):])) >= 3 for p, row in zip(prompts, rows)), rows
 
 
 @pytest.mark.parametrize("mode", MODES)
