@@ -24,7 +24,7 @@ import keras_gemma
 from conftest import to_numpy
 from keras_gemma.checkpoints.weights import CheckpointError
 from keras_gemma.layers import MixtureOfExperts
-from keras_gemma.quantization import one_gc_collect, quantized_layers
+from keras_gemma.quantization import BankQuantizer, one_gc_collect, quantized_layers
 
 EXPERTS, TOP_K, WIDTH, HIDDEN, BLOCK = 8, 2, 32, 64, 24
 MODES = {
@@ -165,6 +165,29 @@ def test_bank_values_are_keras_own_quantization(models, mode):
         for suffix, keras_part in (("", dense._kernel), ("_scale", dense.kernel_scale), ("_zero", dense.kernel_zero)):
             part = to_numpy(getattr(moe, name + suffix))
             np.testing.assert_array_equal(part.reshape(-1, *part.shape[-2:])[-1], to_numpy(keras_part))
+
+
+def test_per_channel_int4_bank_is_keras_per_channel_int4():
+    """int4 without groups (`block_size=-1`): each kernel as Keras'
+    per-channel int4 `EinsumDense` stores it (symmetric, no zero point;
+    an odd width packed with a pad nibble), and `dequantize` gives
+    `q / scale`."""
+    config = keras.quantizers.Int4QuantizationConfig(block_size=-1)
+    quantizer = BankQuantizer.of("int4", config)
+    bank = np.random.default_rng(0).normal(size=(3, 2, 16, 5)).astype("float32")  # (e, 2, in, out)
+    stored = quantizer.quantize(bank)
+    assert quantizer.block_size is None and set(stored) == {"", "_scale"}
+    assert stored[""].shape == (3, 2, 16, 3) and stored["_scale"].shape == (3, 2, 1, 5)
+    for index in np.ndindex(3, 2):
+        dense = keras.layers.EinsumDense("bi,io->bo", (5,))
+        dense.build((None, 16))
+        dense.kernel.assign(bank[index])
+        dense.quantize("int4", config=config)
+        np.testing.assert_array_equal(stored[""][index], to_numpy(dense._kernel))
+        np.testing.assert_array_equal(stored["_scale"][index][0], to_numpy(dense.kernel_scale))
+    expected = unpack_int4(stored[""], 5) / stored["_scale"]
+    np.testing.assert_allclose(to_numpy(quantizer.dequantize(stored[""], stored["_scale"], outputs=5)), expected, rtol=1e-6)
+    assert np.abs(expected - bank).max() <= (np.abs(bank).max(axis=-2, keepdims=True) / 7 * 0.501).max()
 
 
 @pytest.mark.parametrize("mode, bound", [("int8", 0.02), ("int4", 0.25)])
