@@ -318,9 +318,9 @@ class GemmaBackbone(keras.Model):
             (e, 2, d, g) (each expert's gate kernel, then its up kernel),
             .down (e, g, d).
         Norm scales are zero-centred (the model multiplies by 1 + scale).
-        On a quantized backbone the projections and the embedding are the raw
-        int8 (int4: packed) storage, without their scales: load float
-        checkpoints into a float backbone, then `quantize`.
+        On a quantized backbone the projections, the embedding and the
+        expert banks are the raw int8 (int4: packed) storage, without their
+        scales: load float checkpoints into a float backbone, then `quantize`.
         """
         weights = {"token_embedding": _variable(self.token_embedding, "embeddings")}
         for i, block in enumerate(self.blocks):
@@ -467,9 +467,9 @@ class GemmaBackbone(keras.Model):
         lora_lib.merge_lora_weights(self)
 
     def quantize(self, mode=None, config=None, weight_only=True, **kwargs):
-        """Weight-only `"int8"` or `"int4"` quantization of every projection and
-        of the tied embedding / output head (norms stay float, and so do a
-        mixture of experts' router and expert banks).
+        """Weight-only `"int8"` or `"int4"` quantization of every projection,
+        of the tied embedding / output head and of a mixture of experts'
+        banks (norms and the experts' router stay float).
 
         Args:
             mode: `"int8"` or `"int4"`.

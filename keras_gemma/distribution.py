@@ -2,7 +2,8 @@
 
 `get_layout_map` shards every large weight along the model-parallel mesh
 axis and, FSDP-style, along the data-parallel axis too; small weights (norms,
-quantization scales, LoRA adapters) stay replicated. Attention is sharded by
+the projections' quantization scales, LoRA adapters) stay replicated; the
+scales of int8/int4 expert banks are sharded like their banks. Attention is sharded by
 head (Megatron-style: column-parallel q/k/v, row-parallel output) only when
 the query and the key/value head counts (global layers' too) divide the
 model axis; otherwise (MQA with one kv head, 4 heads on 8 devices, Gemma 4
@@ -61,7 +62,11 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
             (None, model, batch): each expert as the dense feed-forward,
             split along its width g, so the gathered (decode) dispatch
             takes whole experts on every device; the router and its scales
-            (small) are replicated.
+            (small) are replicated. Quantized banks (`quantization.BankQuantizer`)
+            keep these layouts (an int4 bank is packed along its last
+            axis, which must divide as well); their scales and zero points
+            (e, 2, groups, g) and (e, groups, d) are sharded like the
+            bank's output axis, their groups replicated.
     """
     model = _axis(device_mesh, model_parallel_dim_name)
     batch = _axis(device_mesh, data_parallel_dim_name)
@@ -82,6 +87,8 @@ def get_layout_map(device_mesh, model_parallel_dim_name="model", data_parallel_d
     layout_map[r".*feed_forward/down/kernel$"] = (model, batch)
     layout_map[r".*moe/gate_up$"] = (None, None, batch, model)
     layout_map[r".*moe/down$"] = (None, model, batch)
+    layout_map[r".*moe/gate_up_(scale|zero)$"] = (None, None, None, model)
+    layout_map[r".*moe/down_(scale|zero)$"] = (None, None, batch)
     if config is not None:
         problems = layout_problems(layout_map, config)
         if problems:

@@ -18,7 +18,7 @@ import numpy as np
 import keras
 from keras import ops
 
-from keras_gemma.quantization import dequantized_embeddings
+from keras_gemma.quantization import BankQuantizer, dequantized_embeddings
 
 # Added to masked attention logits. A finite value, so that a query with no
 # visible key (a left-padding position) gets a uniform softmax, never NaN.
@@ -446,7 +446,9 @@ class MixtureOfExperts(keras.layers.Layer):
       no static-shape `keras.ops` form.
 
     The expert banks and router are plain variables, not `EinsumDense`:
-    LoRA and int8/int4 quantization leave them in float (frozen under LoRA).
+    LoRA leaves them frozen. `quantize` stores the banks as int8/int4
+    values with scales (`quantization.BankQuantizer`), read through `bank`,
+    which dequantizes only the experts it gathers; the router stays float.
 
     Args:
         config: the `GemmaConfig` (`num_experts`, `top_k_experts`,
@@ -460,16 +462,55 @@ class MixtureOfExperts(keras.layers.Layer):
         self.top_k = config.top_k_experts
         self.intermediate_dim = config.moe_intermediate_dim
         self.epsilon = config.layer_norm_epsilon
+        d, e, f = self.hidden_dim, self.num_experts, self.intermediate_dim
+        # Each bank is a stack of (in, out) kernels.
+        self.bank_shapes = {"gate_up": (e, 2, d, f), "down": (e, f, d)}
+        self.bank_quantizer = None  # a `BankQuantizer` where the banks are int8/int4
 
     def build(self, input_shape=None):
-        d, e, f = self.hidden_dim, self.num_experts, self.intermediate_dim
+        d, e = self.hidden_dim, self.num_experts
         glorot = keras.initializers.GlorotUniform()
         self.router = self.add_weight(name="router", shape=(d, e), initializer=glorot)
         self.router_scale = self.add_weight(name="router_scale", shape=(d,), initializer="ones")
         self.expert_scale = self.add_weight(name="expert_scale", shape=(e,), initializer="ones")
-        self.gate_up = self.add_weight(name="gate_up", shape=(e, 2, d, f), initializer=glorot)
-        self.down = self.add_weight(name="down", shape=(e, f, d), initializer=glorot)
+        self._add_banks(glorot)
         self.built = True
+
+    def _add_banks(self, initializer=None):
+        """The banks' variables: float, or with `bank_quantizer` each bank's
+        int8/int4 values, scales (and zero points), not trainable."""
+        for name, shape in self.bank_shapes.items():
+            if self.bank_quantizer is None:
+                setattr(self, name, self.add_weight(name=name, shape=shape, initializer=initializer))
+                continue
+            for suffix, (part_shape, dtype) in self.bank_quantizer.variables(shape).items():
+                part = self.add_weight(name=name + suffix, shape=part_shape, dtype=dtype, initializer="zeros", trainable=False)
+                setattr(self, name + suffix, part)
+
+    def quantize(self, mode=None, type_check=True, config=None):
+        """Stores the banks as int8/int4 (`BankQuantizer.of(mode, config)`)."""
+        quantizer = BankQuantizer.of(mode, config)
+        stored = {name: quantizer.quantize(getattr(self, name)) for name in self.bank_shapes}
+        for name in self.bank_shapes:
+            delattr(self, name)  # Keras untracks the float bank
+        self.bank_quantizer = quantizer
+        self._add_banks()
+        for name, parts in stored.items():
+            for suffix, value in parts.items():
+                getattr(self, name + suffix).assign(value)
+        self._is_quantized = True
+
+    def bank(self, name, dtype, experts=None):
+        """Bank `name` in `dtype`, dequantized where quantized: of every
+        expert, or of the chosen `experts` (b, t, k) only, (b, t, k, in, out)."""
+        quantizer = self.bank_quantizer
+        suffixes = ("",) if quantizer is None else tuple(quantizer.variables(self.bank_shapes[name]))
+        parts = [getattr(self, name + suffix) for suffix in suffixes]
+        if experts is not None:
+            parts = [ops.take(part, experts, axis=0) for part in parts]
+        if quantizer is None:
+            return ops.cast(parts[0], dtype)
+        return quantizer.dequantize(*parts, outputs=self.bank_shapes[name][-1], dtype=dtype)
 
     def route(self, x):
         """Each token's chosen experts (b, t, k) int and their weights (b, t, k), from x (b, t, d)."""
@@ -492,16 +533,16 @@ class MixtureOfExperts(keras.layers.Layer):
 
     def gathered(self, x, experts, weights):
         """Only the chosen experts: kernels gathered per token."""
-        gate_up = ops.einsum("btd,btkcdf->btkcf", x, ops.take(ops.cast(self.gate_up, x.dtype), experts, axis=0))
+        gate_up = ops.einsum("btd,btkcdf->btkcf", x, self.bank("gate_up", x.dtype, experts))
         hidden = keras.activations.gelu(gate_up[..., 0, :], approximate=True) * gate_up[..., 1, :]  # (b, t, k, f)
-        out = ops.einsum("btkf,btkfd->btkd", hidden, ops.take(ops.cast(self.down, x.dtype), experts, axis=0))
+        out = ops.einsum("btkf,btkfd->btkd", hidden, self.bank("down", x.dtype, experts))
         return ops.einsum("btkd,btk->btd", out, weights)
 
     def dense(self, x, gates):
         """Every expert on every token, weighted by gates (b, t, e)."""
-        gate_up = ops.einsum("btd,ecdf->btecf", x, ops.cast(self.gate_up, x.dtype))
+        gate_up = ops.einsum("btd,ecdf->btecf", x, self.bank("gate_up", x.dtype))
         hidden = keras.activations.gelu(gate_up[..., 0, :], approximate=True) * gate_up[..., 1, :]  # (b, t, e, f)
-        return ops.einsum("btef,efd->btd", hidden * gates[..., None], ops.cast(self.down, x.dtype))
+        return ops.einsum("btef,efd->btd", hidden * gates[..., None], self.bank("down", x.dtype))
 
 
 class DecoderBlock(keras.layers.Layer):

@@ -1,10 +1,11 @@
 """Weight-only int8 / int4 quantization, on Keras' own `quantize`.
 
 Every projection (`EinsumDense`) and the tied embedding / output head
-(`TiedEmbedding`, a `keras.layers.Embedding`) are quantized by Keras itself;
-the norms stay in float, and so do a mixture of experts' router and expert
-banks (plain variables read by the experts' own gathers and einsums, which
-Keras' quantization does not reach). Activations are left in float: Keras' int8 default
+(`TiedEmbedding`, a `keras.layers.Embedding`) are quantized by Keras itself.
+A mixture of experts' banks (plain variables, which Keras' quantization does
+not reach) are quantized here with Keras' own quantizers, each expert's
+kernel as Keras quantizes a Dense kernel (`BankQuantizer`). The norms and
+the experts' router stay in float. Activations are left in float: Keras' int8 default
 also quantizes each projection's inputs on the fly, which costs accuracy and
 saves no memory, so `quantize` here switches that off.
 
@@ -84,12 +85,18 @@ def resolve(mode=None, config=None, weight_only=True):
 
 
 def quantized_layers(backbone):
-    """The layers quantization converts: the embedding and every projection."""
+    """The layers quantization converts: the embedding, every projection and
+    the mixtures of experts (their banks)."""
     return [
         layer
         for layer in backbone._flatten_layers(include_self=False)
-        if isinstance(layer, (keras.layers.EinsumDense, keras.layers.Embedding))
+        if isinstance(layer, (keras.layers.EinsumDense, keras.layers.Embedding)) or _has_banks(layer)
     ]
+
+
+def _has_banks(layer):
+    """Whether `layer` is a `layers.MixtureOfExperts` (by its attribute: layers.py imports this module)."""
+    return hasattr(layer, "bank_quantizer")
 
 
 def policy_name(mode, config, source_policy):
@@ -145,6 +152,9 @@ def prepare_quantized_build(backbone, record):
     record = QuantizationRecord.from_dict(record)
     config = record.keras_config()
     for layer in quantized_layers(backbone):
+        if _has_banks(layer):
+            layer.bank_quantizer = BankQuantizer.of(record.mode, config)
+            continue
         layer.quantization_config = config
         layer.dtype_policy = policy_name(record.mode, config, layer.dtype_policy)
         _fix_torch_int8_gradient(layer)
@@ -179,6 +189,95 @@ def _fix_torch_int8_gradient(layer):
         return x
 
     layer._int8_call = int8_call
+
+
+@dataclasses.dataclass(frozen=True)
+class BankQuantizer:
+    """int8/int4 storage of an expert bank: a stack of (in, out) kernels,
+    shape (..., in, out) (`layers.MixtureOfExperts`' gate_up (e, 2, d, g)
+    and down (e, g, d)).
+
+    Each kernel is quantized as Keras quantizes a Dense kernel: int8 per
+    output channel (`keras.quantizers.abs_max_quantize`: `q = round(w *
+    scale)`, `w ~ q / scale`); int4 as this module's projections are,
+    asymmetric in groups of `block_size` inputs
+    (`abs_max_quantize_grouped_with_zero_point`: `w ~ (q - zero) * scale`),
+    or, with no `block_size`, per output channel in [-8, 7] without a zero
+    point. int4 values are packed in pairs along `out` (`pack_int4`).
+
+    Beside a bank `name` (int8 values; int4: packed, (..., in, ceil(out /
+    2))) live `name_scale` (..., groups, out) and, for int4 in groups,
+    `name_zero` (..., groups, out) int8; int8 and per-channel int4 have
+    one group. Scales keep the bank's leading axes, so the chosen experts'
+    are gathered with their kernels.
+
+    Args:
+        mode: `"int8"` or `"int4"`.
+        block_size: int4 only: inputs per group; None: per output channel.
+    """
+
+    mode: str
+    block_size: int = None
+
+    @classmethod
+    def of(cls, mode, config=None):
+        """The bank quantizer matching Keras' `config` for the projections."""
+        block_size = getattr(config, "block_size", None) if mode == "int4" else None
+        return cls(mode, None if block_size in (None, -1) else int(block_size))
+
+    @property
+    def grouped(self):
+        return self.block_size is not None
+
+    def variables(self, shape):
+        """`{suffix: (shape, dtype)}` of what stores a bank of `shape` (dtype
+        None: the layer's variable dtype)."""
+        *lead, inputs, outputs = shape
+        groups = -(-inputs // self.block_size) if self.grouped else 1
+        values = (*lead, inputs, (outputs + 1) // 2 if self.mode == "int4" else outputs)
+        stored = {"": (values, "int8"), "_scale": ((*lead, groups, outputs), None)}
+        if self.grouped:
+            stored["_zero"] = ((*lead, groups, outputs), "int8")
+        return stored
+
+    def quantize(self, bank):
+        """`{suffix: numpy array}` (as `variables`) of a float bank (..., in, out)."""
+        bank = ops.convert_to_numpy(bank)
+        *lead, inputs, outputs = bank.shape
+        parts = {suffix: [] for suffix in self.variables(bank.shape)}
+        for kernel in bank.reshape(-1, inputs, outputs):  # Keras' numpy path, one kernel at a time
+            if self.grouped:
+                quantized = keras.quantizers.abs_max_quantize_grouped_with_zero_point(
+                    kernel, block_size=self.block_size, value_range=(-8, 7), to_numpy=True
+                )  # values, scale and zero point, each (groups, out)
+            else:
+                quantized = keras.quantizers.abs_max_quantize(
+                    kernel, axis=0, value_range=(-127, 127) if self.mode == "int8" else (-8, 7), to_numpy=True
+                )  # values, scale (1, out)
+            for suffix, array in zip(parts, quantized):
+                parts[suffix].append(ops.convert_to_numpy(array))
+        stored = {suffix: np.stack(arrays).reshape(*lead, *arrays[0].shape) for suffix, arrays in parts.items()}
+        if self.mode == "int4":
+            stored[""] = ops.convert_to_numpy(keras.quantizers.pack_int4(stored[""], axis=-1)[0])
+        return stored
+
+    def dequantize(self, values, scale, zero=None, outputs=None, dtype="float32"):
+        """The float bank (..., in, out) in `dtype` from its stored parts;
+        `outputs`: the unpacked width (int4)."""
+        if self.mode == "int4":
+            values = keras.quantizers.unpack_int4(values, outputs, axis=-1)
+        inputs = values.shape[-2]
+
+        def per_input(part):  # (..., groups, out) -> (..., in, out)
+            part = ops.cast(part, dtype)
+            if part.shape[-2] == 1:
+                return part
+            return ops.repeat(part, self.block_size, axis=-2)[..., :inputs, :]
+
+        values = ops.cast(values, dtype)
+        if zero is None:
+            return values / per_input(scale)
+        return (values - per_input(zero)) * per_input(scale)
 
 
 def refresh(model):

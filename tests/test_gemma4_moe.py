@@ -8,8 +8,9 @@ expert pairs; asserted), its scales and the experts' scales away from 1.
 Then: the experts off, or top 1, move the logits; the gathered (decode)
 dispatch equals the dense one; `save_pretrained` loads here,
 `export_to_transformers` loads there; cached greedy decoding equals uncached
-forward passes; the sharding layout covers the expert banks; LoRA and int8
-run and leave the experts in float.
+forward passes; the sharding layout covers the expert banks; LoRA runs and
+leaves the experts frozen, int8 quantizes them too (their own tests:
+`test_gemma4_moe_quantized.py`).
 """
 
 import json
@@ -159,15 +160,17 @@ def test_save_to_preset_round_trips(ours, tmp_path):
     np.testing.assert_array_equal(logits_of(again, ids, mask), logits_of(ours, ids, mask))
 
 
-def test_lora_and_int8_leave_the_experts_float(ours):
+def test_lora_leaves_the_experts_frozen_and_int8_quantizes_them(ours):
     """LoRA targets the dense projections and freezes the experts (a
-    target among them is refused); int8 quantizes the same projections and
-    leaves the experts float, keeping the top token."""
+    target among them is refused); int8 quantizes the projections and the
+    expert banks (the router stays float), keeping the top token."""
     with pytest.raises(ValueError, match="mixture of experts"):
         with_weights_of(ours).backbone.enable_lora(2, target_layers=("query", "experts"))
     lm, _, _ = assert_lora_merges_and_int8_keeps_the_top_token(ours)
     moe = lm.backbone.blocks[0].moe
-    assert keras.backend.standardize_dtype(moe.gate_up.dtype) == "float32"
+    dtypes = {name: keras.backend.standardize_dtype(getattr(moe, name).dtype) for name in ("gate_up", "down", "router")}
+    assert dtypes == {"gate_up": "int8", "down": "int8", "router": "float32"}
+    assert tuple(moe.gate_up_scale.shape) == (EXPERTS, 2, 1, WIDTH) and tuple(moe.down_scale.shape) == (EXPERTS, 1, 64)
 
 
 @pytest.mark.skipif(backend() != "jax", reason="keras.distribution sharding is JAX-only")

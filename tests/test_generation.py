@@ -931,3 +931,18 @@ def test_row_blocks_split_one_row_products_and_keep_their_values():
     split = jax.jit(cpu.row_blocks(fn))
     np.testing.assert_allclose(split(x, w, 3), jax.jit(fn)(x, w, 3), atol=1e-5)
     assert f"f32[{cpu.XLA_ROW_BLOCKS},1,512]" in split.lower(x, w, 3).compile().as_text()
+
+    # A product with a custom gradient (as Keras' quantized ones are) is
+    # inlined, and split as well: it cannot be bound again from its jaxpr.
+    @jax.custom_vjp
+    def product(y, w):
+        return jnp.einsum("btd,df->btf", y, w)
+
+    product.defvjp(lambda y, w: (product(y, w), (y, w)), lambda saved, g: (g @ saved[1].T, None))
+
+    def custom(x, w, n):
+        return jax.lax.fori_loop(0, n, lambda i, y: jnp.tanh(product(y, w)), x)
+
+    split = jax.jit(cpu.row_blocks(custom))
+    np.testing.assert_allclose(split(x, w, 3), jax.jit(fn)(x, w, 3), atol=1e-5)
+    assert f"f32[{cpu.XLA_ROW_BLOCKS},1,512]" in split.lower(x, w, 3).compile().as_text()

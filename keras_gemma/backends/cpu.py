@@ -184,7 +184,10 @@ def row_blocks(fn):
     reorders each sum. (4, 8 and 16 blocks measured alike.)
 
     `fn` is traced to a jaxpr and evaluated with those products replaced,
-    inside loops, conditionals and nested calls too.
+    inside loops, conditionals and nested calls too. Calls with a custom
+    gradient (Keras' quantized products) are inlined: a decode step is
+    never differentiated, and such a call's primitive cannot be bound again
+    from its jaxpr's parameters.
     """
     import jax
 
@@ -196,7 +199,14 @@ def row_blocks(fn):
     return split
 
 
-def _eval_row_blocks(jaxpr, consts, args):
+# The primitives of calls with a custom gradient (`jax.custom_jvp`,
+# `jax.custom_vjp`), which `row_blocks` inlines.
+CUSTOM_GRADIENT_CALLS = ("custom_jvp_call", "custom_vjp_call")
+
+
+def _eval_row_blocks(jaxpr, consts, args, args_given=None):
+    """Evaluates `jaxpr` with its split products; `args_given[i]`: whether
+    `args[i]` is a weight as stored (default: every argument)."""
     import jax
     from jax.extend import core
 
@@ -207,11 +217,19 @@ def _eval_row_blocks(jaxpr, consts, args):
 
     env.update(zip(jaxpr.constvars, consts))
     env.update(zip(jaxpr.invars, args))
-    given = set(jaxpr.constvars) | set(jaxpr.invars)  # weights as stored; not, say, a transposed table
+    # Weights as stored; not, say, a transposed table.
+    given = set(jaxpr.constvars) | {v for v, g in zip(jaxpr.invars, args_given or [True] * len(args)) if g}
     for eqn in jaxpr.eqns:
         inputs = [read(v) for v in eqn.invars]
         if eqn.primitive is jax.lax.dot_general_p and eqn.invars[1] in given and _splits(eqn):
             outputs = [_blocked_product(*inputs, **eqn.params)]
+        elif eqn.primitive.name in CUSTOM_GRADIENT_CALLS:
+            # Binding it again needs the functions it was traced from, which
+            # its parameters no longer hold (JAX 0.10: KeyError 'subfuns');
+            # its primal computation, inlined, is what it computes.
+            call = eqn.params["call_jaxpr"]
+            is_given = [not isinstance(v, core.Literal) and v in given for v in eqn.invars]
+            outputs = _eval_row_blocks(call.jaxpr, call.consts, inputs, is_given)
         else:
             params = {name: _rewritten(value) for name, value in eqn.params.items()}
             outputs = eqn.primitive.bind(*inputs, **params)

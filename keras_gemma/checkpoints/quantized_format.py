@@ -10,8 +10,9 @@ names why) writes
                        `quantization` record: mode and Keras' config)
     model.weights.h5  Keras' own `backbone.save_weights`: the int8 (int4:
                        packed) kernels with their scales (and zero points),
-                       under our layer paths
-    metadata.json     {"format": "keras_gemma_quantized", ...}
+                       under our layer paths (a mixture of experts' banks
+                       too, since format version 2)
+    metadata.json     {"format": "keras_gemma_quantized", "format_version": 2, ...}
 
 plus, for a `GemmaCausalLM`, the tokenizer and preprocessor files keras-hub
 uses (`tokenizer.json`, `preprocessor.json`, `assets/tokenizer/vocabulary.spm`)
@@ -38,7 +39,9 @@ from keras_gemma.checkpoints.weights import CheckpointError
 from keras_gemma.config import GemmaConfig
 
 FORMAT = "keras_gemma_quantized"
-FORMAT_VERSION = 1
+# 2: a quantized mixture of experts stores its banks as int8/int4 with scales
+# (version 1 left them float, which version 2 cannot load).
+FORMAT_VERSION = 2
 REGISTERED_NAME = "keras_gemma>GemmaBackbone"
 TASK_REGISTERED_NAME = "keras_gemma>GemmaCausalLM"
 
@@ -122,9 +125,10 @@ def read_config(config_json_dict, path):
 
 
 def _check_metadata(directory):
+    """The preset's format version (the current one without a metadata.json)."""
     path = os.path.join(directory, "metadata.json")
     if not os.path.exists(path):
-        return
+        return FORMAT_VERSION
     try:
         with open(path, encoding="utf-8") as f:
             metadata = json.load(f)
@@ -136,13 +140,20 @@ def _check_metadata(directory):
             f"{path} says format {metadata.get('format')!r} version {version}; this keras_gemma "
             f"reads {FORMAT!r} up to version {FORMAT_VERSION}."
         )
+    return version
 
 
 def load_backbone(directory, config_json_dict, cls, dtype=None, load_weights=True):
     """The quantized backbone of a preset directory (the saved dtype unless `dtype` is given)."""
-    _check_metadata(directory)
+    version = _check_metadata(directory)
     config = dict(config_json_dict["config"])
-    read_config(config_json_dict, os.path.join(directory, "config.json"))  # validates
+    gemma_config = read_config(config_json_dict, os.path.join(directory, "config.json"))  # validates
+    if version < 2 and config.get("quantization") and gemma_config.num_experts is not None:
+        raise CheckpointError(
+            f"{directory} is a quantized mixture-of-experts preset of format version {version}, which kept "
+            "the expert banks in float; this keras_gemma quantizes them too and cannot load it. Quantize "
+            "the float model again and save it with save_to_preset."
+        )
     if dtype is not None:
         config["dtype"] = dtype
     backbone = cls.from_config(config)
