@@ -494,7 +494,7 @@ class GemmaBackbone(keras.Model):
             "config": self.config.to_dict(),
             "name": self.name,
             "trainable": self.trainable,
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "dtype": _serialized_policy(self.dtype_policy),
         }
         if self.remat is not None:
             config["remat"] = self.remat
@@ -508,6 +508,14 @@ class GemmaBackbone(keras.Model):
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])
         return cls(**config)
+
+
+def _serialized_policy(policy):
+    """`keras.dtype_policies.serialize(policy)`, written out for a plain
+    policy: Keras' function imports TensorFlow wherever it is installed."""
+    if type(policy) is keras.dtype_policies.DTypePolicy:
+        return {"module": "keras", "class_name": "DTypePolicy", "config": policy.get_config(), "registered_name": None}
+    return keras.dtype_policies.serialize(policy)
 
 
 def segment_positions(segment_ids, padding_mask):

@@ -80,7 +80,7 @@ def resolve(mode=None, config=None, weight_only=True):
     if config is None:
         config = default_config(mode)
     if weight_only and config.activation_quantizer is not None:
-        config = type(config).from_config({**config.get_config(), "activation_quantizer": None})
+        config = type(config).from_config({**serialize_config(config)["config"], "activation_quantizer": None})
     return mode, config
 
 
@@ -124,8 +124,30 @@ def quantize_backbone(backbone, mode=None, config=None, weight_only=True):
         for layer in quantized_layers(backbone):
             layer.quantize(mode, type_check=False, config=config)
             _fix_torch_int8_gradient(layer)
-    backbone.quantization = QuantizationRecord(mode, keras.saving.serialize_keras_object(config))
+    backbone.quantization = QuantizationRecord(mode, serialize_config(config))
     refresh(backbone)
+
+
+def serialize_config(config):
+    """What `keras.saving.serialize_keras_object(config)` gives for a Keras
+    quantization config or quantizer, written here because Keras' function
+    imports TensorFlow wherever it is installed (to test for its shapes), and
+    under JAX or PyTorch keras_gemma must not. Classes from outside
+    `keras.quantizers` go through Keras' function."""
+    if config is None:
+        return None
+    if type(config).__module__.split(".")[:2] != ["keras", "src"]:
+        return keras.saving.serialize_keras_object(config)
+    if isinstance(config, keras.quantizers.QuantizationConfig):
+        fields = {
+            "weight_quantizer": serialize_config(config.weight_quantizer),
+            "activation_quantizer": serialize_config(config.activation_quantizer),
+        }
+        if hasattr(config, "block_size"):
+            fields["block_size"] = config.block_size
+    else:
+        fields = config.get_config()
+    return {"module": "keras.quantizers", "class_name": type(config).__name__, "config": fields, "registered_name": None}
 
 
 @contextlib.contextmanager

@@ -350,7 +350,7 @@ def test_backends_agree(tmp_path):
 
 NO_TENSORFLOW_SCRIPT = textwrap.dedent(
     """
-    import sys
+    import sys, tempfile
     import numpy as np
     import keras_gemma
     config = keras_gemma.GemmaConfig(
@@ -359,11 +359,37 @@ NO_TENSORFLOW_SCRIPT = textwrap.dedent(
         layer_types=("local", "global"), sliding_window_size=2,
     )
     model = keras_gemma.GemmaCausalLM(keras_gemma.GemmaBackbone(config))
-    model({"token_ids": np.ones((1, 4), "int32"), "padding_mask": np.ones((1, 4), bool)})
+    inputs = {"token_ids": np.ones((1, 4), "int32"), "padding_mask": np.ones((1, 4), bool)}
+    model(inputs)
+    # Quantized, generating, saved and loaded again.
+    model.quantize("int8")
+    model.generate(inputs, max_new_tokens=2)
+    with tempfile.TemporaryDirectory() as directory:
+        model.save_to_preset(directory + "/int8")
+        keras_gemma.GemmaCausalLM.from_preset(directory + "/int8")(inputs)
     loaded = sorted(m for m in sys.modules if m == "tensorflow" or m.startswith("tensorflow."))
-    assert not loaded, loaded
+    assert not loaded, loaded[:5]
     """
 )
+
+
+def test_configs_are_serialized_as_keras_serializes_them():
+    """Quantization configs and dtype policies are written without Keras'
+    `serialize_keras_object` (it imports TensorFlow): the same dicts."""
+    from keras.quantizers import AbsMaxQuantizer, Int4QuantizationConfig, Int8QuantizationConfig
+
+    from keras_gemma.backbone import _serialized_policy
+    from keras_gemma.quantization import default_config, serialize_config
+
+    configs = [
+        default_config("int8"), default_config("int4"), Int8QuantizationConfig(),
+        Int4QuantizationConfig(block_size=-1), Int8QuantizationConfig(weight_quantizer=AbsMaxQuantizer(axis=0)),
+    ]
+    for config in configs:
+        assert serialize_config(config) == keras.saving.serialize_keras_object(config)
+    for name in ("float32", "bfloat16", "mixed_bfloat16", "int8_from_float32"):
+        policy = keras.dtype_policies.get(name)
+        assert _serialized_policy(policy) == keras.dtype_policies.serialize(policy)
 
 
 def test_no_tensorflow_under_jax_or_torch():
