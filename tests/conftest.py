@@ -57,9 +57,10 @@ class ScriptedSampler(samplers.Sampler):
 
 def pytest_xdist_auto_num_workers(config):
     """The workers `-n auto` (the README's command) starts: two under JAX and
-    TensorFlow; under PyTorch none, the suite runs in this process (there each
-    model that generates leaves about 40 MB behind after it is freed, and two
-    processes that grow so do not fit a 24 GB machine)."""
+    TensorFlow; under PyTorch none, the suite runs in this process (the graphs
+    its generation traces stay in TorchScript's process-wide compilation unit
+    after their model is freed, and two processes that grow so do not fit a
+    24 GB machine)."""
     if os.environ.get("KERAS_BACKEND", "jax") == "torch":
         return 0
     return min(2, os.cpu_count() or 1)
