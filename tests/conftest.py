@@ -57,13 +57,15 @@ class ScriptedSampler(samplers.Sampler):
 
 def pytest_xdist_auto_num_workers(config):
     """The workers `-n auto` (the README's command) starts: two under JAX and
-    TensorFlow; under PyTorch none, the suite runs in this process (the graphs
-    its generation traces stay in TorchScript's process-wide compilation unit
-    after their model is freed, and two processes that grow so do not fit a
-    24 GB machine)."""
-    if os.environ.get("KERAS_BACKEND", "jax") == "torch":
+    TensorFlow on a machine with 2+ cores and 20+ GB (the two JAX workers
+    peaked at 19.7 GB together), else none: the suite runs in this process.
+    Always none under PyTorch: the graphs its generation traces stay in
+    TorchScript's process-wide compilation unit after their model is freed,
+    and two processes that grow so do not fit a 24 GB machine."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    if os.environ.get("KERAS_BACKEND", "jax") == "torch" or memory < 20 * 2**30 or (os.cpu_count() or 1) < 2:
         return 0
-    return min(2, os.cpu_count() or 1)
+    return 2
 
 
 def pytest_collection_modifyitems(config, items):
