@@ -349,12 +349,10 @@ def gemma4_config_to_keras_hub(config, dtype="float32", name=None):
     """The keras-hub `Gemma4Backbone` `config.json` dict (text only) for `config`.
 
     `gemma4_config_from_keras_hub` reads it back as `config` (bar the context
-    length, which metadata.json keeps). Raises ValueError naming what
-    keras-hub cannot express (`gemma4_unexpressible`).
+    length, which metadata.json keeps). Called by `config_to_keras_hub` once
+    `backbone_class_for` has found nothing keras-hub cannot express
+    (`gemma4_unexpressible`).
     """
-    reasons = gemma4_unexpressible(config)
-    if reasons:
-        raise ValueError(f"keras-hub's Gemma4Backbone cannot express {'; '.join(reasons)}.")
     per_layer, experts = config.per_layer_input_dim, config.num_experts
     fraction = config.global_rope_fraction
     if _rotated_pairs(fraction, config.global_head_dim) == 0:  # no global layer: any value keras-hub accepts
