@@ -473,17 +473,16 @@ def _is_auto(stop_token_ids):
 
 
 def _chat_stop_ids(lm, stop_token_ids):
-    """`"auto"` for a chat: `<eos>`, `<end_of_turn>`, and `<start_of_turn>`
-    (a reply also ends where the model opens the next turn); Gemma 4 also
-    `<|tool_response>`, where the model yields to a tool."""
+    """`"auto"` for a chat: `generate`'s (`<eos>`, `<end_of_turn>`; Gemma 4
+    also `<|tool_response>`, where the model yields to a tool) and
+    `<start_of_turn>` (a reply also ends where the model opens the next turn)."""
     if not _is_auto(stop_token_ids):
         return stop_token_ids
     tokenizer = prompts_lib.tokenizer_of(lm)
     ids = [getattr(tokenizer, name, None) for name in ("eos_token_id", "end_of_turn_id", "start_of_turn_id")]
     if tokenizer is None or None in ids:
         return stop_token_ids  # no tokenizer to ask: `generate`'s "auto"
-    tool_response = getattr(tokenizer, "tool_response_id", None)
-    return sorted(set(ids) | ({tool_response} - {None}))
+    return sorted(set(prompts_lib.resolve_stop_ids(lm, "auto")) | {tokenizer.start_of_turn_id})
 
 
 def base_model_warning(lm):
